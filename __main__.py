@@ -1,0 +1,3 @@
+from chmc.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""chmc.models.tiny"""

@@ -1,0 +1,1 @@
+"""chmc.plugins.channel_gather_matmul"""
