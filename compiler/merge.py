@@ -1,0 +1,328 @@
+"""Stage 2, the build: N experts + base -> a channel-merged artifact (see compiler/artifact.py).
+
+Plan, then execute (mergekit style). `plan_build` opens every checkpoint from its headers and
+validates everything (names, architectures, tensor sets, shapes, dtypes, K, method parameters,
+the output path) without reading a weight or writing a byte. It emits one `TensorTask` per base
+tensor. `execute` then streams the tasks: each reads its tensor from the memory-mapped files,
+merges it in blocks of rows and appends the results to the artifact's shards, so peak memory is a
+few copies of the largest tensor, never the model.
+
+Per merged tensor [out, in]: deltas d_n = expert_n - base in fp32 [N, out, in]; labels [out, N]
+from the clustering on the raw deltas; the method's per-tensor sparsification; per group the
+merged delta; bank[k, c] = base[c] + merged[k, c]. A group with one member stores that expert's
+row exactly, and bank slots unused by a row copy group 0, so the bank is always [K, out, in].
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from chmc.compiler.artifact import FORMAT, FORMAT_VERSION, MANIFEST, TensorSpec
+from chmc.compiler.checkpoints import FLOAT_DTYPES, SIDE_FILES, Checkpoint
+from chmc.compiler.grouping import get_clustering
+from chmc.compiler.methods import MergeMethod, Resolved, get_method
+from chmc.compiler.outputs import check_output_path
+from chmc.errors import ChmcError
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_EXPERTS = 256  # index tables are uint8
+CHUNK_ELEMENTS = 1 << 22  # rows per block: about this many fp32 values per expert stack
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One base tensor's work: channel-merged into K banks, or stored per expert."""
+
+    name: str
+    kind: str  # "merged" | "stacked"
+    shape: tuple[int, ...]
+    dtype: str  # source dtype
+    out_dtype: str
+    groups: int  # this tensor's K (a per-tensor budget may choose it later)
+
+    def specs(self, n_experts: int) -> list[TensorSpec]:
+        if self.kind == "stacked":
+            return [TensorSpec(f"{self.name}.experts", (n_experts, *self.shape), self.out_dtype)]
+        out, inp = self.shape
+        return [TensorSpec(f"{self.name}.bank", (self.groups, out, inp), self.out_dtype),
+                TensorSpec(f"{self.name}.index", (n_experts, out), "uint8")]
+
+
+@dataclass
+class BuildPlan:
+    base: Checkpoint
+    experts: dict[str, Checkpoint]
+    tasks: list[TensorTask]
+    groups: int
+    clustering: str
+    method: MergeMethod
+    params: Resolved
+    seed: int
+    dtype: str | None
+    out: Path
+    force: bool
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.experts)
+
+
+def parse_expert_specs(specs: list[str]) -> dict[str, str]:
+    """['math=/a', 'code=/b'] -> {'math': '/a', 'code': '/b'}; a repeated name is an error."""
+    experts: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ChmcError(f"expert '{spec}': expected NAME=PATH, e.g. math=./MetaMath-7B")
+        if name in experts:
+            raise ChmcError(f"duplicate expert name '{name}' ({experts[name]} and {path})")
+        experts[name] = path
+    return experts
+
+
+def plan_build(base: str | Path, experts: dict[str, str | Path], out: str | Path, *, groups: int,
+               clustering: str = "cosine", method: str = "mean",
+               parameters: dict[str, Any] | None = None, seed: int = 0,
+               dtype: str | None = None, force: bool = False) -> BuildPlan:
+    """Validate everything and list the per-tensor tasks; reads headers only, writes nothing."""
+    names = list(experts)
+    if len(names) < 2:
+        raise ChmcError(f"need at least two experts to merge, got {len(names)} ({', '.join(names)})")
+    if len(names) > MAX_EXPERTS:
+        raise ChmcError(f"at most {MAX_EXPERTS} experts are supported, got {len(names)}")
+    for name in names:
+        if not name or "=" in name or "/" in name:
+            raise ChmcError(f"invalid expert name '{name}' (no '=', '/' or empty names)")
+    if not 1 <= groups <= len(names):
+        raise ChmcError(f"--groups must be between 1 and the number of experts ({len(names)}), "
+                        f"got {groups}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ChmcError(f"--dtype '{dtype}' is not a float dtype ({', '.join(sorted(FLOAT_DTYPES))})")
+    get_clustering(clustering)
+    merge_method = get_method(method)
+    params = merge_method.resolve(parameters, names)
+    out = check_output_path(out, force)
+    base_ckpt = Checkpoint(base)
+    ckpts = {name: Checkpoint(path) for name, path in experts.items()}
+    for name, ckpt in ckpts.items():
+        check_compatible(base_ckpt, name, ckpt)
+    tasks = plan_tasks(base_ckpt, groups, dtype)
+    return BuildPlan(base_ckpt, ckpts, tasks, groups, clustering, merge_method, params, seed,
+                     dtype, out, force)
+
+
+def tied(ckpt: Checkpoint) -> bool:
+    return bool(ckpt.config.get("tie_word_embeddings", False))
+
+
+def check_compatible(base: Checkpoint, name: str, expert: Checkpoint) -> None:
+    """Same architecture, same tensor names, shapes and dtypes as the base."""
+    if expert.architecture != base.architecture:
+        raise ChmcError(f"expert '{name}' ({expert.path}) is a {expert.architecture}, "
+                        f"the base is a {base.architecture}")
+    if tied(expert) != tied(base):
+        raise ChmcError(f"expert '{name}': tie_word_embeddings is {tied(expert)}, "
+                        f"the base has {tied(base)}")
+    for tname, info in base.tensors.items():
+        other = expert.tensors.get(tname)
+        if other is None:
+            raise ChmcError(f"expert '{name}' ({expert.path}) has no tensor '{tname}'")
+        if other.shape != info.shape or other.dtype != info.dtype:
+            raise ChmcError(
+                f"expert '{name}': tensor '{tname}' is {list(other.shape)} {other.dtype}, "
+                f"the base has {list(info.shape)} {info.dtype}"
+            )
+    extra = sorted(set(expert.tensors) - set(base.tensors))
+    if extra:
+        raise ChmcError(f"expert '{name}' has tensor '{extra[0]}', which the base lacks")
+
+
+def plan_tasks(base: Checkpoint, groups: int, dtype: str | None) -> list[TensorTask]:
+    """2-D float tensors are channel-merged; everything else is stored per expert."""
+    tasks = []
+    for name, info in base.tensors.items():
+        if tied(base) and name == "lm_head.weight":
+            continue  # tied to the embedding: stored once, re-tied on load
+        merged = len(info.shape) == 2 and info.dtype in FLOAT_DTYPES
+        out_dtype = dtype if dtype is not None and info.dtype in FLOAT_DTYPES else info.dtype
+        tasks.append(TensorTask(name, "merged" if merged else "stacked", info.shape, info.dtype,
+                                out_dtype, groups))
+    return tasks
+
+
+def build(base: str | Path, experts: dict[str, str | Path], out: str | Path, *, groups: int,
+          clustering: str = "cosine", method: str = "mean",
+          parameters: dict[str, Any] | None = None, seed: int = 0, force: bool = False,
+          dtype: str | None = None, progress: bool = True) -> Path:
+    """Channel-merge `experts` (name -> HF folder) over `base` into an artifact folder at `out`."""
+    plan = plan_build(base, experts, out, groups=groups, clustering=clustering, method=method,
+                      parameters=parameters, seed=seed, dtype=dtype, force=force)
+    return execute(plan, progress=progress)
+
+
+def execute(plan: BuildPlan, progress: bool = True) -> Path:
+    """Stream every task into a staged folder; it appears at plan.out only when complete."""
+    from rich.progress import Progress
+
+    from chmc.compiler.artifact import ShardedSafetensorsWriter
+    from chmc.compiler.outputs import staged_output
+
+    n = len(plan.experts)
+    specs = [s for t in plan.tasks for s in t.specs(n)]
+    entries: dict[str, Any] = {}
+    with staged_output(plan.out, plan.force) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, specs)
+        with Progress(transient=True, disable=not progress) as bar:
+            job = bar.add_task("channel-merging", total=len(plan.tasks))
+            for task in plan.tasks:
+                bar.update(job, description=task.name)
+                entries[task.name] = run_task(plan, task, writer)
+                bar.advance(job)
+        writer.close()
+        copy_side_files(plan.base.path, tmp, plan.dtype)
+        manifest = make_manifest(plan, entries, specs, writer.weight_map)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return plan.out
+
+
+def run_task(plan: BuildPlan, task: TensorTask, writer: Any) -> dict[str, Any]:
+    """Merge or stack one tensor, write it, and return its manifest entry."""
+    import torch
+
+    entry: dict[str, Any] = {"kind": task.kind, "shape": list(task.shape), "dtype": task.out_dtype}
+    if task.kind == "stacked":
+        out_dtype = getattr(torch, task.out_dtype)
+        stacked = torch.stack([c.tensor(task.name).to(out_dtype) for c in plan.experts.values()])
+        writer.write(f"{task.name}.experts", stacked)  # [N, ...]
+        return entry
+    bank, labels, stats = merge_tensor(plan, task)
+    writer.write(f"{task.name}.bank", bank)  # [K, out, in]
+    writer.write(f"{task.name}.index", labels.T.to(torch.uint8).contiguous())  # [N, out]
+    entry.update(groups=task.groups, stats=stats)
+    return entry
+
+
+def merge_tensor(plan: BuildPlan, task: TensorTask) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """One 2-D tensor -> (bank [K, out, in], labels [out, N], stats)."""
+    import torch
+
+    from chmc.compiler.grouping import RowBatch, group_rows
+
+    base = plan.base.tensor(task.name).float()  # [out, in]
+    ckpts = list(plan.experts.values())
+    deltas = torch.empty((len(ckpts), *task.shape), dtype=torch.float32)  # [N, out, in]
+    for n, ckpt in enumerate(ckpts):
+        torch.sub(ckpt.tensor(task.name).float(), base, out=deltas[n])
+    delta_sq = deltas.square().sum(dim=(1, 2))  # [N]
+    weights = plan.params.weights()
+    blocks = row_blocks(task.shape[0], len(ckpts) * task.shape[1])
+    labels = torch.cat([group_rows(plan.clustering, RowBatch(deltas[:, a:b], weights), task.groups)
+                        for a, b in blocks])  # [out, N]
+    if plan.method.sparsify is not None:
+        for n in range(len(ckpts)):
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{plan.seed}/{task.name}/{n}".encode()))
+            plan.method.sparsify(deltas[n], plan.params.expert(n), gen)
+    bank = torch.empty((task.groups, *task.shape), dtype=getattr(torch, task.out_dtype))
+    for a, b in blocks:
+        merged = plan.method.combine(deltas[:, a:b], labels[a:b], task.groups, plan.params)
+        bank[:, a:b] = merged + base[a:b]  # [K, R, in]
+    del deltas, base
+    stats = finish_bank(plan, task, bank, labels, delta_sq)
+    return bank, labels, stats
+
+
+def row_blocks(rows: int, row_elements: int) -> list[tuple[int, int]]:
+    step = max(1, CHUNK_ELEMENTS // max(1, row_elements))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def finish_bank(plan: BuildPlan, task: TensorTask, bank: torch.Tensor, labels: torch.Tensor,
+                delta_sq: torch.Tensor) -> dict[str, Any]:
+    """Singleton groups get their expert's exact row, unused slots copy group 0; measure errors."""
+    import torch
+
+    k = task.groups
+    rows = torch.arange(task.shape[0])
+    counts = torch.nn.functional.one_hot(labels, k).sum(1)  # [out, K]: members per group
+    errors: dict[str, float] = {}
+    err_sq: dict[str, float] = {}
+    for n, (name, ckpt) in enumerate(plan.experts.items()):
+        expert = ckpt.tensor(task.name)  # [out, in], source dtype
+        alone = counts[rows, labels[:, n]] == 1  # [out]
+        sel = rows[alone]
+        bank[labels[sel, n], sel] = expert[sel].to(bank.dtype)
+        diff = bank[labels[:, n], rows].float() - expert.float()
+        err_sq[name] = float(diff.square().sum())
+        errors[name] = rel_error(err_sq[name], float(delta_sq[n]))
+    for g in range(1, k):
+        empty = rows[counts[:, g] == 0]
+        bank[g, empty] = bank[0, empty]
+    distinct = float((counts > 0).sum(1).float().mean())
+    return {"rel_error": errors, "err_sq": err_sq,
+            "delta_sq": dict(zip(plan.experts, delta_sq.tolist())), "mean_groups_used": distinct}
+
+
+def rel_error(err_sq: float, delta_sq: float) -> float:
+    """||W_rec - W_expert|| / ||W_expert - W_base||; 0 when both are 0."""
+    if delta_sq == 0:
+        return 0.0 if err_sq == 0 else float("inf")
+    return (err_sq / delta_sq) ** 0.5
+
+
+def copy_side_files(src: Path, dst: Path, dtype: str | None) -> None:
+    """config, generation config and tokenizer files, so the folder stays usable by HF tools."""
+    for fname in SIDE_FILES:
+        if (src / fname).is_file():
+            shutil.copy2(src / fname, dst / fname)
+    if dtype is not None and (dst / "config.json").is_file():
+        config = json.loads((dst / "config.json").read_text())
+        for key in ("torch_dtype", "dtype"):
+            if key in config:
+                config[key] = dtype
+        (dst / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def make_manifest(plan: BuildPlan, entries: dict[str, Any], specs: list[TensorSpec],
+                  weight_map: dict[str, str]) -> dict[str, Any]:
+    n = len(plan.experts)
+    base_params = sum(info.numel for info in plan.base.tensors.values())
+    artifact_params = sum(_numel(s.shape) for s in specs if not s.name.endswith(".index"))
+    index_bytes = sum(s.nbytes for s in specs if s.name.endswith(".index"))
+    experts = []
+    for name, ckpt in plan.experts.items():
+        err = sum(e["stats"]["err_sq"][name] for e in entries.values() if e["kind"] == "merged")
+        dsq = sum(e["stats"]["delta_sq"][name] for e in entries.values() if e["kind"] == "merged")
+        experts.append({"name": name, "path": str(ckpt.path.resolve()), "sha256": ckpt.content_hash,
+                        "rel_error": rel_error(err, dsq)})
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": plan.base.architecture,
+        "base": {"path": str(plan.base.path.resolve()), "sha256": plan.base.content_hash},
+        "experts": experts,
+        "groups": plan.groups,
+        "clustering": plan.clustering,
+        "method": plan.method.name,
+        "parameters": {**plan.params.to_json(plan.names), "seed": plan.seed},
+        "dtype": plan.dtype or next((t.dtype for t in plan.tasks if t.kind == "merged"), None),
+        "tie_word_embeddings": tied(plan.base),
+        "tensors": entries,
+        "weight_map": weight_map,
+        "accounting": {"base": base_params, "ensemble": n * base_params,
+                       "artifact": artifact_params, "index_bytes": index_bytes,
+                       "ratio": artifact_params / (n * base_params)},
+    }
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
