@@ -1,0 +1,10 @@
+"""Llama and the families that share its decoder shape (Mistral: sliding window; Qwen2: q/k/v
+biases). Biases are picked up from the checkpoint when present, so one spec covers all three."""
+
+from __future__ import annotations
+
+from chmc.models.spec import ArchSpec, register
+
+LLAMA = register(ArchSpec(architectures=("LlamaForCausalLM",)))
+MISTRAL = register(ArchSpec(architectures=("MistralForCausalLM",)))
+QWEN2 = register(ArchSpec(architectures=("Qwen2ForCausalLM",)))
