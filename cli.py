@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -49,3 +49,109 @@ def main() -> None:
 
 
 # Commands are added below, one small function each, grouped by stage.
+
+
+# --- build, extract, inspect (compiler/merge.py, compiler/extract.py, compiler/report.py) ------
+
+def _pairs(specs: list[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep or not name or not value:
+            raise ChmcError(f"{what} '{spec}': expected NAME=VALUE")
+        out[name] = value
+    return out
+
+
+Opt = typer.Option
+
+
+@app.command()
+@user_errors
+def build(
+    more_experts: Annotated[list[str] | None, typer.Argument(
+        metavar="[NAME=PATH]...", help="More experts, so `--experts a=P1 b=P2` works.")] = None,
+    base: Annotated[str | None, Opt("--base", help="The base HF model folder.")] = None,
+    experts: Annotated[list[str] | None, Opt(
+        "--experts", help="NAME=PATH of a fine-tuned expert (repeat, or list several).")] = None,
+    config: Annotated[str | None, Opt("--config", help="mergekit-style merge.yml.")] = None,
+    groups: Annotated[int | None, Opt("--groups", "-k", help="K banks per row, 1..N.")] = None,
+    clustering: Annotated[str | None, Opt(help="cosine (default) | error.")] = None,
+    method: Annotated[str | None, Opt(
+        help="mean|linear (default), task_arithmetic, ties, dare_ties, dare_linear.")] = None,
+    density: Annotated[float | None, Opt(help="Kept fraction for ties/dare.")] = None,
+    weight: Annotated[list[str] | None, Opt(help="NAME=W merge weight (repeat).")] = None,
+    lambda_: Annotated[float | None, Opt("--lambda", help="Scale of the merged delta.")] = None,
+    seed: Annotated[int | None, Opt(help="Seed of DARE's random drop (default 0).")] = None,
+    dtype: Annotated[str | None, Opt(help="Output dtype (default: the source's).")] = None,
+    out: Annotated[str, Opt("--out", help="Artifact folder to write.")] = "",
+    force: Annotated[bool, Opt("--force", help="Replace --out if it exists.")] = False,
+) -> None:
+    """Channel-merge N experts over their base into an artifact of K banks per row."""
+    from chmc.compiler.merge import build as build_artifact
+    from chmc.compiler.merge import parse_expert_specs
+    from chmc.compiler.mergekit_config import MergeConfig, load_merge_config, with_overrides
+
+    if not out:
+        raise ChmcError("no output folder: pass --out DIR")
+    cfg = load_merge_config(config) if config else MergeConfig()
+    params: dict[str, Any] = {}
+    if density is not None:
+        params["density"] = density
+    if lambda_ is not None:
+        params["lambda"] = lambda_
+    if weight:
+        pairs = _pairs(weight, "--weight")
+        params["weight"] = {k: _float(v, f"--weight {k}") for k, v in pairs.items()}
+    specs = [*(experts or []), *(more_experts or [])]
+    # Expert ids follow the command line's order, whichever way the NAME=PATH pairs were given.
+    specs.sort(key=lambda s: sys.argv.index(s) if s in sys.argv else len(sys.argv))
+    cfg = with_overrides(cfg, base=base, experts=parse_expert_specs(specs),
+                         parameters=params, groups=groups, clustering=clustering, method=method,
+                         seed=seed, dtype=dtype)
+    if cfg.base is None:
+        raise ChmcError("no base model: pass --base PATH (or base_model: in --config)")
+    if cfg.groups is None:
+        raise ChmcError("no group count: pass --groups K (or groups: in --config)")
+    path = build_artifact(cfg.base, dict(cfg.experts), out, groups=cfg.groups,
+                          clustering=cfg.clustering or "cosine", method=cfg.method or "mean",
+                          parameters=cfg.merge_parameters(), seed=cfg.seed or 0, dtype=cfg.dtype,
+                          force=force)
+    typer.echo(f"wrote {path}")
+
+
+def _float(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ChmcError(f"{what}: expected a number, got '{text}'") from None
+
+
+@app.command()
+@user_errors
+def extract(
+    artifact: Annotated[str, typer.Argument(help="Artifact folder (chmc build --out).")],
+    expert: Annotated[str, Opt("--expert", help="Expert name or id.")],
+    out: Annotated[str, Opt("--out", help="HF checkpoint folder to write.")],
+    force: Annotated[bool, Opt("--force", help="Replace --out if it exists.")] = False,
+) -> None:
+    """Write one expert, as reconstructed from the artifact, as a plain Hugging Face checkpoint."""
+    from chmc.compiler.extract import extract as extract_expert
+
+    typer.echo(f"wrote {extract_expert(artifact, expert, out, force=force)}")
+
+
+@app.command()
+@user_errors
+def inspect(
+    artifact: Annotated[str, typer.Argument(help="Artifact folder (chmc build --out).")],
+    tensors: Annotated[bool, Opt("--tensors", help="Also list every tensor.")] = False,
+) -> None:
+    """Show an artifact's sizes, ratio to the ensemble and per-expert reconstruction error."""
+    from rich.console import Console
+
+    from chmc.compiler.report import inspect_artifact
+
+    console = Console()
+    for table in inspect_artifact(artifact, tensors=tensors):
+        console.print(table)

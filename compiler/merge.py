@@ -169,10 +169,9 @@ def build(base: str | Path, experts: dict[str, str | Path], out: str | Path, *, 
 
 def execute(plan: BuildPlan, progress: bool = True) -> Path:
     """Stream every task into a staged folder; it appears at plan.out only when complete."""
-    from rich.progress import Progress
-
     from chmc.compiler.artifact import ShardedSafetensorsWriter
     from chmc.compiler.outputs import staged_output
+    from rich.progress import Progress
 
     n = len(plan.experts)
     specs = [s for t in plan.tasks for s in t.specs(n)]
@@ -212,7 +211,6 @@ def run_task(plan: BuildPlan, task: TensorTask, writer: Any) -> dict[str, Any]:
 def merge_tensor(plan: BuildPlan, task: TensorTask) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """One 2-D tensor -> (bank [K, out, in], labels [out, N], stats)."""
     import torch
-
     from chmc.compiler.grouping import RowBatch, group_rows
 
     base = plan.base.tensor(task.name).float()  # [out, in]

@@ -1,0 +1,39 @@
+"""`chmc extract`: one expert, as reconstructed from the artifact, as a plain Hugging Face folder.
+
+The weights are bank[index[n, c], c] per row for merged tensors and the expert's own copy of the
+stacked ones, streamed tensor by tensor into safetensors shards with a
+`model.safetensors.index.json`, next to the artifact's config and tokenizer files. Tied
+embeddings stay tied: the artifact never stores lm_head.weight for a tied model, and neither does
+the extracted folder, so transformers re-ties it on load exactly as for the original checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from chmc.compiler.artifact import Artifact, ShardedSafetensorsWriter, TensorSpec, expert_index
+from chmc.compiler.checkpoints import SIDE_FILES
+from chmc.compiler.outputs import check_output_path, staged_output
+
+
+def extract(artifact: str | Path, expert: str | int, out: str | Path, *, force: bool = False) -> Path:
+    """Write expert `expert` (name or id) of `artifact` as a loadable HF checkpoint at `out`."""
+    art = Artifact(artifact)
+    n = expert_index(art.manifest, expert)  # unknown names fail here, before anything is written
+    check_output_path(out, force)
+    tensors = art.manifest["tensors"]
+    specs = [TensorSpec(name, tuple(e["shape"]), e["dtype"]) for name, e in tensors.items()]
+    with staged_output(out, force) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, specs)
+        for name, tensor in art.expert_state_dict(n):
+            writer.write(name, tensor.contiguous())
+        writer.close()
+        total = sum(s.nbytes for s in specs)
+        index = {"metadata": {"total_size": total}, "weight_map": writer.weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        for fname in SIDE_FILES:
+            if (art.path / fname).is_file():
+                shutil.copy2(art.path / fname, tmp / fname)
+    return Path(out)

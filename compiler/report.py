@@ -1,0 +1,80 @@
+"""`chmc inspect`: an artifact's manifest as rich tables (torch-free: it reads only chmc.json).
+
+The reconstruction errors were measured at build time and stored in the manifest, so inspecting
+never reopens the experts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from chmc.compiler.artifact import read_manifest
+from rich.table import Table
+
+
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def summary_table(manifest: dict[str, Any], path: Path) -> Table:
+    acc = manifest["accounting"]
+    params = manifest.get("parameters", {})
+    table = Table(title=f"chmc artifact {path}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("architecture", str(manifest["architecture"]))
+    table.add_row("experts", str(len(manifest["experts"])))
+    table.add_row("groups (K)", str(manifest["groups"]))
+    table.add_row("clustering", str(manifest["clustering"]))
+    table.add_row("method", str(manifest["method"]))
+    table.add_row("parameters", ", ".join(f"{k}={v}" for k, v in params.items()))
+    table.add_row("dtype", str(manifest.get("dtype")))
+    table.add_row("tied embeddings", str(manifest.get("tie_word_embeddings")))
+    table.add_row("base params", _count(acc["base"]))
+    table.add_row("ensemble params", _count(acc["ensemble"]))
+    table.add_row("artifact params", _count(acc["artifact"]))
+    table.add_row("ratio to ensemble", f"{acc['ratio']:.3f}")
+    return table
+
+
+def experts_table(manifest: dict[str, Any]) -> Table:
+    table = Table(title="experts: ||W_rec - W_expert|| / ||W_expert - W_base|| (merged tensors)")
+    table.add_column("id", justify="right")
+    table.add_column("name")
+    table.add_column("relative error", justify="right")
+    table.add_column("sha256")
+    for i, e in enumerate(manifest["experts"]):
+        table.add_row(str(i), e["name"], f"{e.get('rel_error', float('nan')):.4f}", e["sha256"][:12])
+    return table
+
+
+def tensors_table(manifest: dict[str, Any]) -> Table:
+    names = [e["name"] for e in manifest["experts"]]
+    table = Table(title="tensors")
+    table.add_column("tensor")
+    table.add_column("kind")
+    table.add_column("shape")
+    table.add_column("K", justify="right")
+    table.add_column("groups used", justify="right")
+    for n in names:
+        table.add_column(f"err {n}", justify="right")
+    for name, e in manifest["tensors"].items():
+        stats = e.get("stats", {})
+        errs = [f"{stats['rel_error'][n]:.3f}" if stats else "exact" for n in names]
+        used = f"{stats['mean_groups_used']:.2f}" if stats else "-"
+        table.add_row(name, e["kind"], "x".join(map(str, e["shape"])), str(e.get("groups", "-")),
+                      used, *errs)
+    return table
+
+
+def inspect_artifact(path: str | Path, tensors: bool = False) -> list[Table]:
+    """The tables `chmc inspect` prints: summary, experts, and optionally every tensor."""
+    manifest = read_manifest(path)
+    tables = [summary_table(manifest, Path(path)), experts_table(manifest)]
+    if tensors:
+        tables.append(tensors_table(manifest))
+    return tables
