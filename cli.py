@@ -155,3 +155,36 @@ def inspect(
     console = Console()
     for table in inspect_artifact(artifact, tensors=tensors):
         console.print(table)
+
+
+# --- Triton model repository, serving (compiler/triton_repo.py, runtime/serve.py) ---------------
+
+@app.command()
+@user_errors
+def triton(
+    source: str = typer.Argument(..., help="Artifact folder (exported first) or export folder."),
+    out: str = typer.Option(..., "--out", help="Model repository folder to write."),
+    engine: str = typer.Option("onnx", "--engine", help="onnx | trt (needs model.plan)."),
+    name: str = typer.Option("chmc", "--name", help="Text model name; the graph is NAME_engine."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+) -> None:
+    """Write a Triton model repository: the graph model and a text-in, text-out batching model."""
+    from chmc.compiler.triton_repo import write_triton_repo
+
+    typer.echo(f"wrote {write_triton_repo(source, out, engine=engine, name=name, force=force)}")
+
+
+@app.command()
+@user_errors
+def serve(
+    source: str = typer.Argument(..., help="Triton model repository, artifact or export folder."),
+    port: int = typer.Option(8000, "--port", help="HTTP port (gRPC gets PORT+1)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
+    tritonserver: str | None = typer.Option(None, "--tritonserver", help="tritonserver binary."),
+    model: list[str] | None = typer.Option(
+        None, "--model", help="Load only this model (repeat); default: every model."),
+) -> None:
+    """Run tritonserver on a model repository until Ctrl-C."""
+    from chmc.runtime.serve import serve as run_server
+
+    run_server(source, port=port, host=host, tritonserver=tritonserver, models=model or None)

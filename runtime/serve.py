@@ -1,0 +1,171 @@
+"""`chmc serve`: run a tritonserver process on a model repository, and stop it cleanly.
+
+The server runs in its own process group (start_new_session), so stopping it also ends the Python
+backend stubs it started; stop() sends SIGTERM to the group, then SIGKILL after a grace period.
+Readiness is polled over HTTP with the standard library only (bounded by a deadline).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from chmc.errors import ChmcError, MissingDependencyError
+
+
+def find_tritonserver(explicit: str | Path | None = None) -> Path:
+    """The tritonserver binary: the one given, else the first on PATH."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise ChmcError(f"--tritonserver {path}: not an executable file")
+        return path
+    found = shutil.which("tritonserver")
+    if found is None:
+        raise MissingDependencyError(
+            "no tritonserver on PATH: run inside a Triton container or pass --tritonserver PATH"
+        )
+    return Path(found)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def is_repository(path: Path) -> bool:
+    """A Triton model repository: folders holding config.pbtxt."""
+    return path.is_dir() and any(path.glob("*/config.pbtxt"))
+
+
+class TritonServer:
+    """One tritonserver process bound to `host`; use as a context manager or call start()/stop()."""
+
+    def __init__(self, repository: str | Path, *, port: int, host: str = "127.0.0.1",
+                 executable: str | Path | None = None, models: list[str] | None = None,
+                 env: dict[str, str] | None = None, log: str | Path | None = None):
+        self.repository = Path(repository).resolve()
+        self.port, self.host = port, host
+        self.executable = find_tritonserver(executable)
+        self.models = models  # None: load everything; else explicit mode with just these
+        self.env = env
+        self.log = Path(log) if log else None
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [str(self.executable), f"--model-repository={self.repository}",
+               f"--http-address={self.host}", f"--http-port={self.port}",
+               f"--grpc-address={self.host}", f"--grpc-port={self.port + 1}",
+               "--allow-metrics=false"]
+        backends = self.executable.resolve().parent.parent / "backends"
+        if backends.is_dir():  # a relocated server (e.g. a wheel's) keeps backends beside bin/
+            cmd.append(f"--backend-directory={backends}")
+        if self.models is not None:
+            cmd.append("--model-control-mode=explicit")
+            cmd += [f"--load-model={m}" for m in self.models]
+        return cmd
+
+    def start(self, ready_timeout: float = 120.0) -> TritonServer:
+        out = open(self.log, "ab") if self.log else None  # None: the server logs to our terminal
+        try:
+            self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env=self.env,
+                                            start_new_session=True)
+        finally:
+            if out is not None:
+                out.close()
+        try:
+            self.wait_ready(ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        """Poll /v2/health/ready until 200, the process exits, or `timeout` seconds pass."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ChmcError(f"tritonserver exited with status {self.process.returncode} "
+                                f"before it was ready{self._log_hint()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.25)
+        raise ChmcError(f"tritonserver not ready after {timeout:.0f} s{self._log_hint()}")
+
+    def _log_hint(self) -> str:
+        if self.log and self.log.is_file():
+            tail = self.log.read_text(errors="replace").strip().splitlines()[-3:]
+            return f" (see {self.log}: {' | '.join(tail)})"
+        return ""
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM the server's process group, SIGKILL it if still alive after `grace` seconds."""
+        p, self.process = self.process, None
+        if p is None or p.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                p.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # stubs left in the group after the server exited
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> TritonServer:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(source: str | Path, *, port: int = 8000, host: str = "127.0.0.1",
+          tritonserver: str | Path | None = None, models: list[str] | None = None) -> None:
+    """Serve a repository (or an artifact/export, turned into a temporary repository) until Ctrl-C."""
+    source = Path(source)
+    if not source.exists():
+        raise ChmcError(f"{source}: no such file or directory")
+    executable = find_tritonserver(tritonserver)
+    with tempfile.TemporaryDirectory(prefix="chmc-serve-") as tmp:
+        repo = source
+        if not is_repository(source):
+            from chmc.compiler.triton_repo import write_triton_repo
+
+            repo = write_triton_repo(source, Path(tmp) / "repo")
+        server = TritonServer(repo, port=port, host=host, executable=executable, models=models)
+        with server:
+            print(f"serving {repo} at {server.url} (HTTP), {host}:{port + 1} (gRPC); Ctrl-C stops",
+                  flush=True)
+            try:
+                while (code := server.process.poll()) is None:  # type: ignore[union-attr]
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                print("stopping tritonserver", flush=True)
+                return
+    raise ChmcError(f"tritonserver exited by itself with status {code}")

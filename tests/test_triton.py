@@ -1,0 +1,328 @@
+"""The Triton model repository against a real tritonserver.
+
+The server is the one the `nvidia-pytriton` wheel bundles (tritonserver 2.51 with only the Python
+backend): downloaded once with pip, unzipped (never installed: it pins numpy < 2) under
+$CHMC_CACHE (default ~/.cache/chmc). Its Python backend stub embeds this interpreter's libpython
+and runs the interpreter first on PATH in isolated mode (PYTHONPATH ignored), so the stub gets a
+small cached venv of its own: numpy 1.26 (inference fails with numpy 2 in that stub), onnxruntime
+and tokenizers, the serving path's whole dependency set. chmc is put on its path by a .pth hook
+reading CHMC_STUB_PATH, pointing at this checkout for this run only.
+
+That server has no onnxruntime backend, so it cannot load `<name>_engine`; it is started in
+explicit mode loading only the text model, which runs the engine's graph itself through
+chmc.runtime from the files in the repository.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import fcntl
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PYTRITON = "0.7.0"  # the wheel that bundles tritonserver 2.51
+STUB_NUMPY = "1.26.4"
+NAME = "chmc"
+PROMPTS = ["1+2=", "abc", "hello world", "7>3|"]
+MAX_NEW = 8
+
+
+def _cache() -> Path:
+    root = Path(os.environ.get("CHMC_CACHE", Path.home() / ".cache" / "chmc")).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Serialise setup of one cache entry between concurrent test runs."""
+    with open(path.with_name(path.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _pip(*args: str) -> None:
+    cmd = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        pytest.skip(f"cannot provision the test tritonserver: {' '.join(args[:3])}... failed: "
+                    f"{done.stderr.strip().splitlines()[-1:]}")
+
+
+def _tritonserver_dist(cache: Path) -> Path:
+    """pytriton's tritonserver tree plus its bundled libraries, with this Python's stub installed."""
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    root = cache / f"pytriton-{PYTRITON}-py{py}"
+    with _locked(root):
+        if (root / "ok").exists():
+            return root
+        wheels = cache / "wheels"
+        if not list(wheels.glob(f"nvidia_pytriton-{PYTRITON}-*.whl")):
+            _pip("download", "--no-deps", "--only-binary=:all:", f"nvidia-pytriton=={PYTRITON}",
+                 "-d", str(wheels))
+        (wheel,) = wheels.glob(f"nvidia_pytriton-{PYTRITON}-*.whl")
+        shutil.rmtree(root, ignore_errors=True)
+        with zipfile.ZipFile(wheel) as z:
+            for info in z.infolist():
+                if info.filename.startswith(("pytriton/tritonserver/", "nvidia_pytriton.libs/")):
+                    path = Path(z.extract(info, root))
+                    path.chmod((info.external_attr >> 16) & 0o777 or 0o644)
+        server = root / "pytriton" / "tritonserver"
+        stub = server / "python_backend_stubs" / py / "triton_python_backend_stub"
+        if not stub.is_file():
+            pytest.skip(f"nvidia-pytriton {PYTRITON} ships no Python backend stub for Python {py}")
+        shutil.copy2(stub, server / "backends" / "python" / stub.name)
+        (root / "ok").touch()
+    return root
+
+
+PTH_HOOK = ("import os, sys; sys.path.extend(p for p in "
+            "os.environ.get('CHMC_STUB_PATH', '').split(os.pathsep) if p)\n")
+
+
+def _stub_venv(cache: Path) -> Path:
+    """The stub's Python environment: exactly what the serving path needs, keyed by versions."""
+    import onnxruntime
+    import tokenizers
+
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    key = f"stubenv-py{py}-numpy{STUB_NUMPY}-ort{onnxruntime.__version__}-tok{tokenizers.__version__}"
+    root = cache / key
+    with _locked(root):
+        if (root / "ok").exists():
+            return root
+        shutil.rmtree(root, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+        python = str(root / "bin" / "python")
+        _pip("--python", python, "install", f"numpy=={STUB_NUMPY}",
+             f"onnxruntime=={onnxruntime.__version__}")
+        _pip("--python", python, "install", "--no-deps", f"tokenizers=={tokenizers.__version__}")
+        (site,) = (root / "lib").glob("python*/site-packages")
+        (site / "chmc_stub_path.pth").write_text(PTH_HOOK)
+        (root / "ok").touch()
+    return root
+
+
+@pytest.fixture(scope="module")
+def triton_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """tritonserver executable and the environment its Python stub needs."""
+    import chmc
+
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    soname = sysconfig.get_config_var("INSTSONAME") or ""
+    if not (Path(libdir) / soname).is_file():
+        pytest.skip(f"this Python has no shared libpython ({libdir}/{soname}) for the backend stub")
+    cache = _cache()
+    dist = _tritonserver_dist(cache)
+    venv = _stub_venv(cache)
+    src = tmp_path_factory.mktemp("stub_src")
+    (src / "chmc").symlink_to(Path(chmc.__file__).resolve().parent)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "CUDA"))}
+    env.update(PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+               LD_LIBRARY_PATH=libdir, CHMC_STUB_PATH=str(src), OMP_NUM_THREADS="1")
+    return {"executable": dist / "pytriton" / "tritonserver" / "bin" / "tritonserver", "env": env}
+
+
+@pytest.fixture(scope="module")
+def exported(random_family: tuple[Path, dict[str, Path]],
+             tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """random_family -> merged artifact (K=2) -> ONNX export with expert_id."""
+    from chmc.compiler.export import export
+    from chmc.compiler.merge import build
+    from chmc.models.tiny.tokenizer import save_tokenizer
+
+    base, experts = random_family
+    tmp = tmp_path_factory.mktemp("triton_chain")
+    artifact = build(base, experts, tmp / "artifact", groups=2, progress=False)
+    if not (artifact / "tokenizer.json").is_file():  # random families carry no tokenizer
+        save_tokenizer(artifact)
+    return export(artifact, tmp / "export")
+
+
+@pytest.fixture(scope="module")
+def repo(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`chmc triton` on the export folder, through the real CLI."""
+    out = tmp_path_factory.mktemp("triton_repo") / "repo"
+    done = subprocess.run([sys.executable, "-m", "chmc", "triton", str(exported), "--out", str(out),
+                           "--name", NAME], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def runner(exported: Path) -> Any:
+    from chmc.runtime import load
+
+    return load(exported, backend="onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def expected(runner: Any) -> dict[tuple[str, str], str]:
+    """Greedy answers in process, one prompt at a time: what the server must return."""
+    return {(p, e): runner.generate([p], [e], max_new_tokens=MAX_NEW)[0]
+            for e in runner.experts for p in PROMPTS}
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path, triton_env: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real tritonserver on a free loopback port, loading only the text model; stopped by pid."""
+    from chmc.runtime.serve import TritonServer, free_port
+
+    log = tmp_path_factory.mktemp("triton_log") / "server.log"
+    srv = TritonServer(repo, port=free_port(), executable=triton_env["executable"],
+                       models=[NAME], env=triton_env["env"], log=log)
+    try:
+        srv.start(ready_timeout=180)
+        yield f"127.0.0.1:{srv.port}"
+    finally:
+        srv.stop()
+
+
+def _client(url: str) -> Any:
+    import tritonclient.http as httpclient
+
+    return httpclient.InferenceServerClient(url=url, connection_timeout=60, network_timeout=120)
+
+
+def _inputs(text: str, expert: str, max_new: int | None = MAX_NEW) -> list[Any]:
+    import tritonclient.http as httpclient
+
+    arrays = {"text": np.array([[text.encode()]], dtype=object),
+              "expert": np.array([[expert.encode()]], dtype=object)}
+    if max_new is not None:
+        arrays["max_new_tokens"] = np.array([[max_new]], dtype=np.int32)
+    inputs = []
+    for name, a in arrays.items():
+        i = httpclient.InferInput(name, list(a.shape), "BYTES" if a.dtype == object else "INT32")
+        i.set_data_from_numpy(a)
+        inputs.append(i)
+    return inputs
+
+
+def _ask(client: Any, text: str, expert: str) -> str:
+    result = client.infer(NAME, _inputs(text, expert))
+    out = result.as_numpy("text")  # [1, 1]
+    assert out.shape == (1, 1)
+    return out[0, 0].decode()
+
+
+def _stats(client: Any) -> tuple[int, int]:
+    s = client.get_inference_statistics(NAME)["model_stats"][0]
+    return int(s["inference_count"]), int(s["execution_count"])
+
+
+def test_generated_configs_parse_as_model_configs(exported: Path, repo: Path) -> None:
+    from chmc.compiler.triton_repo import engine_config, graph_io, parse_model_config
+
+    inputs, outputs = graph_io(exported)
+    declared = json.loads((exported / "chmc.json").read_text())["export"]
+    for engine, platform in (("onnx", "onnxruntime_onnx"), ("trt", "tensorrt_plan")):
+        cfg = parse_model_config(engine_config(f"{NAME}_engine", inputs, outputs, engine))
+        assert cfg.platform == platform and cfg.max_batch_size == 0
+        assert [i.name for i in cfg.input] == [t["name"] for t in declared["inputs"]]
+        assert [o.name for o in cfg.output] == [t["name"] for t in declared["outputs"]]
+        assert "expert_id" in [i.name for i in cfg.input]
+        expert_id = next(i for i in cfg.input if i.name == "expert_id")
+        assert list(expert_id.dims) == [-1] and expert_id.data_type == 9  # TYPE_INT64
+    written = parse_model_config((repo / f"{NAME}_engine" / "config.pbtxt").read_text())
+    assert written.platform == "onnxruntime_onnx"
+    assert (repo / f"{NAME}_engine" / "1" / "model.onnx").is_file()
+    text = parse_model_config((repo / NAME / "config.pbtxt").read_text())
+    assert text.backend == "python" and text.max_batch_size > 1
+    assert text.dynamic_batching.max_queue_delay_microseconds > 0
+    assert [i.name for i in text.input] == ["text", "expert", "max_new_tokens"]
+    # The text model points at the engine's graph instead of holding a second copy of the weights.
+    assert not list((repo / NAME).rglob("*.onnx*"))
+
+
+def test_bad_config_text_is_a_named_error() -> None:
+    from chmc.compiler.triton_repo import parse_model_config
+    from chmc.errors import ChmcError
+
+    with pytest.raises(ChmcError, match="bad.pbtxt: not a valid Triton model config"):
+        parse_model_config('name: "x"\nmax_batch_size: "many"\n', "bad.pbtxt")
+
+
+def test_trt_without_plan_is_a_clear_error(exported: Path, tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "chmc", "triton", str(exported), "--out",
+                           str(tmp_path / "r"), "--engine", "trt"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1
+    assert "no model.plan" in done.stderr and str(exported) in done.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_server_answers_each_expert_like_runner(server: str, runner: Any,
+                                                expected: dict[tuple[str, str], str]) -> None:
+    client = _client(server)
+    assert client.is_server_ready() and client.is_model_ready(NAME)
+    assert len(runner.experts) == 4
+    for expert in runner.experts:
+        for prompt in PROMPTS[:2]:
+            assert _ask(client, prompt, expert) == expected[(prompt, expert)], (prompt, expert)
+    answers = {e: _ask(client, PROMPTS[2], e) for e in runner.experts}
+    assert len(set(answers.values())) > 1, "every expert answered alike: expert_id has no effect"
+
+
+def test_concurrent_mixed_experts_are_batched(server: str, runner: Any,
+                                             expected: dict[tuple[str, str], str]) -> None:
+    rng = random.Random(0)
+    jobs = [(rng.choice(PROMPTS), rng.choice(runner.experts)) for _ in range(64)]
+    client = _client(server)
+    before = _stats(client)
+
+    def work(share: list[tuple[str, str]]) -> list[str]:
+        c = _client(server)
+        return [_ask(c, p, e) for p, e in share]
+
+    shares = [jobs[i::8] for i in range(8)]  # 8 clients, 8 requests each
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(work, shares))
+    seconds = time.perf_counter() - start
+    for share, answers in zip(shares, results):
+        for (p, e), got in zip(share, answers):
+            assert got == expected[(p, e)], (p, e)
+    inferences, executions = (a - b for a, b in zip(_stats(client), before))
+    print(json.dumps({"requests": 64, "clients": 8, "seconds": round(seconds, 3),
+                      "requests_per_s": round(64 / seconds, 1), "executions": executions}))
+    assert inferences == 64
+    assert executions < inferences, f"{executions} executions for {inferences} requests: no batching"
+
+
+def test_bad_requests_get_errors_and_server_keeps_serving(server: str, runner: Any,
+                                                          expected: dict[tuple[str, str], str]) -> None:
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    client = _client(server)
+    good = (PROMPTS[0], runner.experts[1])
+    with pytest.raises(InferenceServerException, match="unknown expert 'nobody'"):
+        client.infer(NAME, _inputs("1+2=", "nobody"))
+    assert _ask(client, *good) == expected[good]
+
+    wrong = httpclient.InferInput("text", [1, 1], "INT32")
+    wrong.set_data_from_numpy(np.array([[7]], dtype=np.int32))
+    with pytest.raises(InferenceServerException, match="(?i)datatype|data type"):
+        client.infer(NAME, [wrong, *_inputs("x", runner.experts[0])[1:]])
+    assert _ask(client, *good) == expected[good]
+
+    with pytest.raises(InferenceServerException, match="expert"):
+        client.infer(NAME, _inputs("1+2=", runner.experts[0])[:1])  # no 'expert' input
+    assert _ask(client, *good) == expected[good]
