@@ -157,6 +157,67 @@ def inspect(
         console.print(table)
 
 
+# --- ONNX export, generation, checks (compiler/export.py, runtime/) -----------------------------
+
+@app.command()
+@user_errors
+def export(
+    source: Annotated[str, typer.Argument(help="Artifact folder, or a plain HF folder (dense).")],
+    out: Annotated[str, Opt("--out", help="Export folder to write.")],
+    linear: Annotated[str, Opt(help="gather (default) | plugin (chmc::ChannelGatherMatMul).")] = (
+        "gather"),
+    dtype: Annotated[str, Opt(help="float32 (default, CPU) | float16 | bfloat16.")] = "float32",
+    force: Annotated[bool, Opt("--force", help="Replace --out if it exists.")] = False,
+) -> None:
+    """Export to one ONNX graph that serves every expert through its `expert_id` input."""
+    from chmc.compiler.export import export as export_onnx
+
+    typer.echo(f"wrote {export_onnx(source, out, linear=linear, dtype=dtype, force=force)}")
+
+
+@app.command()
+@user_errors
+def run(
+    source: Annotated[str, typer.Argument(help="Export folder, artifact or HF folder.")],
+    prompt: Annotated[str, typer.Argument(help="The prompt to continue.")],
+    expert: Annotated[str | None, Opt("--expert", help="Expert name or id.")] = None,
+    backend: Annotated[str, Opt(help="onnxruntime (default) | torch.")] = "onnxruntime",
+    max_new_tokens: Annotated[int, Opt("--max-new-tokens", "-n")] = 64,
+    temperature: Annotated[float, Opt(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, Opt("--top-p")] = 1.0,
+    stop: Annotated[list[str] | None, Opt("--stop", help="Stop string (repeat).")] = None,
+    seed: Annotated[int | None, Opt(help="Sampling seed.")] = None,
+) -> None:
+    """Stream one expert's continuation of PROMPT."""
+    from chmc.runtime import load
+
+    runner = load(source, backend=backend)
+    for piece in runner.stream(prompt, expert, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, stop=stop, seed=seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@app.command()
+@user_errors
+def check(
+    source: Annotated[str, typer.Argument(help="Export folder or artifact.")],
+    atol: Annotated[float, Opt(help="Absolute tolerance on logits.")] = 1e-4,
+    rtol: Annotated[float, Opt(help="Relative tolerance on logits.")] = 1e-4,
+    seq: Annotated[int, Opt(help="Tokens per generated input.")] = 8,
+) -> None:
+    """Compare ONNX Runtime with the PyTorch reconstruction of every expert (Polygraphy)."""
+    from rich.console import Console
+
+    from chmc.runtime.check import check_export
+
+    table, ok = check_export(source, atol=atol, rtol=rtol, seq=seq)
+    Console().print(table)
+    if not ok:
+        raise typer.Exit(1)
+
+
 # --- Triton model repository, serving (compiler/triton_repo.py, runtime/serve.py) ---------------
 
 @app.command()

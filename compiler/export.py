@@ -38,7 +38,6 @@ def export(src: str | Path, out: str | Path, *, linear: str = "gather", dtype: s
            force: bool = False) -> Path:
     """Export an artifact (expert_id input) or a plain checkpoint (dense) to an ONNX folder."""
     import onnx
-
     from chmc.compiler.checkpoints import SIDE_FILES
 
     src = Path(src)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
-
 from chmc.errors import ChmcError
 from chmc.models.spec import ArchSpec, DecoderConfig
 
@@ -88,7 +87,6 @@ class Weights:
     def read(self, stored: str) -> torch.Tensor:
         """One stored tensor ('x.weight', 'x.weight.bank', ...) read into fresh memory."""
         import torch
-
         from chmc.compiler.checkpoints import SAFETENSORS_DTYPES
 
         file = self._files.get(stored)
@@ -119,7 +117,7 @@ class ExternalData:
 
     def __init__(self, file: Path):
         self.file = file
-        self._f: IO[bytes] = open(file, "wb")
+        self._f: IO[bytes] = open(file, "wb")  # noqa: SIM115  closed by close()
         self.offset = 0
 
     def add(self, name: str, t: torch.Tensor) -> onnx.TensorProto:

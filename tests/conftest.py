@@ -13,3 +13,22 @@ def random_family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
     from chmc.models.tiny.random_family import make_random_family
 
     return make_random_family(tmp_path_factory.mktemp("random_family"), n_experts=4, arch="llama")
+
+
+@pytest.fixture(scope="session")
+def onnx_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | dict[str, Path]]:
+    """A 3-expert Llama family with the tiny tokenizer, merged at K=N (exact) and at K=2, each
+    exported to ONNX (gather form, fp32). Keys: base, experts, kn, k2, kn_onnx, k2_onnx."""
+    from chmc.compiler.export import export
+    from chmc.compiler.merge import build
+    from chmc.models.tiny.random_family import make_random_family
+    from chmc.models.tiny.tokenizer import save_tokenizer
+
+    root = tmp_path_factory.mktemp("onnx_family")
+    base, experts = make_random_family(root / "family", n_experts=3, arch="llama")
+    save_tokenizer(base)
+    out: dict[str, Path | dict[str, Path]] = {"base": base, "experts": experts}
+    for key, k in (("kn", 3), ("k2", 2)):
+        out[key] = build(base, experts, root / key, groups=k, progress=False)
+        out[f"{key}_onnx"] = export(out[key], root / f"{key}_onnx")
+    return out

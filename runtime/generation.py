@@ -1,0 +1,169 @@
+"""The generation loop, shared by every backend: left-padded batches, one expert per row, KV cache.
+
+A backend gives `start(expert_ids)` -> a state whose `step(input_ids [B, S], attention_mask
+[B, T], position_ids [B, S])` returns the last position's logits [B, V] (float32, numpy) and keeps
+the cache for the next step. Rows of different experts run in the same call. numpy only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import numpy as np
+from chmc.compiler.artifact import expert_index, expert_names
+from chmc.errors import ChmcError
+
+
+class StepState(Protocol):
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+             position_ids: np.ndarray) -> np.ndarray: ...
+
+
+class Backend(Protocol):
+    def start(self, expert_ids: np.ndarray) -> StepState: ...
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids and attention_mask [B, L], shorter rows padded on the left."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = r
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def positions(mask: np.ndarray) -> np.ndarray:
+    """position_ids as transformers derives them from the mask: cumsum - 1, padding at 0."""
+    return np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float,
+           rng: np.random.Generator) -> np.ndarray:
+    """Next token per row [B]: argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(axis=-1).astype(np.int64)
+    z = logits.astype(np.float64) / temperature
+    probs = np.exp(z - z.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    out = np.empty(len(probs), dtype=np.int64)
+    for i, p in enumerate(probs):
+        order = np.argsort(-p)
+        keep = np.cumsum(p[order]) - p[order] < top_p  # smallest prefix with mass >= top_p
+        kept = order[keep]
+        out[i] = rng.choice(kept, p=p[kept] / p[kept].sum())
+    return out
+
+
+def generate_ids(backend: Backend, prompts: list[list[int]], expert_ids: list[int], *,
+                 max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 done: Callable[[int, list[int]], bool] | None = None) -> Iterator[np.ndarray]:
+    """Yield each step's new token per row [B] (pad for finished rows) until all rows finish.
+
+    A row finishes at an EOS id, at max_new_tokens, or when `done(row, its new ids)` says so.
+    """
+    if not 0 < top_p <= 1:
+        raise ChmcError(f"top_p must be in (0, 1], got {top_p}")
+    if any(not p for p in prompts):
+        raise ChmcError("a prompt encodes to no tokens; give at least one character")
+    rng = np.random.default_rng(seed)
+    ids, mask = left_pad(prompts, pad_id)
+    pos = positions(mask)
+    state = backend.start(np.asarray(expert_ids, dtype=np.int64))
+    finished = np.zeros(len(prompts), dtype=bool)
+    new: list[list[int]] = [[] for _ in prompts]
+    for _ in range(max_new_tokens):
+        logits = state.step(ids, mask, pos)  # [B, V]
+        token = np.where(finished, pad_id, sample(logits, temperature, top_p, rng))
+        for row in np.flatnonzero(~finished):
+            new[row].append(int(token[row]))
+            if token[row] in eos_ids or (done is not None and done(int(row), new[row])):
+                finished[row] = True
+        yield token
+        if finished.all():
+            return
+        ids = token[:, None]
+        pos = pos[:, -1:] + 1
+        mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
+
+
+class Runner:
+    """One loaded model serving every expert: `generate` for batches, `stream` for one prompt."""
+
+    def __init__(self, backend: Backend, manifest: dict[str, Any], tokenizer: Any):
+        export = manifest.get("export", {})
+        self.backend, self.manifest, self.tokenizer = backend, manifest, tokenizer
+        self.eos_ids = tuple(export.get("eos_token_ids") or ())
+        pad = export.get("pad_token_id")
+        self.pad_id = int(pad if pad is not None else (self.eos_ids or (0,))[0])
+
+    @property
+    def experts(self) -> list[str]:
+        return expert_names(self.manifest) if self.manifest.get("experts") else []
+
+    def expert_ids(self, experts: list[str | int] | None, rows: int) -> list[int]:
+        """Resolve names/ids before any compute; a dense model serves only 'expert' 0."""
+        if experts is None:
+            if self.experts:
+                raise ChmcError(f"this model serves {len(self.experts)} experts {self.experts}: "
+                                "name one per prompt")
+            return [0] * rows
+        if len(experts) != rows:
+            raise ChmcError(f"got {rows} prompts but {len(experts)} experts (one per prompt)")
+        if not self.experts:
+            raise ChmcError("this is a dense model without experts: pass experts=None")
+        return [expert_index(self.manifest, e) for e in experts]
+
+    def generate_ids(self, prompts: list[list[int]], experts: list[str | int] | None = None,
+                     max_new_tokens: int = 64, **kw: Any) -> list[list[int]]:
+        """New token ids per row, EOS included when reached."""
+        ids = self.expert_ids(experts, len(prompts))
+        out: list[list[int]] = [[] for _ in prompts]
+        finished = [False] * len(prompts)
+        for token in generate_ids(self.backend, prompts, ids, max_new_tokens=max_new_tokens,
+                                  eos_ids=self.eos_ids, pad_id=self.pad_id, **kw):
+            for row, t in enumerate(token.tolist()):
+                if not finished[row]:
+                    out[row].append(t)
+                    finished[row] = t in self.eos_ids
+        return out
+
+    def _stopper(self, stop: list[str] | None) -> Callable[[int, list[int]], bool] | None:
+        if not stop:
+            return None
+        return lambda row, ids: any(s in self.tokenizer.decode(ids) for s in stop)
+
+    def _text(self, ids: list[int], stop: list[str] | None) -> str:
+        text = self.tokenizer.decode([t for t in ids if t not in self.eos_ids])
+        cut = min((text.index(s) for s in stop or () if s in text), default=len(text))
+        return text[:cut]
+
+    def generate(self, prompts: list[str], experts: list[str | int] | None = None,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 stop: list[str] | None = None, seed: int | None = None) -> list[str]:
+        """The continuation of each prompt (greedy at temperature 0), cut at EOS or a stop string."""
+        encoded = [self.tokenizer.encode(p) for p in prompts]
+        new = self.generate_ids(encoded, experts, max_new_tokens, temperature=temperature,
+                                top_p=top_p, seed=seed, done=self._stopper(stop))
+        return [self._text(ids, stop) for ids in new]
+
+    def stream(self, prompt: str, expert: str | int | None = None, max_new_tokens: int = 64,
+               temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
+               seed: int | None = None) -> Iterator[str]:
+        """Yield text pieces of one prompt's continuation as they are generated."""
+        ids = self.expert_ids(None if expert is None else [expert], 1)
+        new: list[int] = []
+        shown = ""
+        for token in generate_ids(self.backend, [self.tokenizer.encode(prompt)], ids,
+                                  max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
+                                  pad_id=self.pad_id, temperature=temperature, top_p=top_p,
+                                  seed=seed, done=self._stopper(stop)):
+            new.append(int(token[0]))
+            text = self._text(new, stop)
+            if len(text) > len(shown) and not text.endswith("\ufffd"):  # wait for whole chars
+                yield text[len(shown):]
+                shown = text

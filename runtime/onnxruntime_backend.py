@@ -1,0 +1,91 @@
+"""ONNX Runtime backend: one session serves every expert; the KV cache stays in ORT values.
+
+Imports neither torch nor transformers (a serving image needs onnxruntime, numpy, tokenizers).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from chmc.errors import ChmcError, MissingDependencyError, NotSupportedError
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MissingDependencyError("the ONNX Runtime backend needs `pip install onnxruntime`") \
+            from None
+    return onnxruntime
+
+
+def session_for(folder: Path, export: dict[str, Any], providers: list[str] | None = None,
+                threads: int | None = None) -> Any:
+    """An InferenceSession on folder/model.onnx (plugin-form graphs get the custom op)."""
+    ort = _ort()
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    model = folder / "model.onnx"
+    if export.get("linear") == "plugin":
+        from chmc.plugins.channel_gather_matmul.onnxruntime_op import plugin_session_model
+
+        model = plugin_session_model(folder, opts)
+    available = ort.get_available_providers()
+    if providers is None:
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    try:
+        return ort.InferenceSession(str(model), opts, providers=providers)
+    except Exception as e:  # noqa: BLE001  ORT raises its own exception types for bad graphs and files
+        raise ChmcError(f"{model}: ONNX Runtime cannot load it ({e})") from None
+
+
+class OnnxRuntimeBackend:
+    """Runs the exported decoder; `start` begins a generation with one expert id per row."""
+
+    def __init__(self, folder: str | Path, export: dict[str, Any],
+                 providers: list[str] | None = None, threads: int | None = None):
+        self.folder, self.export = Path(folder), export
+        dtype = export["dtype"]
+        if dtype not in _NP_DTYPES:
+            raise NotSupportedError(f"not supported: dtype {dtype} on the ONNX Runtime backend "
+                                    "(export with --dtype float32 or float16)")
+        self.np_dtype = _NP_DTYPES[dtype]
+        self.session = session_for(self.folder, export, providers, threads)
+        self.merged = any(i["name"] == "expert_id" for i in export["inputs"])
+        self.layers = int(export["num_layers"])
+
+    def start(self, expert_ids: np.ndarray) -> OrtState:
+        return OrtState(self, expert_ids)
+
+
+class OrtState:
+    """One generation: the expert per row and the cache carried from step to step."""
+
+    def __init__(self, backend: OnnxRuntimeBackend, expert_ids: np.ndarray):
+        self.b = backend
+        e = backend.export
+        batch = len(expert_ids)
+        empty = np.zeros((batch, e["num_kv_heads"], 0, e["head_dim"]), dtype=backend.np_dtype)
+        self.feed: dict[str, Any] = {}
+        for i in range(backend.layers):
+            self.feed[f"past_key_values.{i}.key"] = empty
+            self.feed[f"past_key_values.{i}.value"] = empty
+        if backend.merged:
+            self.feed["expert_id"] = np.ascontiguousarray(expert_ids, dtype=np.int64)
+        self.outputs = ["logits"] + [f"present.{i}.{p}" for i in range(backend.layers)
+                                     for p in ("key", "value")]
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+             position_ids: np.ndarray) -> np.ndarray:
+        self.feed.update(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids)
+        out = self.b.session.run(self.outputs, self.feed)
+        for i in range(self.b.layers):
+            self.feed[f"past_key_values.{i}.key"] = out[1 + 2 * i]
+            self.feed[f"past_key_values.{i}.value"] = out[2 + 2 * i]
+        return np.asarray(out[0][:, -1], dtype=np.float32)  # [B, V]

@@ -1,0 +1,107 @@
+"""PyTorch backend: each expert reconstructed from the artifact (bank[index[n, c], c] per row) into
+a transformers model, cached per expert; rows of a batch run grouped by expert. The reference the
+ONNX graph is checked against, and the way to serve without exporting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from chmc.errors import ChmcError
+
+
+def reconstruct(path: Path, expert: int | None, dtype: str | None = None) -> Any:
+    """The transformers model of one expert of an artifact (or the checkpoint itself if None)."""
+    import torch
+    import transformers
+    from chmc.compiler.artifact import Artifact
+
+    if expert is None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    else:
+        config = transformers.AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        state = dict(Artifact(path).expert_state_dict(expert))
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        missing = [m for m in missing if not (config.tie_word_embeddings and "lm_head" in m)]
+        if missing or unexpected:
+            raise ChmcError(f"{path}: artifact tensors do not match {type(model).__name__} "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        model.tie_weights()
+        for name, module in list(model.named_modules()):  # computed buffers (rotary inv_freq)
+            if any(b.is_meta for b in module.buffers(recurse=False)):
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr, type(module)(config=config))
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
+    return model.eval()
+
+
+class TorchBackend:
+    """Serves an artifact (one reconstructed model per expert) or a plain checkpoint."""
+
+    def __init__(self, path: Path, kind: str, device: str = "cpu", dtype: str | None = None):
+        from chmc.compiler.artifact import read_manifest
+        from chmc.compiler.export import _generation_ids
+        from chmc.models.spec import decoder_config
+        from chmc.runtime import read_export_manifest
+
+        self.folder = path  # tokenizer and manifest live here
+        self.device, self.dtype = device, dtype
+        if kind == "export":
+            manifest = read_export_manifest(path)
+            source = Path(manifest["export"]["source"])
+            if not source.is_dir():
+                raise ChmcError(f"{path}: the export's source {source} is gone; the torch backend "
+                                "needs the artifact or checkpoint")
+            path, kind = source, ("artifact" if (source / "chmc.json").is_file() else "checkpoint")
+        self.source, self.is_artifact = path, kind == "artifact"
+        self.manifest: dict[str, Any] = read_manifest(path) if self.is_artifact else {"experts": []}
+        config = json.loads((path / "config.json").read_text())
+        eos, pad = _generation_ids(path, decoder_config(config))
+        self.manifest = {**self.manifest, "export": {"eos_token_ids": eos, "pad_token_id": pad}}
+        self._models: dict[int | None, Any] = {}
+
+    def model(self, expert: int | None) -> Any:
+        if expert not in self._models:
+            self._models[expert] = reconstruct(self.source, expert, self.dtype).to(self.device)
+        return self._models[expert]
+
+    def start(self, expert_ids: np.ndarray) -> TorchState:
+        return TorchState(self, expert_ids)
+
+
+class TorchState:
+    """Rows grouped by expert; each group keeps its own transformers cache."""
+
+    def __init__(self, backend: TorchBackend, expert_ids: np.ndarray):
+        self.b = backend
+        keys = expert_ids.tolist() if backend.is_artifact else [None] * len(expert_ids)
+        self.groups: dict[Any, list[int]] = {}
+        for row, e in enumerate(keys):
+            self.groups.setdefault(e, []).append(row)
+        self.caches: dict[Any, Any] = dict.fromkeys(self.groups)
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+             position_ids: np.ndarray) -> np.ndarray:
+        import torch
+
+        out: np.ndarray | None = None
+        dev = self.b.device
+        for e, rows in self.groups.items():
+            with torch.no_grad():
+                res = self.b.model(e)(
+                    input_ids=torch.from_numpy(input_ids[rows]).to(dev),
+                    attention_mask=torch.from_numpy(attention_mask[rows]).to(dev),
+                    position_ids=torch.from_numpy(position_ids[rows]).to(dev),
+                    past_key_values=self.caches[e], use_cache=True)
+            self.caches[e] = res.past_key_values
+            logits = res.logits[:, -1].float().cpu().numpy()  # [rows, V]
+            if out is None:
+                out = np.empty((len(input_ids), logits.shape[-1]), dtype=np.float32)
+            out[rows] = logits
+        assert out is not None
+        return out
