@@ -1,0 +1,207 @@
+"""The merge semantics against an independent NumPy reference, and the clusterings' guarantees.
+
+The reference below is written from the issue's text (mergekit semantics), not from the torch
+code: it reads the checkpoints with safetensors.numpy and works in float64.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from chmc.compiler.artifact import Artifact, read_manifest
+from chmc.compiler.grouping import (
+    MAX_ENUMERATED,
+    RowBatch,
+    _error_heuristic,
+    canonical,
+    count_partitions,
+    group_rows,
+    partition_cost,
+    set_partitions,
+)
+from chmc.compiler.merge import build
+from safetensors.numpy import load_file
+
+TOL = 1e-6  # max abs difference between the fp32 artifact and the float64 reference
+
+
+def load_np(folder: Path) -> dict[str, np.ndarray]:
+    return {k: v.astype(np.float64) for k, v in load_file(str(folder / "model.safetensors")).items()}
+
+
+def ref_trim(d: np.ndarray, density: float) -> np.ndarray:
+    """Keep the k = max(1, int(density * numel)) entries of largest |d| (first index among equals)."""
+    if density >= 1:
+        return d
+    flat = d.reshape(-1)
+    k = max(1, int(density * flat.size))
+    keep = np.argsort(-np.abs(flat), kind="stable")[:k]
+    out = np.zeros_like(flat)
+    out[keep] = flat[keep]
+    return out.reshape(d.shape)
+
+
+def ref_merge(method: str, deltas: list[np.ndarray], w: list[float], density: float,
+              lam: float) -> np.ndarray:
+    """One group's merged delta, straight from the semantics in the issue."""
+    wd = [wi * d for wi, d in zip(w, deltas)]
+    if method == "mean":
+        return sum(wd) / sum(w)
+    if method == "task_arithmetic":
+        return lam * sum(wd)
+    assert method == "ties"
+    trimmed = np.stack([wi * ref_trim(d, density) for wi, d in zip(w, deltas)])
+    elected = np.where(trimmed.sum(0) >= 0, 1.0, -1.0)
+    agree = np.sign(trimmed) == elected
+    num = (trimmed * agree).sum(0)
+    den = sum(wi * a for wi, a in zip(w, agree))
+    den = np.where(den == 0, 1.0, den)
+    return lam * num / den
+
+
+CASES = [
+    ("mean", {"weight": {"expert_0": 2.0, "expert_2": 0.5}}),
+    ("task_arithmetic", {"weight": 0.7, "lambda": 0.8}),
+    ("ties", {"density": 0.4, "weight": {"expert_1": 1.5}, "lambda": 1.2}),
+    ("ties", {"density": 1.0}),
+]
+
+
+@pytest.mark.parametrize(("method", "params"), CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+def test_k1_matches_numpy_reference(random_family, tmp_path, method, params):
+    base_path, experts = random_family
+    out = build(base_path, experts, tmp_path / "art", groups=1, method=method, parameters=params,
+                progress=False)
+    art = Artifact(out)
+    base = load_np(base_path)
+    ex = {name: load_np(path) for name, path in experts.items()}
+    names = list(experts)
+    w_param = params.get("weight", 1.0)
+    w = [w_param.get(n, 1.0) if isinstance(w_param, dict) else w_param for n in names]
+    checked = 0
+    for name, entry in art.manifest["tensors"].items():
+        if entry["kind"] != "merged":
+            for i, n in enumerate(names):  # stacked tensors are stored exactly
+                assert np.array_equal(art.stored(f"{name}.experts")[i].numpy(), ex[n][name])
+            continue
+        deltas = [ex[n][name] - base[name] for n in names]
+        ref = base[name] + ref_merge(method, deltas, w, params.get("density", 1.0),
+                                     params.get("lambda", 1.0))
+        bank = art.stored(f"{name}.bank").double().numpy()  # [1, out, in]
+        assert bank.shape == (1, *ref.shape)
+        assert np.abs(bank[0] - ref).max() <= TOL, name
+        assert (art.stored(f"{name}.index").numpy() == 0).all()
+        checked += 1
+    assert checked >= 15  # every projection, the embedding and lm_head
+
+
+def test_k2_banks_are_group_means_and_singletons_exact(random_family, tmp_path):
+    """With labels taken from the index, every bank row is base + its group's weighted mean."""
+    base_path, experts = random_family
+    w = {"expert_0": 1.0, "expert_1": 3.0, "expert_2": 0.5, "expert_3": 2.0}
+    art = Artifact(build(base_path, experts, tmp_path / "art", groups=2, clustering="error",
+                         parameters={"weight": w}, progress=False))
+    base = load_np(base_path)
+    ex = {name: load_np(path) for name, path in experts.items()}
+    names = list(experts)
+    name = "model.layers.1.mlp.down_proj.weight"
+    bank = art.stored(f"{name}.bank").double().numpy()  # [2, out, in]
+    index = art.stored(f"{name}.index").numpy()  # [N, out]
+    singletons = 0
+    for c in range(index.shape[1]):
+        for g in set(index[:, c]):
+            members = [n for i, n in enumerate(names) if index[i, c] == g]
+            if len(members) == 1:
+                assert np.array_equal(bank[g, c], ex[members[0]][name][c])  # exact, not rounded
+                singletons += 1
+                continue
+            mean = sum(w[n] * (ex[n][name][c] - base[name][c]) for n in members) / sum(
+                w[n] for n in members)
+            assert np.abs(bank[g, c] - (base[name][c] + mean)).max() <= TOL
+        if len(set(index[:, c])) == 1:  # unused slot: a copy of group 0
+            assert np.array_equal(bank[1, c], bank[0, c])
+    assert singletons > 0
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_error_clustering_never_worse_than_cosine(random_family, tmp_path, groups):
+    base_path, experts = random_family
+    totals = {}
+    for clustering in ("cosine", "error"):
+        m = read_manifest(build(base_path, experts, tmp_path / clustering, groups=groups,
+                                clustering=clustering, progress=False))
+        merged = [e["stats"] for e in m["tensors"].values() if e["kind"] == "merged"]
+        for stats in merged:  # per tensor too, not only in total
+            totals.setdefault(clustering, []).append(sum(stats["err_sq"].values()))
+    for err, cos in zip(totals["error"], totals["cosine"]):
+        assert err <= cos * (1 + 1e-5) + 1e-12
+    if groups == 2:
+        assert sum(totals["error"]) < sum(totals["cosine"])  # and strictly better somewhere
+
+
+def brute_force_best(d: np.ndarray, k: int) -> float:
+    """Min over all labelings of sum ||d_n - mean of its group||^2 for one row; d [N, in]."""
+    best = np.inf
+    for labels in itertools.product(range(k), repeat=len(d)):
+        cost = sum(((d[np.array(labels) == g] - d[np.array(labels) == g].mean(0)) ** 2).sum()
+                   for g in set(labels))
+        best = min(best, cost)
+    return best
+
+
+def test_error_clustering_is_optimal_for_small_n():
+    gen = torch.Generator().manual_seed(3)
+    deltas = torch.randn(5, 16, 6, generator=gen, dtype=torch.float64)  # [N, R, in]
+    batch = RowBatch(deltas, torch.ones(5, dtype=torch.float64))
+    labels = group_rows("error", batch, 2)
+    cost = partition_cost(batch.gram, labels, batch.weights).numpy()
+    for r in range(16):
+        assert cost[r] == pytest.approx(brute_force_best(deltas[:, r].numpy(), 2), rel=1e-9)
+
+
+def test_heuristic_above_enumeration_limit_never_worse_than_cosine():
+    gen = torch.Generator().manual_seed(5)
+    n, k = 10, 3  # 9 842 partitions: the heuristic path
+    centers = torch.randn(k + 1, 24, 8, generator=gen)
+    deltas = centers[torch.randint(0, k + 1, (n,), generator=gen)] + 0.5 * torch.randn(
+        n, 24, 8, generator=gen)  # [N, R, in]: noisy clusters
+    batch = RowBatch(deltas, torch.ones(n))
+    heuristic = canonical(_error_heuristic(batch, k))
+    cosine = group_rows("cosine", batch, k)
+    h_cost = partition_cost(batch.gram, heuristic, batch.weights)
+    c_cost = partition_cost(batch.gram, cosine, batch.weights)
+    assert (h_cost <= c_cost * (1 + 1e-6)).all()
+    assert count_partitions(n, k) > MAX_ENUMERATED
+    assert int(heuristic.max()) < k and bool((group_rows("error", batch, k) == heuristic).all())
+
+
+def test_cosine_groups_similar_experts_and_labels_are_canonical():
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(2, 3, 32, generator=gen)  # two directions, per row
+    deltas = torch.stack([a, 2 * b, 3 * a, 0.5 * b + 0.01 * a])  # experts 0,2 vs 1,3
+    labels = group_rows("cosine", RowBatch(deltas, torch.ones(4)), 2)
+    assert labels.tolist() == [[0, 1, 0, 1]] * 3
+    raw = torch.tensor([[2, 2, 0, 1], [1, 0, 1, 0]])
+    assert canonical(raw).tolist() == [[0, 0, 1, 2], [0, 1, 0, 1]]
+
+
+def test_set_partitions_are_complete_and_canonical():
+    parts = set_partitions(4, 2)
+    assert len(parts) == 8 and len(set(parts)) == 8
+    assert all(p[0] == 0 and max(p) < 2 for p in parts)
+    assert len(set_partitions(5, 5)) == 52  # Bell(5)
+
+
+def test_dare_is_seeded(random_family, tmp_path):
+    base_path, experts = random_family
+    arts = [Artifact(build(base_path, experts, tmp_path / f"s{seed}-{i}", groups=2,
+                           method="dare_ties", parameters={"density": 0.5}, seed=seed,
+                           progress=False))
+            for i, seed in enumerate((7, 7, 8))]
+    name = "model.layers.0.self_attn.q_proj.weight.bank"
+    assert torch.equal(arts[0].stored(name), arts[1].stored(name))
+    assert not torch.equal(arts[0].stored(name), arts[2].stored(name))
