@@ -74,7 +74,7 @@ def _mixed_kernel(x, bank, index, expert_id, S, N_OUT, N_IN, N_GROUPS, M, y,
     tile_ok = m_ok[:, None] & c_ok[None, :]
     grp = tl.load(index + e[:, None] * N_OUT + c[None, :], mask=tile_ok, other=-1)  # [BM, BN]
     out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g in range(0, N_GROUPS):
+    for g in range(N_GROUPS):
         use = grp == g  # [BM, BN] rows that read bank[g] at channel c
         need = tl.max(use.to(tl.int32), axis=0) > 0  # [BN] channels where some row needs bank[g]
         w_rows = bank + (g * N_OUT + c.to(tl.int64)) * N_IN  # [BN]

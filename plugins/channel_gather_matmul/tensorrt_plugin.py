@@ -1,0 +1,131 @@
+"""TensorRT plugin `chmc::ChannelGatherMatMul`, compiled ahead of time from the Triton kernels.
+
+The ONNX parser maps the plugin form's node (op `ChannelGatherMatMul`, domain `chmc`, attribute
+plugin_namespace="chmc") onto this Python-defined plugin. Its `aot_impl` returns PTX compiled from
+kernels.py, so the engine carries the kernel and later loads where there is no Python (trtexec,
+Triton's TensorRT backend). Two tactics, timed by TensorRT at each profile's shapes: the
+mixed-expert kernel (decode, any batch) and the gather-GEMM (prefill).
+
+No import-time side effects: `register_plugin()` registers once, on demand. PTX compilation is
+separate (`compile_kernel`) so it can be checked on machines without TensorRT or a GPU.
+NOTE: no `from __future__ import annotations` here: tensorrt.plugin reads the annotations of the
+registered functions at decoration time and needs them evaluated.
+"""
+
+from typing import Any
+
+from chmc.errors import MissingDependencyError
+from chmc.plugins.channel_gather_matmul.kernels import DEFAULTS, KERNELS, Launch
+
+PLUGIN_ID = "chmc::ChannelGatherMatMul"
+PLUGIN_NAMESPACE, PLUGIN_NAME = PLUGIN_ID.split("::")
+TACTICS = {1: "mixed", 2: "prefill"}  # custom tactic ids (0 means "default" to TensorRT)
+TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+TRT_TYPES = {"float16": "FP16", "bfloat16": "BF16", "float32": "FP32"}  # AutoTuneCombination names
+AOT_LAUNCH = {"mixed": Launch(16, DEFAULTS["mixed"].block_n, DEFAULTS["mixed"].block_k),
+              "prefill": DEFAULTS["prefill"]}
+_registered = False
+
+
+def kernel_signature(mode: str, dtype: str) -> dict[str, str]:
+    """Triton signature of one kernel: inputs, int32 scalars, output, then constexprs (AOT order)."""
+    ptr = f"*{TRITON_TYPES[dtype]}"
+    sig = {"x": ptr, "bank": ptr, "index": "*i32", "expert_id": "*i64",
+           "S": "i32", "N_OUT": "i32", "N_IN": "i32"}
+    if mode == "mixed":
+        sig |= {"N_GROUPS": "i32", "M": "i32"}
+    sig["y"] = ptr
+    return sig | {"BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+                  "UPCAST": "constexpr"}
+
+
+def compile_kernel(mode: str, dtype: str, launch: Launch, arch: int | None = None) -> Any:
+    """Compile one kernel with Triton; `arch` (e.g. 90) targets a GPU absent from this machine."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    constexprs = {"BLOCK_M": launch.block_m, "BLOCK_N": launch.block_n,
+                  "BLOCK_K": launch.block_k, "UPCAST": False}
+    src = triton.compiler.ASTSource(fn=KERNELS[mode], signature=kernel_signature(mode, dtype),
+                                    constexprs=constexprs)
+    target = GPUTarget("cuda", arch, 32) if arch is not None else None
+    compiled = triton.compile(src, target=target,
+                              options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+    if getattr(compiled.metadata, "global_scratch_size", 0):
+        raise RuntimeError(f"{mode} kernel needs Triton global scratch, which TensorRT cannot pass")
+    return compiled
+
+
+def tensorrt_available() -> bool:
+    """TensorRT's builder API is present (tensorrt-stubs alone installs an empty namespace)."""
+    try:
+        import tensorrt
+    except ImportError:
+        return False
+    return hasattr(tensorrt, "Builder")
+
+
+def require_tensorrt() -> Any:
+    if not tensorrt_available():
+        raise MissingDependencyError(
+            "TensorRT is not installed (no tensorrt.Builder): install TensorRT >= 10.9 with "
+            "`pip install tensorrt` on a CUDA machine")
+    import tensorrt
+
+    return tensorrt
+
+
+def register_plugin() -> None:
+    """Register chmc::ChannelGatherMatMul with TensorRT's plugin registry (once per process)."""
+    global _registered
+    if _registered:
+        return
+    require_tensorrt()
+    _define()
+    _registered = True
+
+
+def _define() -> None:
+    import tensorrt as trt
+    import tensorrt.plugin as trtp
+
+    dtypes = {trt.float16: "float16", trt.bfloat16: "bfloat16", trt.float32: "float32"}
+
+    @trtp.register(PLUGIN_ID)
+    def _desc(x: trtp.TensorDesc, bank: trtp.TensorDesc, index: trtp.TensorDesc,
+              expert_id: trtp.TensorDesc) -> trtp.TensorDesc:
+        # y [B, S, out] in x's dtype
+        shape = trtp.ShapeExprs.from_tuple((x.shape_expr[0], x.shape_expr[1], bank.shape_expr[1]))
+        return trtp.from_shape_expr(shape, dtype=x.dtype)
+
+    @trtp.autotune(PLUGIN_ID)
+    def _tune(x: trtp.TensorDesc, bank: trtp.TensorDesc, index: trtp.TensorDesc,
+              expert_id: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]) -> list[Any]:
+        return [trtp.AutoTuneCombination(f"{t},{t},INT32,INT64,{t}", "LINEAR", list(TACTICS))
+                for t in TRT_TYPES.values()]
+
+    @trtp.aot_impl(PLUGIN_ID)
+    def _aot(x: trtp.TensorDesc, bank: trtp.TensorDesc, index: trtp.TensorDesc,
+             expert_id: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc],
+             tactic: int) -> tuple[str | bytes, str | bytes, Any, Any]:
+        mode = TACTICS.get(tactic, "mixed")
+        launch = AOT_LAUNCH[mode]
+        compiled = compile_kernel(mode, dtypes[x.dtype], launch)
+        batch, seq, n_in = x.shape_expr[0], x.shape_expr[1], x.shape_expr[2]
+        n_groups, n_out = bank.shape_expr[0], bank.shape_expr[1]
+        params = trtp.KernelLaunchParams()
+        if mode == "mixed":  # grid (cdiv(out, BN), cdiv(B * S, BM)), as kernels.grid
+            params.grid_x = trtp.cdiv(n_out, launch.block_n)
+            params.grid_y = trtp.cdiv(batch * seq, launch.block_m)
+            scalars = [seq, n_out, n_in, n_groups, batch * seq]
+        else:  # grid (cdiv(S, BM), cdiv(out, BN), B)
+            params.grid_x = trtp.cdiv(seq, launch.block_m)
+            params.grid_y = trtp.cdiv(n_out, launch.block_n)
+            params.grid_z = batch
+            scalars = [seq, n_out, n_in]
+        params.block_x = compiled.metadata.num_warps * 32
+        params.shared_mem = compiled.metadata.shared
+        extra = trtp.SymIntExprs(len(scalars))
+        for i, s in enumerate(scalars):
+            extra[i] = trtp.SymInt32(s)
+        return compiled.metadata.name, compiled.asm["ptx"], params, extra

@@ -1,0 +1,108 @@
+"""Thin TensorRT runner for an engine folder written by chmc.compiler.engine.
+
+Same contract as an ONNX Runtime session: named inputs in, named outputs out. Device buffers are
+torch CUDA tensors (torch is on every GPU machine this path runs on). Profile 1 (decode) serves
+steps with one new token, profile 0 (prefill) everything else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from chmc.errors import ChmcError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import tensorrt as trt
+    import torch
+
+PREFILL, DECODE = 0, 1
+
+
+class TensorRTRunner:
+    """Load model.plan once; `run` feeds torch CUDA tensors, `run_numpy` host arrays."""
+
+    def __init__(self, engine_dir: str | Path):
+        from chmc.compiler.engine import PLAN, read_engine_json
+        from chmc.plugins.channel_gather_matmul.tensorrt_plugin import (
+            register_plugin,
+            require_tensorrt,
+        )
+
+        trt_mod = require_tensorrt()
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ChmcError("the TensorRT backend needs a CUDA GPU, and torch sees none")
+        self.dir = Path(engine_dir)
+        self.meta = read_engine_json(self.dir)
+        register_plugin()  # the plugin creator must be known before deserialising
+        self.logger = trt_mod.Logger(trt_mod.Logger.WARNING)
+        runtime = trt_mod.Runtime(self.logger)
+        engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine((self.dir / PLAN).read_bytes())
+        if engine is None:
+            raise ChmcError(f"{self.dir / PLAN}: TensorRT could not deserialise the engine")
+        self.engine: trt.ICudaEngine = engine
+        context = engine.create_execution_context()
+        if context is None:
+            raise ChmcError(f"{self.dir / PLAN}: TensorRT could not create an execution context")
+        self.context: trt.IExecutionContext = context
+        self.inputs = [b["name"] for b in self.meta["bindings"] if b["mode"] == "input"]
+        self.outputs = [b["name"] for b in self.meta["bindings"] if b["mode"] == "output"]
+        self.stream = torch.cuda.current_stream()
+        self.profile = -1
+
+    def _select_profile(self, feeds: dict[str, torch.Tensor]) -> None:
+        ids = feeds.get("input_ids")
+        want = DECODE if ids is not None and ids.ndim == 2 and ids.shape[1] == 1 else PREFILL
+        if self.engine.num_optimization_profiles < 2:
+            want = PREFILL
+        if want != self.profile:
+            self.context.set_optimization_profile_async(want, self.stream.cuda_stream)
+            self.profile = want
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One forward pass on CUDA tensors (inputs must already be on the GPU, contiguous)."""
+        import torch
+        from chmc.compiler.engine import dims_list
+
+        missing = [n for n in self.inputs if n not in feeds]
+        if missing:
+            raise ChmcError(f"TensorRT engine {self.dir}: missing input '{missing[0]}' (expects {self.inputs})")
+        self._select_profile(feeds)
+        for name in self.inputs:
+            t = feeds[name].contiguous()
+            feeds[name] = t
+            self.context.set_input_shape(name, tuple(t.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
+        results: dict[str, torch.Tensor] = {}
+        for name in self.outputs:
+            shape = dims_list(self.context.get_tensor_shape(name))
+            dtype = _torch_dtype(self.engine.get_tensor_dtype(name))
+            results[name] = torch.empty(shape, dtype=dtype, device="cuda")
+            self.context.set_tensor_address(name, results[name].data_ptr())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise ChmcError(f"TensorRT engine {self.dir}: execution failed (see the log above)")
+        self.stream.synchronize()
+        return results
+
+    def run_numpy(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Host arrays in and out, like an onnxruntime InferenceSession.run."""
+        import torch
+
+        out = self.run({k: torch.from_numpy(v).cuda() for k, v in feeds.items()})
+        return {k: v.float().cpu().numpy() if v.dtype == torch.bfloat16 else v.cpu().numpy()
+                for k, v in out.items()}
+
+
+def _torch_dtype(dtype: Any) -> torch.dtype:
+    import tensorrt
+    import torch
+
+    table = {tensorrt.float32: torch.float32, tensorrt.float16: torch.float16,
+             tensorrt.bfloat16: torch.bfloat16, tensorrt.int32: torch.int32,
+             tensorrt.int64: torch.int64, tensorrt.int8: torch.int8, tensorrt.bool: torch.bool}
+    if dtype not in table:
+        raise ChmcError(f"TensorRT output dtype {dtype} is not supported by the chmc runner")
+    return table[dtype]
