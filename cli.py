@@ -249,3 +249,30 @@ def serve(
     from chmc.runtime.serve import serve as run_server
 
     run_server(source, port=port, host=host, tritonserver=tritonserver, models=model or None)
+
+
+# --- TensorRT engine (compiler/engine.py) --------------------------------------------------------
+
+def _range(text: str, what: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise ChmcError(f"{what} '{text}': expected MIN,OPT,MAX (three integers)")
+    lo, opt, hi = (int(p) for p in parts)
+    return lo, opt, hi
+
+
+@app.command()
+@user_errors
+def engine(
+    onnx_dir: Annotated[str, typer.Argument(help="Export folder (chmc export --linear plugin).")],
+    out: Annotated[str, Opt("--out", help="Engine folder to write (model.plan, engine.json).")],
+    batch: Annotated[str, Opt(help="Batch size MIN,OPT,MAX.")] = "1,1,8",
+    seq: Annotated[str, Opt(help="New tokens per step MIN,OPT,MAX (prefill profile).")] = "1,128,2048",
+    past: Annotated[str, Opt(help="Cached tokens MIN,OPT,MAX.")] = "0,256,2048",
+    force: Annotated[bool, Opt("--force", help="Replace --out if it exists.")] = False,
+) -> None:
+    """Build a TensorRT engine (strongly typed, prefill + decode profiles) through Polygraphy."""
+    from chmc.compiler.engine import Ranges, build_engine
+
+    ranges = Ranges(_range(batch, "--batch"), _range(seq, "--seq"), _range(past, "--past"))
+    typer.echo(f"wrote {build_engine(onnx_dir, out, ranges=ranges, force=force)}")
