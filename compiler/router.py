@@ -1,0 +1,194 @@
+"""The task router: a fastText-style classifier from a prompt's tokens to the expert that fits it.
+
+Features are the prompt's token ids plus hashed token bigrams, read with the model's own tokenizer
+so the exported graph can route from `input_ids` alone. The model is an embedding table, masked
+mean pooling and one linear layer: small enough to train on a CPU in seconds and to compile into
+the ONNX graph as a handful of nodes. `route` (NumPy) is the reference the graph must match.
+
+Stored in the artifact as `router.safetensors` (router.embedding [V + buckets, D], router.weight
+[N, D], router.bias [N]) plus a `router` section in the manifest with held-out accuracy and the
+confusion matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chmc.compiler.artifact import MANIFEST, expert_names, read_manifest
+from chmc.errors import ChmcError
+
+ROUTER_FILE = "router.safetensors"
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Hyper-parameters; the defaults train in seconds on two CPU cores."""
+
+    dim: int = 32
+    buckets: int = 4096  # hashed bigram slots beyond the vocabulary
+    epochs: int = 10
+    lr: float = 0.05
+    holdout: float = 0.2
+    seed: int = 0
+
+
+def features(input_ids: np.ndarray, attention_mask: np.ndarray, vocab: int,
+             buckets: int) -> tuple[np.ndarray, np.ndarray]:
+    """Feature ids [B, 2S-1] and their 0/1 weights: unigrams, then hashed bigrams of valid pairs."""
+    ids = input_ids.astype(np.int64)  # [B, S]
+    mask = attention_mask.astype(np.int64)  # [B, S]
+    bigram = vocab + (ids[:, :-1] * vocab + ids[:, 1:]) % buckets  # [B, S-1]
+    bigram_mask = mask[:, :-1] * mask[:, 1:]
+    return np.concatenate([ids, bigram], axis=1), np.concatenate([mask, bigram_mask], axis=1)
+
+
+def route(weights: dict[str, np.ndarray], input_ids: np.ndarray, attention_mask: np.ndarray,
+          vocab: int, buckets: int) -> np.ndarray:
+    """Reference routing: the expert id [B] with the highest router logit for each row."""
+    feats, w = features(input_ids, attention_mask, vocab, buckets)
+    emb = weights["router.embedding"][feats]  # [B, F, D]
+    pooled = (emb * w[..., None]).sum(1) / np.maximum(w.sum(1, keepdims=True), 1)  # [B, D]
+    logits = pooled @ weights["router.weight"].T + weights["router.bias"]  # [B, N]
+    return logits.argmax(-1).astype(np.int64)
+
+
+def read_prompts(file: Path) -> list[str]:
+    """Prompts from a JSONL file of {"prompt": ...} (or {"text": ...}) objects."""
+    if not file.is_file():
+        raise ChmcError(f"{file}: router data file not found")
+    prompts = []
+    for i, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            prompts.append(str(record["prompt"] if "prompt" in record else record["text"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ChmcError(f"{file}:{i}: expected a JSON object with a 'prompt' field") from None
+    if len(prompts) < 5:
+        raise ChmcError(f"{file}: needs at least 5 example prompts, found {len(prompts)}")
+    return prompts
+
+
+def _encode(tokenizer: Any, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded ids and mask [B, S] (padding side does not change mean-pooled features)."""
+    rows = [tokenizer.encode(p).ids or [0] for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def train_router(tokenizer_file: Path, data: dict[str, Path], experts: list[str],
+                 config: RouterConfig = RouterConfig()) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Train on `data` ({expert: prompts.jsonl}); return weights and a report with held-out scores."""
+    import torch
+    from tokenizers import Tokenizer
+
+    unknown = sorted(set(data) - set(experts))
+    if unknown:
+        raise ChmcError(f"router data names expert '{unknown[0]}', which is not one of {experts}")
+    missing = [e for e in experts if e not in data]
+    if missing:
+        raise ChmcError(f"router data has no prompts for expert '{missing[0]}' (give NAME=prompts.jsonl for each of {experts})")
+    if not tokenizer_file.is_file():
+        raise ChmcError(f"{tokenizer_file}: the router needs the model's tokenizer.json")
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    vocab = tokenizer.get_vocab_size()
+
+    rng = random.Random(config.seed)
+    train, held = [], []
+    for label, name in enumerate(experts):
+        prompts = read_prompts(Path(data[name]))
+        rng.shuffle(prompts)
+        n_held = max(1, int(len(prompts) * config.holdout))
+        held += [(p, label) for p in prompts[:n_held]]
+        train += [(p, label) for p in prompts[n_held:]]
+
+    torch.manual_seed(config.seed)
+    embedding = torch.nn.Embedding(vocab + config.buckets, config.dim)
+    linear = torch.nn.Linear(config.dim, len(experts))
+    params = list(embedding.parameters()) + list(linear.parameters())
+    opt = torch.optim.Adam(params, lr=config.lr)
+
+    def logits(batch: list[tuple[str, int]]) -> torch.Tensor:
+        ids, mask = _encode(tokenizer, [p for p, _ in batch])
+        feats, w = features(ids, mask, vocab, config.buckets)
+        w_t = torch.from_numpy(w).float()  # [B, F]
+        emb = embedding(torch.from_numpy(feats))  # [B, F, D]
+        pooled = (emb * w_t[..., None]).sum(1) / w_t.sum(1, keepdim=True).clamp(min=1)
+        return linear(pooled)
+
+    order = list(range(len(train)))
+    for _ in range(config.epochs):
+        rng.shuffle(order)
+        for start in range(0, len(order), 64):
+            batch = [train[i] for i in order[start : start + 64]]
+            loss = torch.nn.functional.cross_entropy(logits(batch), torch.tensor([y for _, y in batch]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    weights = {
+        "router.embedding": embedding.weight.detach().numpy().astype(np.float32),
+        "router.weight": linear.weight.detach().numpy().astype(np.float32),
+        "router.bias": linear.bias.detach().numpy().astype(np.float32),
+    }
+    ids, mask = _encode(tokenizer, [p for p, _ in held])
+    predicted = route(weights, ids, mask, vocab, config.buckets)
+    truth = np.array([y for _, y in held])
+    confusion = np.zeros((len(experts), len(experts)), dtype=np.int64)
+    np.add.at(confusion, (truth, predicted), 1)
+    report = {
+        "experts": experts,
+        "vocab": vocab,
+        "config": asdict(config),
+        "train_examples": len(train),
+        "heldout_examples": len(held),
+        "heldout_accuracy": float((predicted == truth).mean()),
+        "confusion": confusion.tolist(),  # rows: true expert, columns: routed expert
+        "parameters": int(sum(v.size for v in weights.values())),
+    }
+    return weights, report
+
+
+def add_router(artifact: str | Path, data: dict[str, Path], config: RouterConfig = RouterConfig()) -> dict[str, Any]:
+    """Train a router for an artifact and store it there; files are replaced atomically."""
+    from safetensors.numpy import save_file
+
+    folder = Path(artifact)
+    manifest = read_manifest(folder)
+    weights, report = train_router(folder / "tokenizer.json", data, expert_names(manifest), config)
+    tmp = folder / f".{ROUTER_FILE}.tmp"
+    save_file(weights, str(tmp))
+    manifest["router"] = {**report, "file": ROUTER_FILE}
+    manifest_tmp = folder / f".{MANIFEST}.tmp"
+    manifest_tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, folder / ROUTER_FILE)
+    os.replace(manifest_tmp, folder / MANIFEST)
+    return report
+
+
+def load_router(folder: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The stored router weights and manifest section; a clear error when there is none."""
+    from safetensors.numpy import load_file
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    section = manifest.get("router")
+    if section is None:
+        raise ChmcError(
+            f"{folder}: expert 'auto' needs a router, and this artifact has none: add one with "
+            "`chmc router ARTIFACT --data NAME=prompts.jsonl ...` (or `chmc build ... --router-data`)"
+        )
+    return load_file(str(folder / section["file"])), section
