@@ -32,3 +32,16 @@ def onnx_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | di
         out[key] = build(base, experts, root / key, groups=k, progress=False)
         out[f"{key}_onnx"] = export(out[key], root / f"{key}_onnx")
     return out
+
+
+@pytest.fixture(scope="session")
+def chmc_cli():
+    """Run the real CLI in a subprocess: chmc_cli(*args, cwd=Path) -> CompletedProcess (text)."""
+    import subprocess
+    import sys
+
+    def run(*args: object, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "chmc", *map(str, args)], cwd=cwd,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
+    return run

@@ -4,8 +4,6 @@ embeddings, mergekit YAML configs, and the manifest/inspect output."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -131,12 +129,7 @@ def test_extract_loads_in_transformers(random_family, half_families, tmp_path, f
     assert torch.equal(logits_of(again, ids), logits_of(original, ids))
 
 
-def chmc(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "chmc", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
-
-
-def test_mergekit_yaml_equals_python_api(random_family, tmp_path):
+def test_mergekit_yaml_equals_python_api(random_family, tmp_path, chmc_cli):
     base, experts = random_family
     names = list(experts)
     models = "\n".join(f"  - model: {experts[n]}\n    parameters: {{weight: {0.5 + i}, density: 0.6}}"
@@ -145,7 +138,7 @@ def test_mergekit_yaml_equals_python_api(random_family, tmp_path):
         f"base_model: {base}\nmodels:\n  - model: {base}\n{models}\nmerge_method: ties\n"
         "parameters:\n  lambda: 0.9\n  int8_mask: true\ndtype: float32\ngroups: 2\n"
         "clustering: error\n")
-    r = chmc("build", "--config", "merge.yml", "--out", "from_yaml", cwd=tmp_path)
+    r = chmc_cli("build", "--config", "merge.yml", "--out", "from_yaml", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     params = {"weight": {n: 0.5 + i for i, n in enumerate(names)}, "density": 0.6, "lambda": 0.9}
     api = Artifact(build(base, experts, tmp_path / "from_api", groups=2, clustering="error",
@@ -157,23 +150,23 @@ def test_mergekit_yaml_equals_python_api(random_family, tmp_path):
         assert torch.equal(cli.stored(stored), api.stored(stored)), stored
 
 
-def test_cli_build_inspect_and_force(random_family, tmp_path):
+def test_cli_build_inspect_and_force(random_family, tmp_path, chmc_cli):
     base, experts = random_family
     pairs = [f"{n.replace('expert_', 'e')}={p}" for n, p in experts.items()]
     args = ["build", "--base", base, "--experts", *pairs[:3], "--experts", pairs[3],
             "--groups", "2", "--method", "linear", "--weight", "e0=2", "--out", "art"]
-    r = chmc(*args, cwd=tmp_path)
+    r = chmc_cli(*args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     m = read_manifest(tmp_path / "art")
     assert [e["name"] for e in m["experts"]] == ["e0", "e1", "e2", "e3"]
     assert m["method"] == "mean" and m["parameters"]["weight"]["e0"] == 2.0
-    r = chmc(*args, cwd=tmp_path)
+    r = chmc_cli(*args, cwd=tmp_path)
     assert r.returncode == 1 and "exists" in r.stderr
-    r = chmc(*args[:-4], "--groups", "3", "--out", "art", "--force", cwd=tmp_path)
+    r = chmc_cli(*args[:-4], "--groups", "3", "--out", "art", "--force", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert read_manifest(tmp_path / "art")["groups"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
-    r = chmc("inspect", "art", cwd=tmp_path)
+    r = chmc_cli("inspect", "art", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     ratio = json.loads((tmp_path / "art" / "chmc.json").read_text())["accounting"]["ratio"]
     assert f"{ratio:.3f}" in r.stdout and all(f"e{i}" in r.stdout for i in range(4))
