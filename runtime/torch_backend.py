@@ -4,6 +4,7 @@ ONNX graph is checked against, and the way to serve without exporting."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,9 @@ class TorchState:
         for row, e in enumerate(keys):
             self.groups.setdefault(e, []).append(row)
         self.caches: dict[Any, Any] = dict.fromkeys(self.groups)
+        model = backend.model(next(iter(self.groups)))
+        params = inspect.signature(model.forward).parameters  # transformers >= 5.x: `cache`
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              position_ids: np.ndarray) -> np.ndarray:
@@ -97,7 +101,7 @@ class TorchState:
                     input_ids=torch.from_numpy(input_ids[rows]).to(dev),
                     attention_mask=torch.from_numpy(attention_mask[rows]).to(dev),
                     position_ids=torch.from_numpy(position_ids[rows]).to(dev),
-                    past_key_values=self.caches[e], use_cache=True)
+                    use_cache=True, **{self.cache_arg: self.caches[e]})
             self.caches[e] = res.past_key_values
             logits = res.logits[:, -1].float().cpu().numpy()  # [rows, V]
             if out is None:

@@ -1,0 +1,119 @@
+"""`chmc check`: ONNX Runtime vs the PyTorch reconstruction of each expert, through Polygraphy.
+
+For every expert: a few generated inputs (random ids, a left-padded row, explicit positions), run
+by Polygraphy's OnnxrtRunner on the exported graph and by a runner around the transformers model
+rebuilt from the artifact; Polygraphy's comparator checks the logits within atol/rtol.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from chmc.errors import ChmcError, MissingDependencyError
+
+
+def _inputs(export: dict[str, Any], expert: int | None, seq: int, seed: int) -> list[dict[str, Any]]:
+    """Two batches: a full row, and a row left-padded by half its length (mask 0 there)."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for pad in (0, seq // 2):
+        ids = rng.integers(0, export["vocab_size"], (1, seq), dtype=np.int64)
+        mask = np.ones((1, seq), np.int64)
+        mask[:, :pad] = 0
+        feed = {"input_ids": ids, "attention_mask": mask,
+                "position_ids": np.maximum(np.cumsum(mask, axis=1) - 1, 0)}
+        if expert is not None:
+            feed["expert_id"] = np.array([expert], np.int64)
+        for e in export["inputs"]:
+            if e["name"].startswith("past_key_values"):
+                feed[e["name"]] = np.zeros((1, export["num_kv_heads"], 0, export["head_dim"]),
+                                           np.float16 if export["dtype"] == "float16" else np.float32)
+        feeds.append(feed)
+    return feeds
+
+
+def _torch_runner(model: Any, name: str) -> Any:
+    """A Polygraphy runner around a transformers causal LM: the feed's ids, mask, positions in,
+    logits out (only where the mask is 1: padded positions are undefined in both)."""
+    import torch
+    from polygraphy.backend.base import BaseRunner
+
+    class TorchLMRunner(BaseRunner):  # type: ignore[misc]
+        def activate_impl(self) -> None: ...
+
+        def deactivate_impl(self) -> None: ...
+
+        def get_input_metadata_impl(self) -> Any:
+            from polygraphy.common import TensorMetadata
+
+            meta = TensorMetadata()
+            for k in ("input_ids", "attention_mask", "position_ids"):
+                meta.add(k, np.int64, ("batch", "sequence"))
+            return meta
+
+        def infer_impl(self, feed_dict: dict[str, Any]) -> dict[str, Any]:
+            args = {k: torch.from_numpy(feed_dict[k]) for k in
+                    ("input_ids", "attention_mask", "position_ids")}
+            start = time.perf_counter()
+            with torch.no_grad():
+                logits = model(**args).logits.float().numpy()
+            self.inference_time = time.perf_counter() - start
+            return {"logits": logits * feed_dict["attention_mask"][..., None]}
+
+    return TorchLMRunner(name=name)
+
+
+def _masked_onnx_runner(session: Any, name: str) -> Any:
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    class MaskedOnnxrtRunner(OnnxrtRunner):  # type: ignore[misc]
+        def infer_impl(self, feed_dict: dict[str, Any], *args: Any, **kw: Any) -> Any:
+            out = super().infer_impl(feed_dict, *args, **kw)
+            logits = np.asarray(out["logits"], dtype=np.float32)
+            return {"logits": logits * feed_dict["attention_mask"][..., None]}
+
+    return MaskedOnnxrtRunner(session, name=name)
+
+
+def check_export(source: str | Path, *, atol: float = 1e-4, rtol: float = 1e-4,
+                 seq: int = 8, seed: int = 0) -> tuple[Any, bool]:
+    """(rich table of pass/fail per expert, all passed)."""
+    try:
+        from polygraphy.comparator import Comparator, CompareFunc
+        from polygraphy.logger import G_LOGGER
+    except ImportError:
+        raise MissingDependencyError("chmc check needs `pip install polygraphy`") from None
+    G_LOGGER.module_severity = G_LOGGER.WARNING  # the table below is the report
+    from chmc.runtime import cached_export, folder_kind, read_export_manifest
+    from chmc.runtime.onnxruntime_backend import session_for
+    from chmc.runtime.torch_backend import reconstruct
+    from rich.table import Table
+
+    path = Path(source)
+    folder = path if folder_kind(path) == "export" else cached_export(path)
+    manifest = read_export_manifest(folder)
+    export = manifest["export"]
+    src = Path(export["source"])
+    if not src.is_dir():
+        raise ChmcError(f"{folder}: its source {src} is gone; check needs the artifact")
+    session = session_for(folder, export, providers=["CPUExecutionProvider"])
+    experts = [e["name"] for e in manifest.get("experts", [])] or [None]
+    table = Table(title=f"ONNX Runtime vs PyTorch reconstruction (atol {atol}, rtol {rtol})")
+    for col in ("expert", "max |diff|", "result"):
+        table.add_column(col)
+    all_ok = True
+    for n, name in enumerate(experts):
+        eid = None if name is None else n
+        model = reconstruct(src, eid, None if export["dtype"] == "float16" else "float32")
+        runners = [_masked_onnx_runner(session, "onnxrt"), _torch_runner(model, "torch")]
+        results = Comparator.run(runners, data_loader=_inputs(export, eid, seq, seed + n))
+        ok = bool(Comparator.compare_accuracy(
+            results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol)))
+        diff = max(float(np.abs(a["logits"] - b["logits"]).max())
+                   for a, b in zip(results[0][1], results[1][1]))
+        all_ok &= ok
+        table.add_row(name or "(dense)", f"{diff:.2e}", "pass" if ok else "FAIL")
+    return table, all_ok
