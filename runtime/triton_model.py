@@ -75,13 +75,13 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Any]) -> list[Any]:
         pb = self.pb
-        errors: dict[int, str] = {}
+        errors: dict[int, Any] = {}  # request -> TritonError
         rows: list[tuple[int, str, str, int]] = []  # (request, prompt, expert, max_new_tokens)
         for i, request in enumerate(requests):
             try:
                 rows += [(i, *row) for row in zip(*self._rows(request))]  # in row order
-            except RequestError as e:
-                errors[i] = str(e)
+            except RequestError as e:  # the client's fault: 400
+                errors[i] = pb.TritonError(str(e), pb.TritonError.INVALID_ARG)
         answers: dict[int, str] = {}  # row number in `rows` -> generated text
         for limit in sorted({r[3] for r in rows}):
             group = [n for n, r in enumerate(rows) if r[3] == limit and r[0] not in errors]
@@ -91,13 +91,13 @@ class TritonPythonModel:
                 texts = self.runner.generate([rows[n][1] for n in group],
                                              [rows[n][2] for n in group], max_new_tokens=limit)
             except Exception as e:  # a runtime failure fails this group's requests, not the server
-                errors.update({rows[n][0]: f"generation failed: {e}" for n in group})
+                errors.update({rows[n][0]: pb.TritonError(f"generation failed: {e}") for n in group})
                 continue
             answers.update(zip(group, texts))
         responses = []
         for i in range(len(requests)):
             if i in errors:
-                responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(errors[i])))
+                responses.append(pb.InferenceResponse(output_tensors=[], error=errors[i]))
                 continue
             texts = [answers[n] for n, r in enumerate(rows) if r[0] == i]
             out = np.array([[t.encode("utf-8")] for t in texts], dtype=object)  # [rows, 1]

@@ -278,6 +278,16 @@ def test_server_answers_each_expert_like_runner(server: str, runner: Any,
             for prompt in PROMPTS[:2]:
                 assert _ask(client, prompt, expert) == expected[(prompt, expert)], (prompt, expert)
         answers = {e: _ask(client, PROMPTS[2], e) for e in runner.experts}
+        # One request may carry several rows, each with its own expert and length limit.
+        rows = _inputs("", "")
+        for i, values in zip(rows, ([b"abc", b"1+2="], [b"expert_3", b"expert_0"], [3, 5])):
+            array = np.array([[v] for v in values], dtype=object if i.name() != "max_new_tokens" else np.int32)
+            i.set_shape(list(array.shape))
+            i.set_data_from_numpy(array)
+        got = client.infer(NAME, rows).as_numpy("text")  # [2, 1]
+        assert [g.decode() for g in got[:, 0]] == [
+            runner.generate(["abc"], ["expert_3"], max_new_tokens=3)[0],
+            runner.generate(["1+2="], ["expert_0"], max_new_tokens=5)[0]]
     assert len(set(answers.values())) > 1, "every expert answered alike: expert_id has no effect"
 
 
@@ -319,8 +329,9 @@ def test_bad_requests_get_errors_and_server_keeps_serving(server: str, runner: A
     bad = [
         ([wrong, *_inputs("x", runner.experts[0])[1:]],
          "data-type is 'INT32', but model 'chmc' expects 'BYTES'"),
-        (_inputs("1+2=", runner.experts[0])[:1], "expert"),  # no 'expert' input
-        (_inputs("1+2=", "nobody"), "unknown expert 'nobody'"),
+        (_inputs("1+2=", runner.experts[0])[:1], "missing required input(s) ['expert']"),
+        (_inputs("1+2=", "nobody"), "[400] unknown expert 'nobody'"),
+        (_inputs("1+2=", runner.experts[0], max_new=0), "'max_new_tokens' must be one positive"),
     ]
     with _client(server) as client:
         for inputs, message in bad:
@@ -328,3 +339,79 @@ def test_bad_requests_get_errors_and_server_keeps_serving(server: str, runner: A
                 client.infer(NAME, inputs)
             assert message in str(err.value)
             assert _ask(client, *good) == expected[good]  # the next good request is served
+
+
+def test_artifact_is_exported_first(exported: Path, tmp_path: Path) -> None:
+    from chmc.compiler.triton_repo import parse_model_config, write_triton_repo
+
+    repo = write_triton_repo(exported.parent / "artifact", tmp_path / "repo", name="m")
+    graph = repo / "m_engine" / "1"
+    assert (graph / "model.onnx").is_file() and (graph / "model.onnx.data").is_file()
+    declared = json.loads((exported / "chmc.json").read_text())["export"]
+    assert json.loads((repo / "m" / "1" / "chmc.json").read_text())["export"]["inputs"] == declared["inputs"]
+    assert parse_model_config((repo / "m" / "config.pbtxt").read_text()).name == "m"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no staging leftovers
+
+
+def _pids_with(text: str) -> list[int]:
+    """Processes whose command line contains `text` (read from /proc)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _listen_addresses(port: int) -> set[str]:
+    """Local addresses with a socket listening on `port`, from /proc/net/tcp and tcp6."""
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(addr)
+    return found
+
+
+def test_chmc_serve_binds_loopback_and_stops_on_ctrl_c(repo: Path, triton_env: dict[str, Any]) -> None:
+    import signal
+    import urllib.request
+
+    from chmc.runtime.serve import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "chmc", "serve", str(repo), "--port", str(port),
+           "--tritonserver", str(triton_env["executable"]), "--model", NAME]
+    proc = subprocess.Popen(cmd, env=triton_env["env"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    servers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{NAME}/ready",
+                                            timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.25)
+        servers = _pids_with(f"--http-port={port}")
+        assert proc.poll() is None and servers, "chmc serve did not bring tritonserver up"
+        assert _listen_addresses(port) == {"0100007F"}  # 127.0.0.1 only, no 0.0.0.0 or ::
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        assert f"http://127.0.0.1:{port}" in out
+        assert not [p for p in servers if Path(f"/proc/{p}").exists()], "tritonserver outlived serve"
+        assert not _listen_addresses(port)
+    finally:
+        for pid in [proc.pid, *servers]:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        proc.wait(timeout=10)
