@@ -7,6 +7,7 @@ Readiness is polled over HTTP with the standard library only (bounded by a deadl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -17,8 +18,12 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chmc.errors import ChmcError, MissingDependencyError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 def find_tritonserver(explicit: str | Path | None = None) -> Path:
@@ -79,15 +84,12 @@ class TritonServer:
             cmd += [f"--load-model={m}" for m in self.models]
         return cmd
 
-    def start(self, ready_timeout: float = 120.0) -> TritonServer:
-        out = open(self.log, "ab") if self.log else None  # None: the server logs to our terminal
-        try:
+    def start(self, ready_timeout: float = 120.0) -> Self:
+        # Without a log file the server writes to our terminal (nullcontext gives stdout=None).
+        with open(self.log, "ab") if self.log else contextlib.nullcontext() as out:
             self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=self.env,
                                             start_new_session=True)
-        finally:
-            if out is not None:
-                out.close()
         try:
             self.wait_ready(ready_timeout)
         except BaseException:
@@ -138,7 +140,7 @@ class TritonServer:
         except ProcessLookupError:
             pass
 
-    def __enter__(self) -> TritonServer:
+    def __enter__(self) -> Self:
         return self.start() if self.process is None else self
 
     def __exit__(self, *exc: object) -> None:
