@@ -141,28 +141,18 @@ def triton_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def exported(random_family: tuple[Path, dict[str, Path]],
-             tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """random_family -> merged artifact (K=2) -> ONNX export with expert_id."""
-    from chmc.compiler.export import export
-    from chmc.compiler.merge import build
-    from chmc.models.tiny.tokenizer import save_tokenizer
-
-    base, experts = random_family
-    tmp = tmp_path_factory.mktemp("triton_chain")
-    artifact = build(base, experts, tmp / "artifact", groups=2, progress=False)
-    if not (artifact / "tokenizer.json").is_file():  # random families carry no tokenizer
-        save_tokenizer(artifact)
-    return export(artifact, tmp / "export")
+def exported(onnx_family: dict[str, Any]) -> Path:
+    """random_family (3 experts, tiny tokenizer) -> artifact at K=2 -> ONNX export with expert_id."""
+    return Path(onnx_family["k2_onnx"])
 
 
 @pytest.fixture(scope="module")
-def repo(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def repo(exported: Path, chmc_cli: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`chmc triton` on the export folder, through the real CLI."""
     out = tmp_path_factory.mktemp("triton_repo") / "repo"
-    done = subprocess.run([sys.executable, "-m", "chmc", "triton", str(exported), "--out", str(out),
-                           "--name", NAME], check=False, capture_output=True, text=True, timeout=300)
+    done = chmc_cli("triton", exported, "--out", out, "--name", NAME, cwd=out.parent)
     assert done.returncode == 0, done.stderr
+    assert f"wrote {out}" in done.stdout
     return out
 
 
@@ -261,10 +251,8 @@ def test_bad_config_text_is_a_named_error() -> None:
         parse_model_config('name: "x"\nmax_batch_size: "many"\n', "bad.pbtxt")
 
 
-def test_trt_without_plan_is_a_clear_error(exported: Path, tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "chmc", "triton", str(exported), "--out",
-                           str(tmp_path / "r"), "--engine", "trt"], check=False, capture_output=True, text=True,
-                          timeout=120)
+def test_trt_without_plan_is_a_clear_error(exported: Path, chmc_cli: Any, tmp_path: Path) -> None:
+    done = chmc_cli("triton", exported, "--out", tmp_path / "r", "--engine", "trt", cwd=tmp_path)
     assert done.returncode == 1
     assert "no model.plan" in done.stderr and str(exported) in done.stderr
     assert not (tmp_path / "r").exists()
@@ -274,7 +262,7 @@ def test_server_answers_each_expert_like_runner(server: str, runner: Any,
                                                 expected: dict[tuple[str, str], str]) -> None:
     with _client(server) as client:
         assert client.is_server_ready() and client.is_model_ready(NAME)
-        assert len(runner.experts) == 4
+        assert len(runner.experts) == 3
         for expert in runner.experts:
             for prompt in PROMPTS[:2]:
                 assert _ask(client, prompt, expert) == expected[(prompt, expert)], (prompt, expert)
@@ -282,14 +270,14 @@ def test_server_answers_each_expert_like_runner(server: str, runner: Any,
         # One request may carry several rows, each with its own expert and length limit.
         rows = _inputs("", "")
         arrays = [np.array([[b"abc"], [b"1+2="]], dtype=object),  # text [2, 1]
-                  np.array([[b"expert_3"], [b"expert_0"]], dtype=object),  # expert [2, 1]
+                  np.array([[b"expert_2"], [b"expert_0"]], dtype=object),  # expert [2, 1]
                   np.array([[3], [5]], dtype=np.int32)]  # max_new_tokens [2, 1]
         for i, array in zip(rows, arrays):
             i.set_shape(list(array.shape))
             i.set_data_from_numpy(array)
         got = client.infer(NAME, rows).as_numpy("text")  # [2, 1]
         assert [g.decode() for g in got[:, 0]] == [
-            runner.generate(["abc"], ["expert_3"], max_new_tokens=3)[0],
+            runner.generate(["abc"], ["expert_2"], max_new_tokens=3)[0],
             runner.generate(["1+2="], ["expert_0"], max_new_tokens=5)[0]]
     assert len(set(answers.values())) > 1, "every expert answered alike: expert_id has no effect"
 
@@ -344,10 +332,11 @@ def test_bad_requests_get_errors_and_server_keeps_serving(server: str, runner: A
             assert _ask(client, *good) == expected[good]  # the next good request is served
 
 
-def test_artifact_is_exported_first(exported: Path, tmp_path: Path) -> None:
+def test_artifact_is_exported_first(onnx_family: dict[str, Any], exported: Path,
+                                    tmp_path: Path) -> None:
     from chmc.compiler.triton_repo import parse_model_config, write_triton_repo
 
-    repo = write_triton_repo(exported.parent / "artifact", tmp_path / "repo", name="m")
+    repo = write_triton_repo(onnx_family["k2"], tmp_path / "repo", name="m")
     graph = repo / "m_engine" / "1"
     assert (graph / "model.onnx").is_file() and (graph / "model.onnx.data").is_file()
     declared = json.loads((exported / "chmc.json").read_text())["export"]
