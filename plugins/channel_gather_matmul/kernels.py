@@ -31,7 +31,7 @@ PREFILL_MIN_ROWS = 16  # per batch entry; below this the batch is served by the 
 
 @triton.jit
 def _gemv_kernel(x, bank, index, expert_id, S, N_OUT, N_IN, y,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr):
     # grid: (cdiv(N_OUT, BLOCK_N), B * S); one row of x per program
     pid_n = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -52,17 +52,18 @@ def _gemv_kernel(x, bank, index, expert_id, S, N_OUT, N_IN, y,
 
 
 @triton.jit
-def _dot_t(a, b, acc, UPCAST: tl.constexpr):
-    """acc + a @ b^T; UPCAST runs the product in fp32 (the CPU interpreter mis-multiplies bf16)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc)
+def _dot_t(a, b, acc, F32_DOT: tl.constexpr):
+    """acc + a @ b^T. F32_DOT: products in IEEE fp32, for fp32 inputs (no TF32 rounding) and for
+    bf16 under the CPU interpreter (whose bf16 dot is wrong)."""
+    if F32_DOT:
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
     return tl.dot(a, tl.trans(b), acc)
 
 
 @triton.jit
 def _mixed_kernel(x, bank, index, expert_id, S, N_OUT, N_IN, N_GROUPS, M, y,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  UPCAST: tl.constexpr):
+                  F32_DOT: tl.constexpr):
     # grid: (cdiv(N_OUT, BLOCK_N), cdiv(M, BLOCK_M)); rows m of the flattened [B * S] batch
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -86,7 +87,7 @@ def _mixed_kernel(x, bank, index, expert_id, S, N_OUT, N_IN, N_GROUPS, M, y,
                         other=0.0)  # [BM, BK]
             w = tl.load(w_rows[:, None] + k[None, :], mask=need[:, None] & k_ok[None, :],
                         other=0.0)  # [BN, BK], unneeded rows never leave memory
-            acc = _dot_t(a, w, acc, UPCAST)
+            acc = _dot_t(a, w, acc, F32_DOT)
         out = tl.where(use, acc, out)
     tl.store(y + m[:, None] * N_OUT + c[None, :], out.to(y.dtype.element_ty), mask=tile_ok)
 
@@ -94,7 +95,7 @@ def _mixed_kernel(x, bank, index, expert_id, S, N_OUT, N_IN, N_GROUPS, M, y,
 @triton.jit
 def _gemm_kernel(x, bank, index, expert_id, S, N_OUT, N_IN, y,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 UPCAST: tl.constexpr):
+                 F32_DOT: tl.constexpr):
     # grid: (cdiv(S, BLOCK_M), cdiv(N_OUT, BLOCK_N), B); one expert per batch entry b
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -115,7 +116,7 @@ def _gemm_kernel(x, bank, index, expert_id, S, N_OUT, N_IN, y,
                     other=0.0)  # [BM, BK]
         w = tl.load(w_rows[:, None] + k[None, :], mask=c_ok[:, None] & k_ok[None, :],
                     other=0.0)  # [BN, BK]
-        acc = _dot_t(a, w, acc, UPCAST)
+        acc = _dot_t(a, w, acc, F32_DOT)
     tl.store(y + rows[:, None] * N_OUT + c[None, :], acc.to(y.dtype.element_ty),
              mask=s_ok[:, None] & c_ok[None, :])
 
@@ -231,7 +232,7 @@ def channel_gather_matmul(x: torch.Tensor, bank: torch.Tensor, index: torch.Tens
     if y.numel() == 0:
         return y
     kind = choose_mode(batch, seq) if mode == "auto" else mode
-    upcast = interpreting() and x.dtype == torch.bfloat16
+    f32_dot = x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16)
     default = DEFAULTS[kind]
     if kind == "mixed":
         default = Launch(mixed_block_m(batch * seq), default.block_n, default.block_k,
@@ -240,7 +241,7 @@ def channel_gather_matmul(x: torch.Tensor, bank: torch.Tensor, index: torch.Tens
     if kind == "mixed":
         scalars += (n_groups, batch * seq)
     args = (x, bank, index, expert_id, *scalars, y)
-    fixed: dict[str, int] = {"UPCAST": upcast}
+    fixed: dict[str, int] = {"F32_DOT": f32_dot}
     if kind == "mixed":  # the batch size fixes BLOCK_M; autotuning picks only N and K blocks
         fixed["BLOCK_M"] = default.block_m
     if tuned and x.is_cuda and not interpreting():

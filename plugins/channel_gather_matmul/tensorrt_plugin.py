@@ -36,7 +36,7 @@ def kernel_signature(mode: str, dtype: str) -> dict[str, str]:
         sig |= {"N_GROUPS": "i32", "M": "i32"}
     sig["y"] = ptr
     return sig | {"BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-                  "UPCAST": "constexpr"}
+                  "F32_DOT": "constexpr"}
 
 
 def compile_kernel(mode: str, dtype: str, launch: Launch, arch: int | None = None) -> Any:
@@ -45,7 +45,7 @@ def compile_kernel(mode: str, dtype: str, launch: Launch, arch: int | None = Non
     from triton.backends.compiler import GPUTarget
 
     constexprs = {"BLOCK_M": launch.block_m, "BLOCK_N": launch.block_n,
-                  "BLOCK_K": launch.block_k, "UPCAST": False}
+                  "BLOCK_K": launch.block_k, "F32_DOT": dtype == "float32"}
     src = triton.compiler.ASTSource(fn=KERNELS[mode], signature=kernel_signature(mode, dtype),
                                     constexprs=constexprs)
     target = GPUTarget("cuda", arch, 32) if arch is not None else None

@@ -1,0 +1,264 @@
+"""ChannelGatherMatMul: the PyTorch reference, the ONNX gather form and the Triton kernels agree.
+
+Kernel tests (marked `gpu`) run on CUDA, or on the CPU under Triton's interpreter
+(TRITON_INTERPRET=1, small shapes). The interpreter is chosen when kernels.py is imported, so on
+a CPU machine `test_kernels_under_interpreter` re-runs the `gpu` tests in a child pytest with it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to max |y|
+
+
+def reference(x: Any, bank: Any, index: Any, expert_id: Any) -> Any:
+    """y[b, s, c] = x[b, s] . bank[index[expert_id[b], c], c], in fp32 (materialises W_e)."""
+    rows = index[expert_id.long()].long()  # [B, out]
+    w = bank[rows, torch.arange(bank.shape[1], device=bank.device)[None, :]]  # [B, out, in]
+    return torch.einsum("bsi,boi->bso", x.float(), w.float())
+
+
+def random_op(batch: int, seq: int, groups: int, experts: int, n_out: int, n_in: int,
+              dtype: Any = torch.float32, device: str = "cpu", seed: int = 0) -> tuple[Any, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, seq, n_in, generator=g).to(dtype)
+    bank = torch.randn(groups, n_out, n_in, generator=g).to(dtype)
+    index = torch.randint(0, groups, (experts, n_out), generator=g, dtype=torch.int32)
+    if groups == experts:  # K = N: every expert its own bank on half the rows, like exact banks
+        index[:, ::2] = torch.arange(experts, dtype=torch.int32)[:, None]
+    expert_id = torch.randint(0, experts, (batch,), generator=g)
+    return tuple(t.to(device) for t in (x, bank, index, expert_id))
+
+
+def gather_form_onnx(groups: int, experts: int, n_out: int, n_in: int) -> bytes:
+    """One gather-form Linear, as chmc export writes it: rows = Gather(rowtable, expert_id),
+    W = Gather(bank_flat, rows) [B, out, in], y = MatMul(x, Transpose(W))."""
+    from onnx import TensorProto, helper
+
+    def value(name: str, elem: int, shape: list[Any]) -> Any:
+        return helper.make_tensor_value_info(name, elem, shape)
+
+    nodes = [
+        helper.make_node("Gather", ["rowtable", "expert_id"], ["rows"], axis=0),
+        helper.make_node("Gather", ["bank_flat", "rows"], ["w"], axis=0),
+        helper.make_node("Transpose", ["w"], ["wt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["x", "wt"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "gather_linear",
+        [value("x", TensorProto.FLOAT, ["batch", "sequence", n_in]),
+         value("bank_flat", TensorProto.FLOAT, [groups * n_out, n_in]),
+         value("rowtable", TensorProto.INT64, [experts, n_out]),
+         value("expert_id", TensorProto.INT64, ["batch"])],
+        [value("y", TensorProto.FLOAT, ["batch", "sequence", n_out])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2, 4, 37, 50), (3, 5, 1, 4, 16, 9), (2, 3, 4, 4, 33, 20),
+                                   (4, 2, 3, 8, 21, 64)])
+def test_reference_equals_onnx_gather_form(shape: tuple[int, ...]) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    batch, seq, groups, experts, n_out, n_in = shape
+    x, bank, index, expert_id = random_op(*shape)
+    rowtable = index.long() * n_out + torch.arange(n_out)  # [N, out] rows of bank_flat
+    session = ort.InferenceSession(gather_form_onnx(groups, experts, n_out, n_in),
+                                   providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": x.numpy(), "bank_flat": bank.reshape(-1, n_in).numpy(),
+                              "rowtable": rowtable.numpy(), "expert_id": expert_id.numpy()})
+    expected = reference(x, bank, index, expert_id).numpy()
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    # and the reference is a real per-expert matmul: row b uses expert expert_id[b]'s weight
+    for b in range(batch):
+        e = int(expert_id[b])
+        w = torch.stack([bank[index[e, c], c] for c in range(n_out)])  # [out, in]
+        np.testing.assert_allclose(expected[b], (x[b] @ w.T).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def kernel_device() -> str:
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed (python3 -m pip install --no-deps triton)")
+    if DEVICE == "cuda" and not INTERPRETING:
+        return "cuda"
+    if INTERPRETING:
+        return "cpu"
+    pytest.skip("no CUDA device; on CPU these run under TRITON_INTERPRET=1 "
+                "(see test_kernels_under_interpreter)")
+
+
+# (batch, seq, groups K, experts N, out, in): odd out/in, K=1, K=N, N up to 8
+SMALL = [(1, 1, 2, 4, 37, 50), (1, 1, 1, 1, 20, 33), (5, 1, 3, 5, 70, 33), (3, 2, 4, 4, 33, 129),
+         (16, 1, 2, 8, 45, 40), (2, 17, 2, 4, 45, 70), (1, 20, 8, 8, 19, 24)]
+LARGE = [(1, 1, 2, 4, 4099, 1031), (16, 1, 2, 4, 1027, 4096), (4, 3, 8, 8, 515, 2050),
+         (2, 300, 2, 4, 1031, 515), (1, 2048, 1, 1, 512, 1024), (3, 130, 4, 4, 257, 4099)]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["auto", "decode", "mixed", "prefill"])
+@pytest.mark.parametrize("shape", SMALL + LARGE, ids=str)
+def test_kernel_matches_reference(shape: tuple[int, ...], mode: str, dtype: Any) -> None:
+    device = kernel_device()
+    if device == "cpu" and shape in LARGE:
+        pytest.skip("large shapes run on CUDA only (the interpreter is slow)")
+    from chmc.plugins.channel_gather_matmul.kernels import channel_gather_matmul
+
+    x, bank, index, expert_id = random_op(*shape, dtype=dtype, device=device)
+    y = channel_gather_matmul(x, bank, index, expert_id, mode=mode)
+    assert y.shape == (shape[0], shape[1], shape[4]) and y.dtype == dtype
+    expected = reference(x, bank, index, expert_id)
+    err = (y.float() - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert err <= TOL[dtype] * scale, f"max error {err:.3g} vs max |y| {scale:.3g} ({mode})"
+
+
+@pytest.mark.gpu
+def test_kernel_writes_into_out_and_is_capturable() -> None:
+    """`out=` reuses a buffer, and on CUDA a decode step replays from a CUDA graph."""
+    device = kernel_device()
+    from chmc.plugins.channel_gather_matmul.kernels import channel_gather_matmul
+
+    x, bank, index, expert_id = random_op(4, 1, 2, 4, 96, 64, device=device)
+    out = torch.empty(4, 1, 96, device=device)
+    y = channel_gather_matmul(x, bank, index, expert_id, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(y, reference(x, bank, index, expert_id), rtol=1e-4, atol=1e-4)
+    if device != "cuda":
+        return
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        channel_gather_matmul(x, bank, index, expert_id, out=out)
+    x.copy_(torch.randn_like(x))
+    expert_id.copy_(torch.tensor([3, 2, 1, 0], device=device))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, reference(x, bank, index, expert_id), rtol=1e-4, atol=1e-4)
+
+
+class GatherLinear(torch.nn.Module):
+    """A merged Linear served by the kernel: W_e's rows read from the bank, never materialised."""
+
+    def __init__(self, bank: Any, index: Any, expert: int, bias: Any | None):
+        super().__init__()
+        self.bank, self.index, self.bias = bank, index.to(torch.int32).contiguous(), bias
+        self.expert = expert
+
+    def forward(self, x: Any) -> Any:  # [B, S, in] -> [B, S, out]
+        from chmc.plugins.channel_gather_matmul.kernels import channel_gather_matmul
+
+        expert_id = torch.full((x.shape[0],), self.expert, dtype=torch.int64, device=x.device)
+        y = channel_gather_matmul(x.contiguous(), self.bank, self.index, expert_id)
+        return y if self.bias is None else y + self.bias
+
+
+@pytest.mark.gpu
+def test_greedy_tokens_match_cpu(random_family: tuple[Path, dict[str, Path]],
+                                 tmp_path: Path) -> None:
+    """A K=2 artifact served with the kernels (prefill then decode) generates the same greedy
+    tokens as its CPU reconstruction, for several experts."""
+    device = kernel_device()
+    from chmc.compiler.artifact import Artifact
+    from chmc.compiler.merge import build
+    from chmc.runtime.torch_backend import reconstruct
+
+    base, experts = random_family
+    path = build(base, experts, tmp_path / "k2", groups=2, progress=False)
+    artifact = Artifact(path)
+    prompt = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(1))
+    for expert in range(2 if device == "cpu" else len(experts)):
+        cpu = reconstruct(path, expert)
+        want = cpu.generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        model = reconstruct(path, expert).to(device)
+        swapped = 0
+        for name, module in list(model.named_modules()):
+            entry = artifact.manifest["tensors"].get(f"{name}.weight")
+            if isinstance(module, torch.nn.Linear) and entry and entry["kind"] == "merged":
+                bank = artifact.stored(f"{name}.weight.bank").to(device)
+                index = artifact.stored(f"{name}.weight.index").to(device)
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr,
+                        GatherLinear(bank, index, expert, module.bias))
+                swapped += 1
+        assert swapped >= 7 * 2, f"only {swapped} Linears were served by the kernel"
+        got = model.generate(prompt.to(device), max_new_tokens=8, do_sample=False, min_new_tokens=8)
+        assert got.cpu().tolist() == want.tolist(), f"expert {expert}"
+
+
+def test_launch_choice() -> None:
+    """The dispatcher picks kernels from shapes alone, and grids cover every output element."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed (python3 -m pip install --no-deps triton)")
+    from chmc.plugins.channel_gather_matmul.kernels import (DEFAULTS, choose_mode, grid,
+                                                            mixed_block_m)
+
+    assert choose_mode(1, 1) == "decode"
+    assert choose_mode(16, 1) == "mixed" and choose_mode(1, 8) == "mixed"
+    assert choose_mode(1, 2048) == "prefill" and choose_mode(4, 16) == "prefill"
+    assert [mixed_block_m(m) for m in (1, 16, 17, 64, 500)] == [16, 16, 32, 64, 64]
+    for batch, seq, n_out in [(1, 1, 4099), (16, 1, 11008), (3, 130, 257)]:
+        for mode, launch in DEFAULTS.items():
+            gx, gy, gz = grid(mode, launch, batch, seq, n_out)
+            if mode == "prefill":
+                assert gx * launch.block_m >= seq and gy * launch.block_n >= n_out and gz == batch
+            elif mode == "mixed":
+                assert gx * launch.block_n >= n_out and gy * launch.block_m >= batch * seq
+            else:
+                assert gx * launch.block_n >= n_out and gy == batch * seq
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_aot_kernels_compile_to_ptx(dtype: str) -> None:
+    """What the TensorRT plugin embeds: each tactic's kernel compiles to sm_90 PTX with the
+    (inputs, int32 scalars, output) parameter order TensorRT's AOT launch passes."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed (python3 -m pip install --no-deps triton)")
+    if INTERPRETING:
+        pytest.skip("under TRITON_INTERPRET=1 kernels are not compilable JIT functions")
+    from chmc.plugins.channel_gather_matmul.tensorrt_plugin import (AOT_LAUNCH, TACTICS,
+                                                                    compile_kernel,
+                                                                    kernel_signature)
+
+    for mode in TACTICS.values():
+        compiled = compile_kernel(mode, dtype, AOT_LAUNCH[mode], arch=90)
+        ptx = compiled.asm["ptx"]
+        entry = re.search(rf"\.entry {compiled.metadata.name}\((.*?)\)", ptx, re.S)
+        assert entry is not None, ptx[:500]
+        params = re.findall(r"\.param \.(\S+)", entry.group(1))
+        ours = [t for t in kernel_signature(mode, dtype).values() if t != "constexpr"]
+        # Triton appends its own scratch pointers after ours; ours come first, in order
+        assert [p.startswith("u64") for p in params[:len(ours)]] == [t.startswith("*") for t in ours]
+        assert "mma" in ptx or dtype == "float32"  # tensor cores for 16-bit inputs
+        assert compiled.metadata.num_warps == AOT_LAUNCH[mode].num_warps
+
+
+def test_kernels_under_interpreter() -> None:
+    """On a CPU machine: run the `gpu` tests above on CPU tensors under TRITON_INTERPRET=1."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed (python3 -m pip install --no-deps triton)")
+    if DEVICE == "cuda" or INTERPRETING:
+        pytest.skip("the gpu tests run directly here")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", __file__],
+        check=False, env=env, capture_output=True, text=True, timeout=1800)
+    tail = result.stdout[-3000:] + result.stderr[-2000:]
+    assert result.returncode == 0, tail
+    passed = re.search(r"(\d+) passed", result.stdout)
+    assert passed and int(passed.group(1)) >= len(SMALL) * 4 * len(DTYPES) + 2, tail
