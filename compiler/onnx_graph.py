@@ -275,7 +275,8 @@ class DecoderGraph:
             return b.op("MatMul", x, self._stored[name][0])  # [in, out] initializer
         if self.linear == "plugin":
             bank, idx = self.plugin_bank(name)
-            return b.op(PLUGIN_OP, x, bank, idx, self.expert_id, domain=PLUGIN_DOMAIN)
+            return b.op(PLUGIN_OP, x, bank, idx, self.expert_id, domain=PLUGIN_DOMAIN,
+                        plugin_namespace=PLUGIN_DOMAIN)  # TensorRT's parser finds chmc::<op>
         flat, rows = self.matrix_rows(name)
         r = b.op("Gather", rows, self.expert_id, axis=0)  # [B, out]
         wb = b.op("Gather", flat, r, axis=0)  # [B, out, in]

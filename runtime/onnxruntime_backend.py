@@ -30,18 +30,19 @@ def session_for(folder: Path, export: dict[str, Any], providers: list[str] | Non
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    model = folder / "model.onnx"
-    if export.get("linear") == "plugin":
-        from chmc.plugins.channel_gather_matmul.onnxruntime_op import plugin_session_model
-
-        model = plugin_session_model(folder, opts)
     available = ort.get_available_providers()
     if providers is None:
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    if export.get("linear") == "plugin":
+        from chmc.plugins.channel_gather_matmul.onnxruntime_op import plugin_session_model
+
+        model: Any = plugin_session_model(folder, opts)
+    else:
+        model = str(folder / "model.onnx")
     try:
-        return ort.InferenceSession(str(model), opts, providers=providers)
-    except Exception as e:  # noqa: BLE001  ORT raises its own exception types for bad graphs and files
-        raise ChmcError(f"{model}: ONNX Runtime cannot load it ({e})") from None
+        return ort.InferenceSession(model, opts, providers=providers)
+    except Exception as e:  # noqa: BLE001  ORT raises its own exception types
+        raise ChmcError(f"{folder / 'model.onnx'}: ONNX Runtime cannot load it ({e})") from None
 
 
 class OnnxRuntimeBackend:
