@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 PLAN = "model.plan"
 ENGINE_JSON = "engine.json"
 ENGINE_FORMAT = "chmc-trt-engine"
-COPIED = (*SIDE_FILES, "chmc.json", "onnx.json")  # what a runner needs beside the plan
+COPIED = (*SIDE_FILES, "chmc.json")  # the export manifest and tokenizer, beside the plan
 ShapeRange = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # min, opt, max
 
 
@@ -83,15 +83,34 @@ def find_onnx(onnx_dir: str | Path) -> Path:
     return found[0]
 
 
-def input_shapes(onnx_path: Path, ranges: Ranges) -> dict[str, ShapeRange]:
-    """(min, opt, max) shape of every graph input, from its dims' names (weights not loaded)."""
+def load_graph(onnx_path: Path) -> Any:
+    """The ModelProto without its weights (external data stays on disk)."""
     import onnx
     from google.protobuf.message import DecodeError
 
     try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
+        return onnx.load(str(onnx_path), load_external_data=False)
     except (OSError, ValueError, DecodeError) as e:
         raise ChmcError(f"{onnx_path}: cannot read ONNX graph ({e})") from None
+
+
+def check_plugin_nodes(model: Any, onnx_path: Path) -> None:
+    """TensorRT's ONNX parser finds a plugin by op type plus a `plugin_namespace` attribute."""
+    from chmc.plugins.channel_gather_matmul.tensorrt_plugin import PLUGIN_NAME, PLUGIN_NAMESPACE
+
+    for node in model.graph.node:
+        if node.op_type != PLUGIN_NAME:
+            continue
+        attrs = {a.name: a.s.decode() for a in node.attribute if a.type == a.STRING}
+        if attrs.get("plugin_namespace") != PLUGIN_NAMESPACE:
+            raise ChmcError(
+                f"{onnx_path}: node '{node.name or node.output[0]}' ({PLUGIN_NAME}) has "
+                f"plugin_namespace={attrs.get('plugin_namespace')!r}; TensorRT needs "
+                f"'{PLUGIN_NAMESPACE}' to match the plugin (re-export with a newer chmc)")
+
+
+def input_shapes(model: Any, ranges: Ranges, onnx_path: Path) -> dict[str, ShapeRange]:
+    """(min, opt, max) shape of every graph input, from its dims' names."""
     initializers = {t.name for t in model.graph.initializer}
     shapes: dict[str, ShapeRange] = {}
     for inp in model.graph.input:
@@ -120,7 +139,9 @@ def input_shapes(onnx_path: Path, ranges: Ranges) -> dict[str, ShapeRange]:
 def profiles(onnx_path: Path, ranges: Ranges) -> list[dict[str, ShapeRange]]:
     """Profile 0: prefill (any sequence length); profile 1: decode (sequence length 1)."""
     ranges.check()
-    return [input_shapes(onnx_path, ranges), input_shapes(onnx_path, ranges.decode())]
+    model = load_graph(onnx_path)
+    check_plugin_nodes(model, onnx_path)
+    return [input_shapes(model, ranges, onnx_path), input_shapes(model, ranges.decode(), onnx_path)]
 
 
 def bindings(engine: trt.ICudaEngine) -> list[dict[str, Any]]:

@@ -75,7 +75,7 @@ def gather_form_onnx(groups: int, experts: int, n_out: int, n_in: int) -> bytes:
                                    (4, 2, 3, 8, 21, 64)])
 def test_reference_equals_onnx_gather_form(shape: tuple[int, ...]) -> None:
     ort = pytest.importorskip("onnxruntime")
-    batch, seq, groups, experts, n_out, n_in = shape
+    batch, _, groups, experts, n_out, n_in = shape
     x, bank, index, expert_id = random_op(*shape)
     rowtable = index.long() * n_out + torch.arange(n_out)  # [N, out] rows of bank_flat
     session = ort.InferenceSession(gather_form_onnx(groups, experts, n_out, n_in),
@@ -205,8 +205,12 @@ def test_launch_choice() -> None:
     """The dispatcher picks kernels from shapes alone, and grids cover every output element."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed (python3 -m pip install --no-deps triton)")
-    from chmc.plugins.channel_gather_matmul.kernels import (DEFAULTS, choose_mode, grid,
-                                                            mixed_block_m)
+    from chmc.plugins.channel_gather_matmul.kernels import (
+        DEFAULTS,
+        choose_mode,
+        grid,
+        mixed_block_m,
+    )
 
     assert choose_mode(1, 1) == "decode"
     assert choose_mode(16, 1) == "mixed" and choose_mode(1, 8) == "mixed"
@@ -231,14 +235,17 @@ def test_aot_kernels_compile_to_ptx(dtype: str) -> None:
         pytest.skip("triton is not installed (python3 -m pip install --no-deps triton)")
     if INTERPRETING:
         pytest.skip("under TRITON_INTERPRET=1 kernels are not compilable JIT functions")
-    from chmc.plugins.channel_gather_matmul.tensorrt_plugin import (AOT_LAUNCH, TACTICS,
-                                                                    compile_kernel,
-                                                                    kernel_signature)
+    from chmc.plugins.channel_gather_matmul.tensorrt_plugin import (
+        AOT_LAUNCH,
+        TACTICS,
+        compile_kernel,
+        kernel_signature,
+    )
 
     for mode in TACTICS.values():
         compiled = compile_kernel(mode, dtype, AOT_LAUNCH[mode], arch=90)
         ptx = compiled.asm["ptx"]
-        entry = re.search(rf"\.entry {compiled.metadata.name}\((.*?)\)", ptx, re.S)
+        entry = re.search(rf"\.entry {compiled.metadata.name}\((.*?)\)", ptx, re.DOTALL)
         assert entry is not None, ptx[:500]
         params = re.findall(r"\.param \.(\S+)", entry.group(1))
         ours = [t for t in kernel_signature(mode, dtype).values() if t != "constexpr"]
