@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -85,8 +86,8 @@ class TritonServer:
         return cmd
 
     def start(self, ready_timeout: float = 120.0) -> Self:
-        # Without a log file the server writes to our terminal (nullcontext gives stdout=None).
-        with open(self.log, "ab") if self.log else contextlib.nullcontext() as out:
+        # Without a log file the server logs to our stderr; stdout stays for chmc's own lines.
+        with open(self.log, "ab") if self.log else contextlib.nullcontext(sys.stderr) as out:
             self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=self.env,
                                             start_new_session=True)
