@@ -17,7 +17,7 @@ Under TRITON_INTERPRET=1 the kernels run on CPU tensors (tests), with one fixed 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -211,14 +211,24 @@ def _check(x: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, expert_id: 
         raise ValueError("channel_gather_matmul runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1)")
 
 
+def fixed_launch(kind: str, rows: int, launch: Launch | None = None) -> Launch:
+    """The launch used without autotuning; the mixed kernel's BLOCK_M always follows the rows."""
+    launch = launch or DEFAULTS[kind]
+    if kind == "mixed":
+        launch = replace(launch, block_m=mixed_block_m(rows))
+    return launch
+
+
 def channel_gather_matmul(x: torch.Tensor, bank: torch.Tensor, index: torch.Tensor,
-                          expert_id: torch.Tensor, *, mode: Mode = "auto",
-                          tuned: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+                          expert_id: torch.Tensor, *, mode: Mode = "auto", tuned: bool = True,
+                          launch: Launch | None = None, out: torch.Tensor | None = None,
+                          ) -> torch.Tensor:
     """y [B, S, out] = x [B, S, in] @ (bank [K, out, in] rows picked by index [N, out] for expert_id [B])^T.
 
     `index` should already be int32 and contiguous (convert once at load time: a conversion here
     allocates on every call). `mode` forces a kernel; "auto" picks from B and S. `tuned` autotunes
-    block sizes on CUDA (first call per shape; warm up before CUDA-graph capture).
+    block sizes on CUDA (first call per (out, in); warm up before CUDA-graph capture); `launch`
+    fixes them instead.
     """
     _check(x, bank, index, expert_id)
     if mode not in MODES:
@@ -232,25 +242,20 @@ def channel_gather_matmul(x: torch.Tensor, bank: torch.Tensor, index: torch.Tens
     if y.numel() == 0:
         return y
     kind = choose_mode(batch, seq) if mode == "auto" else mode
-    f32_dot = x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16)
-    default = DEFAULTS[kind]
-    if kind == "mixed":
-        default = Launch(mixed_block_m(batch * seq), default.block_n, default.block_k,
-                         default.num_warps, default.num_stages)
-    scalars: tuple[int, ...] = (seq, n_out, n_in)
-    if kind == "mixed":
-        scalars += (n_groups, batch * seq)
+    chosen = fixed_launch(kind, batch * seq, launch)
+    scalars = (seq, n_out, n_in) + ((n_groups, batch * seq) if kind == "mixed" else ())
     args = (x, bank, index, expert_id, *scalars, y)
-    fixed: dict[str, int] = {"F32_DOT": f32_dot}
+    fixed: dict[str, int] = {  # F32_DOT: IEEE fp32 products, see _dot_t
+        "F32_DOT": x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16)}
     if kind == "mixed":  # the batch size fixes BLOCK_M; autotuning picks only N and K blocks
-        fixed["BLOCK_M"] = default.block_m
-    if tuned and x.is_cuda and not interpreting():
+        fixed["BLOCK_M"] = chosen.block_m
+    if tuned and launch is None and x.is_cuda and not interpreting():
         def tuned_grid(meta: dict[str, int]) -> tuple[int, int, int]:
             return grid(kind, Launch(meta.get("BLOCK_M", 1), meta["BLOCK_N"], meta["BLOCK_K"]),
                         batch, seq, n_out)
         _tuned_kernel(kind)[tuned_grid](*args, **fixed)
     else:
-        KERNELS[kind][grid(kind, default, batch, seq, n_out)](
-            *args, **_meta(kind, default), **fixed,
-            num_warps=default.num_warps, num_stages=default.num_stages)
+        KERNELS[kind][grid(kind, chosen, batch, seq, n_out)](
+            *args, **_meta(kind, chosen), **fixed,
+            num_warps=chosen.num_warps, num_stages=chosen.num_stages)
     return y

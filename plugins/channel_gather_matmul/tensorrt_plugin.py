@@ -15,15 +15,14 @@ registered functions at decoration time and needs them evaluated.
 from typing import Any
 
 from chmc.errors import MissingDependencyError
-from chmc.plugins.channel_gather_matmul.kernels import DEFAULTS, KERNELS, Launch
+from chmc.plugins.channel_gather_matmul.kernels import KERNELS, Launch, fixed_launch
 
 PLUGIN_ID = "chmc::ChannelGatherMatMul"
 PLUGIN_NAMESPACE, PLUGIN_NAME = PLUGIN_ID.split("::")
 TACTICS = {1: "mixed", 2: "prefill"}  # custom tactic ids (0 means "default" to TensorRT)
 TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 TRT_TYPES = {"float16": "FP16", "bfloat16": "BF16", "float32": "FP32"}  # AutoTuneCombination names
-AOT_LAUNCH = {"mixed": Launch(16, DEFAULTS["mixed"].block_n, DEFAULTS["mixed"].block_k),
-              "prefill": DEFAULTS["prefill"]}
+AOT_LAUNCH = {"mixed": fixed_launch("mixed", 16), "prefill": fixed_launch("prefill", 16)}
 _registered = False
 
 
