@@ -28,7 +28,8 @@ from chmc.errors import ChmcError, MissingDependencyError
 
 ENGINES = ("onnx", "trt")
 PLATFORMS = {"onnx": "onnxruntime_onnx", "trt": "tensorrt_plan"}
-GRAPH_FILES = {"onnx": ("model.onnx", "model.onnx.data"), "trt": ("model.plan",)}
+# engine.json (written by `chmc engine`) describes the plan's profiles for chmc.runtime.
+GRAPH_FILES = {"onnx": ("model.onnx", "model.onnx.data"), "trt": ("model.plan", "engine.json")}
 # What the text model needs beside the graph: the runtime loads these from one folder.
 META_FILES = ("chmc.json", "tokenizer.json", "config.json", "generation_config.json",
               "tokenizer_config.json", "special_tokens_map.json")
@@ -168,11 +169,13 @@ def write_triton_repo(source: str | Path, out: str | Path, *, engine: str = "onn
     if not name.replace("_", "").replace("-", "").isalnum():
         raise ChmcError(f"--name {name!r}: use letters, digits, '_' and '-' only")
     if not (source / "chmc.json").is_file():
-        raise ChmcError(f"{source}: neither a chmc artifact nor an export folder (no chmc.json)")
+        raise ChmcError(f"{source}: not a chmc artifact, export or engine folder (no chmc.json)")
     if engine == "trt" and not (source / "model.plan").is_file():
-        raise ChmcError(f"{source}: no model.plan for --engine trt; build one with `chmc engine` first")
+        raise ChmcError(f"{source}: no model.plan for --engine trt: build one with "
+                        "`chmc engine EXPORT --out ENGINE_DIR` and pass ENGINE_DIR")
     with staged_output(out, force) as tmp, tempfile.TemporaryDirectory(dir=tmp) as scratch:
-        export_dir = source if is_export(source) else _export_first(source, Path(scratch) / "export")
+        ready = engine == "trt" or is_export(source)  # an engine folder carries the export's chmc.json
+        export_dir = source if ready else _export_first(source, Path(scratch) / "export")
         inputs, outputs = graph_io(export_dir)
         eng_name = f"{name}_engine"
         eng_version = tmp / eng_name / "1"

@@ -58,10 +58,11 @@ class TritonServer:
     """One tritonserver process bound to `host`; use as a context manager or call start()/stop()."""
 
     def __init__(self, repository: str | Path, *, port: int, host: str = "127.0.0.1",
-                 executable: str | Path | None = None, models: list[str] | None = None,
-                 env: dict[str, str] | None = None, log: str | Path | None = None):
+                 grpc_port: int | None = None, executable: str | Path | None = None,
+                 models: list[str] | None = None, env: dict[str, str] | None = None,
+                 log: str | Path | None = None):
         self.repository = Path(repository).resolve()
-        self.port, self.host = port, host
+        self.port, self.host, self.grpc_port = port, host, grpc_port  # grpc_port None: no gRPC
         self.executable = find_tritonserver(executable)
         self.models = models  # None: load everything; else explicit mode with just these
         self.env = env
@@ -74,9 +75,11 @@ class TritonServer:
 
     def command(self) -> list[str]:
         cmd = [str(self.executable), f"--model-repository={self.repository}",
-               f"--http-address={self.host}", f"--http-port={self.port}",
-               f"--grpc-address={self.host}", f"--grpc-port={self.port + 1}",
-               "--allow-metrics=false"]
+               f"--http-address={self.host}", f"--http-port={self.port}", "--allow-metrics=false"]
+        if self.grpc_port is None:
+            cmd.append("--allow-grpc=false")
+        else:
+            cmd += [f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}"]
         backends = self.executable.resolve().parent.parent / "backends"
         if backends.is_dir():  # a relocated server (e.g. a wheel's) keeps backends beside bin/
             cmd.append(f"--backend-directory={backends}")
@@ -161,7 +164,8 @@ def serve(source: str | Path, *, port: int = 8000, host: str = "127.0.0.1",
             from chmc.compiler.triton_repo import write_triton_repo
 
             repo = write_triton_repo(source, Path(tmp) / "repo")
-        server = TritonServer(repo, port=port, host=host, executable=executable, models=models)
+        server = TritonServer(repo, port=port, host=host, grpc_port=port + 1, executable=executable,
+                              models=models)
         with server:
             print(f"serving {repo} at {server.url} (HTTP), {host}:{port + 1} (gRPC); Ctrl-C stops",
                   flush=True)

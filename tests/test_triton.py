@@ -263,6 +263,26 @@ def test_trt_without_plan_is_a_clear_error(exported: Path, chmc_cli: Any, tmp_pa
     assert not (tmp_path / "r").exists()
 
 
+def test_trt_repository_from_an_engine_folder(exported: Path, tmp_path: Path) -> None:
+    """Layout and configs only: no TensorRT here, so the plan is a placeholder the writer copies."""
+    from chmc.compiler.triton_repo import parse_model_config, write_triton_repo
+
+    engine_dir = tmp_path / "engine"  # what `chmc engine` writes: plan, engine.json, manifest...
+    engine_dir.mkdir()
+    for f in ("chmc.json", "tokenizer.json", "config.json"):
+        shutil.copy2(exported / f, engine_dir / f)
+    (engine_dir / "model.plan").write_bytes(b"placeholder: TensorRT cannot build engines here")
+    (engine_dir / "engine.json").write_text("{}")
+    repo = write_triton_repo(engine_dir, tmp_path / "repo", engine="trt")
+    graph = parse_model_config((repo / "chmc_engine" / "config.pbtxt").read_text())
+    assert graph.platform == "tensorrt_plan" and graph.max_batch_size == 0
+    assert "expert_id" in [i.name for i in graph.input]
+    assert (repo / "chmc_engine" / "1" / "model.plan").read_bytes().startswith(b"placeholder")
+    assert not (repo / "chmc_engine" / "1" / "model.onnx").exists()
+    text = parse_model_config((repo / "chmc" / "config.pbtxt").read_text())
+    assert text.parameters["backend"].string_value == "tensorrt"
+
+
 def test_server_answers_each_expert_like_runner(server: str, runner: Any,
                                                 expected: dict[tuple[str, str], str]) -> None:
     with _client(server) as client:
