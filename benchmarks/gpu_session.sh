@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One GPU session, run once: install chmc offline, run the GPU tests, then the kernel benchmark.
+# Results land in $OUT (default benchmarks/results): gpu.txt, install.log, gpu_tests.log,
+# gpu_tests.xml, gpu_kernels.json, gpu_kernels.err. Exit status: non-zero if tests or benchmark failed.
+# Budget: tests <= 6 min, benchmark <= 5 min (both under `timeout`).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+export PIP_DISABLE_PIP_VERSION_CHECK=1 TRITON_DEFAULT_FP_FUSION=1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
+python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__)" \
+    >>"$OUT/gpu.txt" 2>&1
+if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
+    echo "gpu_session: pip install -e . failed:"; tail -20 "$OUT/install.log"; exit 1
+fi
+for m in typer rich safetensors transformers onnx onnxruntime pytest; do  # offline: report gaps
+    python3 -c "import $m" 2>/dev/null || echo "missing module: $m" | tee -a "$OUT/install.log"
+done
+
+timeout 360 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_engine.py \
+    -p no:cacheprovider --durations=10 --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1
+tests_rc=$?
+tail -25 "$OUT/gpu_tests.log"
+
+timeout 300 python3 benchmarks/gpu_kernels.py >"$OUT/gpu_kernels.json" 2>"$OUT/gpu_kernels.err"
+bench_rc=$?
+cat "$OUT/gpu_kernels.json"
+tail -5 "$OUT/gpu_kernels.err"
+
+echo "gpu_session: tests rc=$tests_rc, benchmark rc=$bench_rc"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
