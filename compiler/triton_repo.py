@@ -58,7 +58,7 @@ class TextModelOptions:
 
     max_batch_size: int = 16
     preferred_batch_sizes: tuple[int, ...] = (4, 8, 16)
-    queue_delay_us: int = 50_000
+    queue_delay_us: int = 20_000
     instances: int = 1
     max_new_tokens: int = 64  # default when a request leaves `max_new_tokens` out
 
