@@ -9,6 +9,8 @@ Three forms of a Linear (`linear=`):
   gather  rows = Gather(rowtable, expert_id)   [B, out], rowtable[n, c] = index[n, c] * out + c
           W = Gather(bank_flat, rows)          [B, out, in] from bank_flat [K*out, in]
           y = MatMul(x, Transpose(W))          ORT fuses Transpose into FusedMatMul(transB)
+  select  Y = x @ bank_flat^T                  [B, S, K*out]: every bank, no weight copies
+          y = GatherElements(Y, rows[expert_id])  each row's channel c from its group's block
   plugin  y = chmc.ChannelGatherMatMul(x, bank [K, out, in], index [N, out] int32, expert_id)
 Per-expert 1-D tensors (norms, biases) are Gather(experts [N, D], expert_id) -> [B, 1, D].
 """
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     import onnx
     import torch
 
-LINEAR_FORMS = ("gather", "plugin")
+LINEAR_FORMS = ("gather", "select", "plugin")
 DTYPES = ("float32", "float16", "bfloat16")
 OPSET = 17
 PLUGIN_DOMAIN = "chmc"
@@ -279,6 +281,12 @@ class DecoderGraph:
                         plugin_namespace=PLUGIN_DOMAIN)  # TensorRT's parser finds chmc::<op>
         flat, rows = self.matrix_rows(name)
         r = b.op("Gather", rows, self.expert_id, axis=0)  # [B, out]
+        if self.linear == "select":  # every bank's outputs, then each row's channel from its group
+            y_all = b.op("FusedMatMul", x, flat, domain="com.microsoft", transB=1)  # [B, S, K*out]
+            out = b.op("Concat", b.op("Slice", b.op("Shape", x), b.const([0]), b.const([2])),
+                       b.const([self.w.shape(name)[0]]), axis=0)
+            r = b.op("Expand", b.op("Unsqueeze", r, b.const([1])), out)  # [B, S, out]
+            return b.op("GatherElements", y_all, r, axis=2)
         wb = b.op("Gather", flat, r, axis=0)  # [B, out, in]
         return b.op("MatMul", x, b.op("Transpose", wb, perm=[0, 2, 1]))  # [B, S, out]
 
@@ -454,6 +462,8 @@ def write_model(w: Weights, spec: ArchSpec, cfg: DecoderConfig, folder: Path, *,
     opsets = [onnx.helper.make_opsetid("", OPSET)]
     if linear == "plugin" and w.merged:
         opsets.append(onnx.helper.make_opsetid(PLUGIN_DOMAIN, 1))
+    if linear == "select" and w.merged:
+        opsets.append(onnx.helper.make_opsetid("com.microsoft", 1))
     model = onnx.helper.make_model(graph, opset_imports=opsets, producer_name="chmc")
     model.ir_version = 8
     with open(folder / "model.onnx", "wb") as f:

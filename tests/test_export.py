@@ -176,3 +176,15 @@ def test_unsupported_rope_scaling_is_named(onnx_family, tmp_path):
     with pytest.raises(NotSupportedError, match="rope type 'yarn'"):
         export(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_select_form_equals_gather_form(onnx_family, tmp_path):
+    """`--linear select` (all K banks, then each row's channel) == the gather form, mixed batch."""
+    from chmc.compiler.export import export
+
+    select = ort.InferenceSession(str(export(onnx_family["k2"], tmp_path / "sel",
+                                             linear="select") / "model.onnx"))
+    gather = ort.InferenceSession(str(onnx_family["k2_onnx"] / "model.onnx"))
+    ids = np.random.default_rng(4).integers(0, 64, (3, 7))
+    np.testing.assert_allclose(run_with_cache(select, ids, [2, 0, 1], 4),
+                               run_with_cache(gather, ids, [2, 0, 1], 4), atol=1e-5, rtol=0)

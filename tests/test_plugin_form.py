@@ -24,7 +24,6 @@ def brute_force(x, bank, index, expert_id):
 
 def test_references_match_the_definition():
     import torch
-
     from chmc.plugins.channel_gather_matmul.reference import (
         channel_gather_matmul,
         channel_gather_matmul_torch,
@@ -60,7 +59,7 @@ def test_plugin_graph_is_what_tensorrt_consumes(plugin_export, onnx_family):
     allowed = {onnx.AttributeProto.INT, onnx.AttributeProto.FLOAT, onnx.AttributeProto.STRING}
     for n in nodes:
         assert all(a.type in allowed for a in n.attribute)
-        x, bank, index, expert_id = n.input
+        _, bank, index, expert_id = n.input
         assert expert_id == "expert_id"
         assert inits[index].data_type == onnx.TensorProto.INT32
         assert len(inits[bank].dims) == 3 and inits[bank].dims[0] == 2  # [K, out, in]
