@@ -86,6 +86,8 @@ def build(
     dtype: Annotated[str | None, Opt(help="Output dtype (default: the source's).")] = None,
     out: Annotated[str, Opt("--out", help="Artifact folder to write.")] = "",
     force: Annotated[bool, Opt("--force", help="Replace --out if it exists.")] = False,
+    target: Annotated[str, Opt(
+        help="artifact (default) | onnx: also export the graph into OUT/onnx.")] = "artifact",
 ) -> None:
     """Channel-merge N experts over their base into an artifact of K banks per row."""
     from chmc.compiler.merge import build as build_artifact
@@ -94,6 +96,8 @@ def build(
 
     if not out:
         raise ChmcError("no output folder: pass --out DIR")
+    if target not in ("artifact", "onnx"):
+        raise ChmcError(f"--target {target!r} is not one of ['artifact', 'onnx']")
     cfg = load_merge_config(config) if config else MergeConfig()
     params: dict[str, Any] = {}
     if density is not None:
@@ -118,6 +122,10 @@ def build(
                           parameters=cfg.merge_parameters(), seed=cfg.seed or 0, dtype=cfg.dtype,
                           force=force)
     typer.echo(f"wrote {path}")
+    if target == "onnx":
+        from chmc.compiler.export import export as export_onnx
+
+        typer.echo(f"wrote {export_onnx(path, f'{path}/onnx', force=force)}")
 
 
 def _float(text: str, what: str) -> float:
@@ -164,8 +172,8 @@ def inspect(
 def export(
     source: Annotated[str, typer.Argument(help="Artifact folder, or a plain HF folder (dense).")],
     out: Annotated[str, Opt("--out", help="Export folder to write.")],
-    linear: Annotated[str, Opt(help="gather (default) | plugin (chmc::ChannelGatherMatMul).")] = (
-        "gather"),
+    linear: Annotated[str, Opt(
+        help="gather (default) | select | plugin (chmc::ChannelGatherMatMul).")] = "gather",
     dtype: Annotated[str, Opt(help="float32 (default, CPU) | float16 | bfloat16.")] = "float32",
     force: Annotated[bool, Opt("--force", help="Replace --out if it exists.")] = False,
 ) -> None:
