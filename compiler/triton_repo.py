@@ -33,6 +33,7 @@ GRAPH_FILES = {"onnx": ("model.onnx", "model.onnx.data"), "trt": ("model.plan", 
 # What the text model needs beside the graph: the runtime loads these from one folder.
 META_FILES = ("chmc.json", "tokenizer.json", "config.json", "generation_config.json",
               "tokenizer_config.json", "special_tokens_map.json")
+MODEL_PY = Path(__file__).resolve().parent.parent / "runtime" / "triton_model.py"
 TRITON_TYPES = {
     "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8", "int16": "TYPE_INT16",
     "int32": "TYPE_INT32", "int64": "TYPE_INT64", "float16": "TYPE_FP16",
@@ -163,7 +164,6 @@ def write_triton_repo(source: str | Path, out: str | Path, *, engine: str = "onn
     from chmc.compiler.outputs import staged_output
 
     source = Path(source)
-    opts = options or TextModelOptions()
     if engine not in ENGINES:
         raise ChmcError(f"--engine {engine!r} is not one of {list(ENGINES)}")
     if not name.replace("_", "").replace("-", "").isalnum():
@@ -176,29 +176,32 @@ def write_triton_repo(source: str | Path, out: str | Path, *, engine: str = "onn
     with staged_output(out, force) as tmp, tempfile.TemporaryDirectory(dir=tmp) as scratch:
         ready = engine == "trt" or is_export(source)  # an engine folder carries the export's chmc.json
         export_dir = source if ready else _export_first(source, Path(scratch) / "export")
+        _copy_files(export_dir, tmp, engine, name)
         inputs, outputs = graph_io(export_dir)
-        eng_name = f"{name}_engine"
-        eng_version = tmp / eng_name / "1"
-        text_version = tmp / name / "1"
-        eng_version.mkdir(parents=True)
-        text_version.mkdir(parents=True)
-        for f in GRAPH_FILES[engine]:
-            if (export_dir / f).is_file():
-                _place(export_dir / f, eng_version / f)
-        for f in META_FILES:
-            if (export_dir / f).is_file():
-                shutil.copy2(export_dir / f, text_version / f)
-        shutil.copy2(Path(__file__).parent.parent / "runtime" / "triton_model.py", text_version / "model.py")
         backend = "onnxruntime" if engine == "onnx" else "tensorrt"
         configs = {
-            eng_name: engine_config(eng_name, inputs, outputs, engine),
-            name: text_model_config(name, f"../../{eng_name}/1", backend, opts),
+            f"{name}_engine": engine_config(f"{name}_engine", inputs, outputs, engine),
+            name: text_model_config(name, f"../../{name}_engine/1", backend,
+                                    options or TextModelOptions()),
         }
         for model, text in configs.items():
-            path = tmp / model / "config.pbtxt"
-            path.write_text(text)
+            (tmp / model / "config.pbtxt").write_text(text)
             try:
-                parse_model_config(text, str(path))
+                parse_model_config(text, f"{out}/{model}/config.pbtxt")
             except MissingDependencyError:
                 pass  # validation is a check, not a requirement for writing the repository
     return Path(out)
+
+
+def _copy_files(export_dir: Path, repo: Path, engine: str, name: str) -> None:
+    """Graph files into <name>_engine/1, manifest, tokenizer and model.py into <name>/1."""
+    graph, text = repo / f"{name}_engine" / "1", repo / name / "1"
+    graph.mkdir(parents=True)
+    text.mkdir(parents=True)
+    for f in GRAPH_FILES[engine]:
+        if (export_dir / f).is_file():
+            _place(export_dir / f, graph / f)
+    for f in META_FILES:
+        if (export_dir / f).is_file():
+            shutil.copy2(export_dir / f, text / f)
+    shutil.copy2(MODEL_PY, text / "model.py")

@@ -256,11 +256,22 @@ def test_bad_config_text_is_a_named_error() -> None:
         parse_model_config('name: "x"\nmax_batch_size: "many"\n', "bad.pbtxt")
 
 
-def test_trt_without_plan_is_a_clear_error(exported: Path, chmc_cli: Any, tmp_path: Path) -> None:
-    done = chmc_cli("triton", exported, "--out", tmp_path / "r", "--engine", "trt", cwd=tmp_path)
-    assert done.returncode == 1
-    assert "no model.plan" in done.stderr and str(exported) in done.stderr
-    assert not (tmp_path / "r").exists()
+def test_bad_triton_inputs_are_one_line_errors(exported: Path, chmc_cli: Any, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    cases = [
+        (["triton", exported, "--out", out, "--engine", "trt"], f"{exported}: no model.plan"),
+        (["triton", tmp_path, "--out", out], f"{tmp_path}: not a chmc artifact, export or engine"),
+        (["triton", exported, "--out", out, "--name", "a b"], "--name 'a b': use letters"),
+        (["triton", exported, "--out", out, "--engine", "tpu"], "--engine 'tpu' is not one of"),
+        (["serve", tmp_path / "missing"], "missing: no such file or directory"),
+        (["serve", exported, "--tritonserver", tmp_path], f"--tritonserver {tmp_path}: not an exec"),
+    ]
+    for args, message in cases:
+        done = chmc_cli(*args, cwd=tmp_path)
+        assert done.returncode == 1, args
+        assert done.stderr.startswith("chmc: error: ") and message in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+        assert not out.exists()
 
 
 def test_trt_repository_from_an_engine_folder(exported: Path, tmp_path: Path) -> None:
