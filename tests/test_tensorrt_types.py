@@ -35,7 +35,7 @@ follow_imports = silent
 ignore_errors = True
 [mypy-tensorrt.plugin]
 ignore_missing_imports = True
-[mypy-polygraphy.*,triton.*,onnx.*]
+[mypy-polygraphy.*,triton.*,onnx.*,google.*]
 ignore_missing_imports = True
 """
 
