@@ -87,7 +87,9 @@ def build(
     out: Annotated[str, Opt("--out", help="Artifact folder to write.")] = "",
     force: Annotated[bool, Opt("--force", help="Replace --out if it exists.")] = False,
     target: Annotated[str, Opt(
-        help="artifact (default) | onnx: also export the graph into OUT/onnx.")] = "artifact",
+        help="artifact (default) | onnx: also export the graph into OUT/onnx | trt: also the "
+             "plugin-form graph into OUT/onnx-plugin and a TensorRT engine into OUT/engine.")] = (
+        "artifact"),
 ) -> None:
     """Channel-merge N experts over their base into an artifact of K banks per row."""
     from chmc.compiler.merge import build as build_artifact
@@ -96,8 +98,12 @@ def build(
 
     if not out:
         raise ChmcError("no output folder: pass --out DIR")
-    if target not in ("artifact", "onnx"):
-        raise ChmcError(f"--target {target!r} is not one of ['artifact', 'onnx']")
+    if target not in ("artifact", "onnx", "trt"):
+        raise ChmcError(f"--target {target!r} is not one of ['artifact', 'onnx', 'trt']")
+    if target == "trt":  # before any work: without TensorRT nothing is written
+        from chmc.plugins.channel_gather_matmul.tensorrt_plugin import require_tensorrt
+
+        require_tensorrt()
     cfg = load_merge_config(config) if config else MergeConfig()
     params: dict[str, Any] = {}
     if density is not None:
@@ -126,6 +132,14 @@ def build(
         from chmc.compiler.export import export as export_onnx
 
         typer.echo(f"wrote {export_onnx(path, f'{path}/onnx', force=force)}")
+    if target == "trt":
+        from chmc.compiler.engine import build_engine
+        from chmc.compiler.export import export as export_onnx
+
+        graph = export_onnx(path, f"{path}/onnx-plugin", linear="plugin",
+                            dtype=cfg.dtype or "bfloat16", force=force)
+        typer.echo(f"wrote {graph}")
+        typer.echo(f"wrote {build_engine(graph, f'{path}/engine', force=force)}")
 
 
 def _float(text: str, what: str) -> float:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import fcntl
+import hashlib
 import json
 import os
 import random
@@ -108,7 +109,9 @@ def _stub_venv(cache: Path) -> Path:
     import tokenizers
 
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    key = f"stubenv-py{py}-numpy{STUB_NUMPY}-ort{onnxruntime.__version__}-tok{tokenizers.__version__}"
+    where = hashlib.sha256(sys.base_prefix.encode()).hexdigest()[:8]  # the venv links this Python
+    key = (f"stubenv-py{py}-{where}-numpy{STUB_NUMPY}-ort{onnxruntime.__version__}"
+           f"-tok{tokenizers.__version__}")
     root = cache / key
     with _locked(root):
         if (root / "ok").exists():
@@ -405,7 +408,9 @@ def _listen_addresses(port: int) -> set[str]:
     return found
 
 
-def test_chmc_serve_binds_loopback_and_stops_on_ctrl_c(repo: Path, triton_env: dict[str, Any]) -> None:
+def test_chmc_serve_binds_loopback_and_stops_on_ctrl_c(exported: Path,
+                                                       triton_env: dict[str, Any]) -> None:
+    """`chmc serve EXPORT` writes a temporary repository, serves it, and cleans up on Ctrl-C."""
     import select
     import signal
     import urllib.request
@@ -413,7 +418,7 @@ def test_chmc_serve_binds_loopback_and_stops_on_ctrl_c(repo: Path, triton_env: d
     from chmc.runtime.serve import free_port
 
     port = free_port()
-    cmd = [sys.executable, "-m", "chmc", "serve", str(repo), "--port", str(port),
+    cmd = [sys.executable, "-m", "chmc", "serve", str(exported), "--port", str(port),
            "--tritonserver", str(triton_env["executable"]), "--model", NAME]
     proc = subprocess.Popen(cmd, env=triton_env["env"], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
@@ -433,6 +438,8 @@ def test_chmc_serve_binds_loopback_and_stops_on_ctrl_c(repo: Path, triton_env: d
         assert proc.returncode == 0 and "stopping tritonserver" in out
         assert not [p for p in servers if Path(f"/proc/{p}").exists()], "tritonserver outlived serve"
         assert not _listen_addresses(port)
+        temp_repo = Path(line.split()[1])  # "serving <repo> at http://..."
+        assert temp_repo.name == "repo" and not temp_repo.exists(), "temporary repository left behind"
     finally:
         for pid in [proc.pid, *servers]:
             try:
