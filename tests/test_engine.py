@@ -113,6 +113,23 @@ def test_engine_command_without_tensorrt_fails_cleanly(tmp_path: Path) -> None:
         build_engine(folder, parent / "engine")
 
 
+def test_build_target_trt_without_tensorrt_writes_nothing(
+        random_family: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
+    """`chmc build --target trt` checks for TensorRT before merging: no artifact is left behind."""
+    if tensorrt_available():
+        pytest.skip("TensorRT is installed here; the missing-TensorRT path cannot be exercised")
+    base, experts = random_family
+    result = subprocess.run(
+        [sys.executable, "-m", "chmc", "build", "--base", str(base), "--experts",
+         *[f"{n}={p}" for n, p in experts.items()], "--groups", "2", "--out",
+         str(tmp_path / "merged"), "--target", "trt"],
+        check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "TensorRT is not installed" in result.stderr and "pip install tensorrt" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def _gpu_tensorrt() -> None:
     if not tensorrt_available():
         pytest.skip("TensorRT is not installed (pip install tensorrt on a CUDA machine)")
