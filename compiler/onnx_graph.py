@@ -9,7 +9,7 @@ Three forms of a Linear (`linear=`):
   gather  rows = Gather(rowtable, expert_id)   [B, out], rowtable[n, c] = index[n, c] * out + c
           W = Gather(bank_flat, rows)          [B, out, in] from bank_flat [K*out, in]
           y = MatMul(x, Transpose(W))          ORT fuses Transpose into FusedMatMul(transB)
-  select  Y = x @ bank_flat^T                  [B, S, K*out]: every bank, no weight copies
+  select  Y = x @ bankT                        [B, S, K*out] from bankT [in, K*out]: no copies
           y = GatherElements(Y, rows[expert_id])  each row's channel c from its group's block
   plugin  y = chmc.ChannelGatherMatMul(x, bank [K, out, in], index [N, out] int32, expert_id)
 Per-expert 1-D tensors (norms, biases) are Gather(experts [N, D], expert_id) -> [B, 1, D].
@@ -206,6 +206,7 @@ class DecoderGraph:
         self.expert_id = "expert_id" if w.merged else None
         self._vectors: dict[str, str] = {}
         self._stored: dict[str, tuple[str, str]] = {}
+        self._transposed: dict[str, bool] = {}
 
     # -- weights -------------------------------------------------------------------------------
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
@@ -246,14 +247,18 @@ class DecoderGraph:
         rows = index.long() * out + torch.arange(out)  # [N, out] rows of the flattened bank
         return self.b.weight(f"{name}.rows", rows)
 
-    def matrix_rows(self, name: str) -> tuple[str, str]:
-        """Gather form: (flat bank [K*out, in], row table [N, out] int64) initializers, once."""
+    def matrix_rows(self, name: str, transposed: bool = False) -> tuple[str, str]:
+        """(bank, row table [N, out] int64) initializers, once. The bank is flat [K*out, in], or
+        [in, K*out] when `transposed` (the select form: a plain MatMul operand ORT prepacks)."""
         if name not in self._stored:
             bank, index = self._bank(name)
             k, out, inp = bank.shape
-            flat = self.b.weight(f"{name}.bank", self._cast(bank).reshape(k * out, inp))
+            flat = self._cast(bank).reshape(k * out, inp)
             del bank
-            self._stored[name] = (flat, self._rows(name, index, out))
+            stored = (self.b.weight(f"{name}.bankT", flat.t()) if transposed
+                      else self.b.weight(f"{name}.bank", flat))
+            self._stored[name] = (stored, self._rows(name, index, out))
+            self._transposed[name] = transposed
         return self._stored[name]
 
     def plugin_bank(self, name: str) -> tuple[str, str]:
@@ -279,10 +284,11 @@ class DecoderGraph:
             bank, idx = self.plugin_bank(name)
             return b.op(PLUGIN_OP, x, bank, idx, self.expert_id, domain=PLUGIN_DOMAIN,
                         plugin_namespace=PLUGIN_DOMAIN)  # TensorRT's parser finds chmc::<op>
-        flat, rows = self.matrix_rows(name)
+        flat, rows = self.matrix_rows(name, transposed=self.linear == "select")
         r = b.op("Gather", rows, self.expert_id, axis=0)  # [B, out]
         if self.linear == "select":  # every bank's outputs, then each row's channel from its group
-            y_all = b.op("FusedMatMul", x, flat, domain="com.microsoft", transB=1)  # [B, S, K*out]
+            y_all = (b.op("MatMul", x, flat) if self._transposed[name]  # [B, S, K*out]
+                     else b.op("FusedMatMul", x, flat, domain="com.microsoft", transB=1))
             out = b.op("Concat", b.op("Slice", b.op("Shape", x), b.const([0]), b.const([2])),
                        b.const([self.w.shape(name)[0]]), axis=0)
             r = b.op("Expand", b.op("Unsqueeze", r, b.const([1])), out)  # [B, S, out]
