@@ -5,7 +5,8 @@ backend): downloaded once with pip, unzipped (never installed: it pins numpy < 2
 $CHMC_CACHE (default ~/.cache/chmc). Its Python backend stub embeds this interpreter's libpython
 and runs the interpreter first on PATH in isolated mode (PYTHONPATH ignored), so the stub gets a
 small cached venv of its own: numpy 1.26 (inference fails with numpy 2 in that stub), onnxruntime
-and tokenizers, the serving path's whole dependency set. chmc is put on its path by a .pth hook
+and tokenizers, the serving path's whole dependency set: no torch, no transformers, so the text
+model answering at all shows that path needs neither. chmc is put on its path by a .pth hook
 reading CHMC_STUB_PATH, pointing at this checkout for this run only.
 
 That server has no onnxruntime backend, so it cannot load `<name>_engine`; it is started in
