@@ -1,6 +1,8 @@
 """Thin TensorRT runner for an engine folder written by chmc.compiler.engine.
 
-Same contract as an ONNX Runtime session: named inputs in, named outputs out. Device buffers are
+`run(output_names, feed)` has an ONNX Runtime session's contract (host arrays in, a list out),
+so the generation loop of the ONNX Runtime backend can drive an engine unchanged; bf16 tensors
+cross the host boundary as float32. `run_torch` keeps everything on the GPU. Device buffers are
 torch CUDA tensors (torch is on every GPU machine this path runs on). Profile 1 (decode) serves
 steps with one new token, profile 0 (prefill) everything else.
 """
@@ -10,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from chmc.errors import ChmcError
 
 if TYPE_CHECKING:
-    import numpy as np
     import tensorrt as trt
     import torch
 
@@ -21,7 +23,7 @@ PREFILL, DECODE = 0, 1
 
 
 class TensorRTRunner:
-    """Load model.plan once; `run` feeds torch CUDA tensors, `run_numpy` host arrays."""
+    """Load model.plan once; `run_torch` feeds torch CUDA tensors, `run` host arrays."""
 
     def __init__(self, engine_dir: str | Path):
         from chmc.compiler.engine import PLAN, read_engine_json
@@ -62,7 +64,7 @@ class TensorRTRunner:
             self.context.set_optimization_profile_async(want, self.stream.cuda_stream)
             self.profile = want
 
-    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run_torch(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One forward pass on CUDA tensors (inputs must already be on the GPU, contiguous)."""
         import torch
         from chmc.compiler.engine import dims_list
@@ -87,13 +89,19 @@ class TensorRTRunner:
         self.stream.synchronize()
         return results
 
-    def run_numpy(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Host arrays in and out, like an onnxruntime InferenceSession.run."""
+    def run(self, output_names: list[str] | None,
+            feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Like onnxruntime's InferenceSession.run: host arrays in, the named outputs out."""
         import torch
 
-        out = self.run({k: torch.from_numpy(v).cuda() for k, v in feeds.items()})
-        return {k: v.float().cpu().numpy() if v.dtype == torch.bfloat16 else v.cpu().numpy()
-                for k, v in out.items()}
+        def device(name: str, value: np.ndarray) -> torch.Tensor:
+            want = _torch_dtype(self.engine.get_tensor_dtype(name))
+            return torch.from_numpy(np.ascontiguousarray(value)).cuda().to(want)
+
+        out = self.run_torch({k: device(k, v) for k, v in feed.items()})
+        names = output_names or self.outputs
+        return [(out[n].float() if out[n].dtype == torch.bfloat16 else out[n]).cpu().numpy()
+                for n in names]
 
 
 def _torch_dtype(dtype: Any) -> torch.dtype:
