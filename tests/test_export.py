@@ -188,3 +188,19 @@ def test_select_form_equals_gather_form(onnx_family, tmp_path):
     ids = np.random.default_rng(4).integers(0, 64, (3, 7))
     np.testing.assert_allclose(run_with_cache(select, ids, [2, 0, 1], 4),
                                run_with_cache(gather, ids, [2, 0, 1], 4), atol=1e-5, rtol=0)
+
+
+def test_cli_build_target_onnx_then_run(onnx_family, tmp_path):
+    """`chmc build --target onnx` writes the artifact and OUT/onnx; `chmc run` serves it."""
+    experts = [f"{n}={p}" for n, p in onnx_family["experts"].items()]
+    out = tmp_path / "merged"
+    res = chmc("build", "--base", str(onnx_family["base"]), "--experts", *experts, "--groups", "2",
+               "--out", str(out), "--target", "onnx")
+    assert res.returncode == 0, res.stderr
+    assert (out / "chmc.json").is_file() and (out / "onnx" / "model.onnx").is_file()
+    res = chmc("run", str(out / "onnx"), "1+2=", "--expert", "expert_2", "-n", "5")
+    assert res.returncode == 0, res.stderr
+    from chmc.runtime import load
+
+    assert res.stdout == load(onnx_family["k2_onnx"]).generate(
+        ["1+2="], ["expert_2"], max_new_tokens=5)[0] + "\n"
