@@ -132,19 +132,22 @@ class Launch:
     num_stages: int = 3
 
 
-# Defaults: good starting points on Hopper, used as-is by the AOT plugin and the interpreter.
-# On CUDA, `tuned=True` lets triton.autotune pick among CANDIDATES once per shape.
+# Defaults: starting points for Hopper, used as-is by the AOT plugin and the interpreter.
+# On CUDA, `tuned=True` lets triton.autotune pick among CANDIDATES once per shape. Decode and
+# mixed steps are memory-bound: narrow channel blocks (BLOCK_N) give enough programs to fill
+# every SM when out = 4096 (4096 / 32 = 128 programs, 4096 / 16 = 256).
 DEFAULTS: dict[str, Launch] = {
     "decode": Launch(1, 32, 256, num_warps=4, num_stages=3),
-    "mixed": Launch(16, 64, 128, num_warps=4, num_stages=3),
+    "mixed": Launch(16, 32, 128, num_warps=4, num_stages=3),
     "prefill": Launch(128, 128, 64, num_warps=8, num_stages=3),
 }
 CANDIDATES: dict[str, list[Launch]] = {
     "decode": [Launch(1, n, k, w, st) for n, k, w in
                [(16, 256, 4), (32, 256, 4), (64, 128, 4), (32, 512, 8), (64, 256, 8), (8, 512, 4)]
                for st in (2, 4)],
-    "mixed": [Launch(16, n, k, w, st) for n, k, w in [(32, 128, 4), (64, 128, 4), (64, 64, 4),
-                                                      (128, 64, 8), (32, 256, 4)] for st in (3, 4)],
+    "mixed": [Launch(16, n, k, w, st) for n, k, w in [(16, 128, 4), (16, 256, 4), (32, 128, 4),
+                                                      (32, 256, 4), (64, 128, 4), (64, 64, 4)]
+              for st in (3, 4)],
     "prefill": [Launch(m, n, k, w, st) for m, n, k, w, st in
                 [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
                  (128, 128, 64, 4, 4), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4)]],
