@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 
+EXIT_TIMEOUT_S = 10  # how long a stopping server waits for in-flight work and open connections
+
+
 def find_tritonserver(explicit: str | Path | None = None) -> Path:
     """The tritonserver binary: the one given, else the first on PATH."""
     if explicit is not None:
@@ -75,7 +78,8 @@ class TritonServer:
 
     def command(self) -> list[str]:
         cmd = [str(self.executable), f"--model-repository={self.repository}",
-               f"--http-address={self.host}", f"--http-port={self.port}", "--allow-metrics=false"]
+               f"--http-address={self.host}", f"--http-port={self.port}", "--allow-metrics=false",
+               f"--exit-timeout-secs={EXIT_TIMEOUT_S}"]
         if self.grpc_port is None:
             cmd.append("--allow-grpc=false")
         else:
@@ -124,8 +128,11 @@ class TritonServer:
             return f" (see {self.log}: {' | '.join(tail)})"
         return ""
 
-    def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM the server's process group, SIGKILL it if still alive after `grace` seconds."""
+    def stop(self, grace: float = EXIT_TIMEOUT_S + 10.0) -> None:
+        """SIGTERM the server's process group, SIGKILL it if still alive after `grace` seconds.
+
+        The server gives up on open client connections after EXIT_TIMEOUT_S and then cleans up
+        its backends' shared memory, which a SIGKILL would leave behind in /dev/shm."""
         p, self.process = self.process, None
         if p is None or p.poll() is not None:
             return

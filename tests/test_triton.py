@@ -441,8 +441,14 @@ def test_chmc_serve_binds_loopback_and_stops_on_ctrl_c(exported: Path,
         assert not _listen_addresses(port)
         temp_repo = Path(line.split()[1])  # "serving <repo> at http://..."
         assert temp_repo.name == "repo" and not temp_repo.exists(), "temporary repository left behind"
-    finally:
-        for pid in [proc.pid, *servers]:
+    finally:  # on any failure: Ctrl-C first (serve cleans up), then kill whatever is left
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in {proc.pid, *servers, *_pids_with(f"--http-port={port}")}:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
