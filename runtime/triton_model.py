@@ -63,7 +63,10 @@ class TritonPythonModel:
         if len(experts) != len(texts):
             raise RequestError(f"'expert' has {len(experts)} rows but 'text' has {len(texts)}")
         for e in experts:
-            if e not in self.experts:
+            if e == "auto" and "router" not in self.runner.manifest:
+                raise RequestError("expert 'auto' needs a router, and this model has none: "
+                                   f"name one of {self.experts}")
+            if e not in self.experts and e != "auto":  # 'auto': the runtime routes the row
                 raise RequestError(f"unknown expert '{e}': this model serves {self.experts}")
         limit = self.pb.get_input_tensor_by_name(request, "max_new_tokens")
         if limit is None:

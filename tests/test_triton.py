@@ -362,6 +362,7 @@ def test_bad_requests_get_errors_and_server_keeps_serving(server: str, runner: A
          "data-type is 'INT32', but model 'chmc' expects 'BYTES'"),
         (_inputs("1+2=", runner.experts[0])[:1], "missing required input(s) ['expert']"),
         (_inputs("1+2=", "nobody"), "[400] unknown expert 'nobody'"),
+        (_inputs("1+2=", "auto"), "expert 'auto' needs a router, and this model has none"),
         (_inputs("1+2=", runner.experts[0], max_new=0), "'max_new_tokens' must be one positive"),
     ]
     with _client(server) as client:
