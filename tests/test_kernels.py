@@ -276,8 +276,10 @@ def test_aot_kernels_compile_to_ptx(dtype: str) -> None:
     )
 
     for mode in TACTICS.values():
-        compiled = compile_kernel(mode, dtype, AOT_LAUNCH[mode], arch=90)
+        compiled = compile_kernel(mode, dtype, AOT_LAUNCH[mode], arch=90,
+                                  divisible=("N_OUT", "N_IN"))
         ptx = compiled.asm["ptx"]
+        assert "cp.async" in ptx, "the K loop is not pipelined"  # the divisibility hints work
         entry = re.search(rf"\.entry {compiled.metadata.name}\((.*?)\)", ptx, re.DOTALL)
         assert entry is not None, ptx[:500]
         params = re.findall(r"\.param \.(\S+)", entry.group(1))

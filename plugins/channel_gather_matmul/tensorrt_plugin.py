@@ -38,21 +38,43 @@ def kernel_signature(mode: str, dtype: str) -> dict[str, str]:
                   "F32_DOT": "constexpr"}
 
 
-def compile_kernel(mode: str, dtype: str, launch: Launch, arch: int | None = None) -> Any:
-    """Compile one kernel with Triton; `arch` (e.g. 90) targets a GPU absent from this machine."""
+def compile_kernel(mode: str, dtype: str, launch: Launch, arch: int | None = None,
+                   divisible: tuple[str, ...] = ()) -> Any:
+    """Compile one kernel with Triton; `arch` (e.g. 90) targets a GPU absent from this machine.
+
+    Pointers are declared 16-byte aligned (TensorRT's buffers are) and the int arguments named in
+    `divisible` multiples of 16, as Triton's JIT would specialise them: without these hints the
+    loads are not vectorised, so the K loop is not pipelined (no cp.async).
+    """
     import triton
     from triton.backends.compiler import GPUTarget
 
     constexprs = {"BLOCK_M": launch.block_m, "BLOCK_N": launch.block_n,
                   "BLOCK_K": launch.block_k, "F32_DOT": dtype == "float32"}
-    src = triton.compiler.ASTSource(fn=KERNELS[mode], signature=kernel_signature(mode, dtype),
-                                    constexprs=constexprs)
+    signature = kernel_signature(mode, dtype)
+    names = list(signature)
+    hinted = [n for n, t in signature.items() if t.startswith("*")] + list(divisible)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in hinted}
+    src = triton.compiler.ASTSource(fn=KERNELS[mode], signature=signature, constexprs=constexprs,
+                                    attrs=attrs)
     target = GPUTarget("cuda", arch, 32) if arch is not None else None
     compiled = triton.compile(src, target=target,
                               options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
     if getattr(compiled.metadata, "global_scratch_size", 0):
         raise RuntimeError(f"{mode} kernel needs Triton global scratch, which TensorRT cannot pass")
     return compiled
+
+
+def divisible_dims(**dims: Any) -> tuple[str, ...]:
+    """Names of the build-time constant dims (e.g. the bank's out and in) that are multiples of 16."""
+    out = []
+    for name, expr in dims.items():
+        try:
+            if expr.is_constant and expr.constant_value() % 16 == 0:
+                out.append(name)
+        except RuntimeError:  # a "fake" expression outside shape calculation: no hint
+            pass
+    return tuple(out)
 
 
 def tensorrt_available() -> bool:
@@ -109,9 +131,10 @@ def _define() -> None:
              tactic: int) -> tuple[str | bytes, str | bytes, Any, Any]:
         mode = TACTICS.get(tactic, "mixed")
         launch = AOT_LAUNCH[mode]
-        compiled = compile_kernel(mode, dtypes[x.dtype], launch)
         batch, seq, n_in = x.shape_expr[0], x.shape_expr[1], x.shape_expr[2]
         n_groups, n_out = bank.shape_expr[0], bank.shape_expr[1]
+        divisible = divisible_dims(N_OUT=n_out, N_IN=bank.shape_expr[2])
+        compiled = compile_kernel(mode, dtypes[x.dtype], launch, divisible=divisible)
         params = trtp.KernelLaunchParams()
         if mode == "mixed":  # grid (cdiv(out, BN), cdiv(B * S, BM)), as kernels.grid
             params.grid_x = trtp.cdiv(n_out, launch.block_n)
