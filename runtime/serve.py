@@ -129,27 +129,25 @@ class TritonServer:
         return ""
 
     def stop(self, grace: float = EXIT_TIMEOUT_S + 10.0) -> None:
-        """SIGTERM the server's process group, SIGKILL it if still alive after `grace` seconds.
+        """SIGTERM the server, SIGKILL its process group if it is still alive after `grace` s.
 
-        The server gives up on open client connections after EXIT_TIMEOUT_S and then cleans up
-        its backends' shared memory, which a SIGKILL would leave behind in /dev/shm."""
+        The server stops its backend stubs itself and gives up on open client connections after
+        EXIT_TIMEOUT_S, cleaning the stubs' shared memory that a SIGKILL would leave in /dev/shm.
+        The group kill at the end also ends stubs whose server died without stopping them."""
         p, self.process = self.process, None
-        if p is None or p.poll() is not None:
+        if p is None:
             return
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        if p.poll() is None:
+            p.terminate()
             try:
-                os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                p.wait(timeout=wait)
-                break
+                p.wait(timeout=grace)
             except subprocess.TimeoutExpired:
-                continue
-        try:  # stubs left in the group after the server exited
+                pass
+        try:
             os.killpg(p.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        p.wait(timeout=10)
 
     def __enter__(self) -> Self:
         return self.start() if self.process is None else self
