@@ -1,6 +1,7 @@
 """Merged ONNX graph vs the same model exported dense, side by side on ONNX Runtime (CPU). Prints JSON.
 
     python3 benchmarks/onnx_decode.py [--hidden 512 --intermediate 1408 --layers 8 --vocab 32000]
+    python3 benchmarks/onnx_decode.py --export-memory   # export peak RSS vs artifact size
 
 Builds a random-delta family (N experts), channel-merges it at K groups, exports the merged
 artifact in each --forms and the base dense, then measures per graph: prefill time (batch 1,
@@ -39,50 +40,72 @@ print(json.dumps(rss() - before))
 """
 
 
-def timed(fn: Any, repeat: int) -> float:
-    """Median seconds of `repeat` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def measure(folder: Path, n_experts: int, args: argparse.Namespace) -> dict[str, Any]:
+def measure(graphs: dict[str, Path], n_experts: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Time every graph side by side: each round runs one prefill / one decode step per graph in
+    turn, so load from other processes hits all graphs alike; medians over rounds."""
     from chmc.runtime import read_export_manifest
     from chmc.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
-    backend = OnnxRuntimeBackend(folder, read_export_manifest(folder)["export"],
-                                 threads=args.threads)
+    backends = {name: OnnxRuntimeBackend(f, read_export_manifest(f)["export"], threads=args.threads)
+                for name, f in graphs.items()}
     rng = np.random.default_rng(0)
-    out: dict[str, Any] = {}
-
-    def prefill() -> None:
-        ids = rng.integers(0, args.vocab, (1, args.prefill))
-        backend.start(np.zeros(1, np.int64)).step(ids, np.ones_like(ids),
-                                                  np.arange(args.prefill)[None])
-
-    out["prefill_ms"] = round(timed(prefill, args.repeat) * 1e3, 2)
-    for batch in (1, 8):
-        experts = np.arange(batch) % n_experts
-        state = backend.start(experts)
-        ids = rng.integers(0, args.vocab, (batch, args.context))
-        mask = np.ones_like(ids)
-        state.step(ids, mask, np.tile(np.arange(args.context), (batch, 1)))
-        steps = []
-        for t in range(args.decode_steps):
-            mask = np.ones((batch, args.context + t + 1), np.int64)
-            pos = np.full((batch, 1), args.context + t)
+    times: dict[str, dict[str, list[float]]] = {name: {} for name in graphs}
+    ids = rng.integers(0, args.vocab, (1, args.prefill))
+    for _ in range(args.repeat + 1):  # the first round warms up
+        for name, backend in backends.items():
             start = time.perf_counter()
-            state.step(rng.integers(0, args.vocab, (batch, 1)), mask, pos)
-            steps.append(time.perf_counter() - start)
-        out[f"decode_b{batch}_tokens_per_s"] = round(batch / statistics.median(steps), 2)
-    res = subprocess.run([sys.executable, "-c", RSS_PROBE, str(folder), str(args.threads)],
-                         capture_output=True, text=True, check=True)
-    out["session_rss_mb"] = round(json.loads(res.stdout) / 2**20, 1)
+            backend.start(np.zeros(1, np.int64)).step(ids, np.ones_like(ids),
+                                                      np.arange(args.prefill)[None])
+            times[name].setdefault("prefill", []).append(time.perf_counter() - start)
+    for batch in (1, 8):
+        experts = np.arange(batch) % n_experts  # rows of mixed experts
+        ctx = rng.integers(0, args.vocab, (batch, args.context))
+        states = {name: b.start(experts) for name, b in backends.items()}
+        for state in states.values():
+            state.step(ctx, np.ones_like(ctx), np.tile(np.arange(args.context), (batch, 1)))
+        for t in range(args.decode_steps):
+            token = rng.integers(0, args.vocab, (batch, 1))
+            mask = np.ones((batch, args.context + t + 1), np.int64)
+            for name, state in states.items():
+                start = time.perf_counter()
+                state.step(token, mask, np.full((batch, 1), args.context + t))
+                times[name].setdefault(f"b{batch}", []).append(time.perf_counter() - start)
+    out: dict[str, Any] = {}
+    for name, folder in graphs.items():
+        t = times[name]
+        res = subprocess.run([sys.executable, "-c", RSS_PROBE, str(folder), str(args.threads)],
+                             capture_output=True, text=True, check=True)
+        out[name] = {
+            "prefill_ms": round(statistics.median(t["prefill"][1:]) * 1e3, 2),
+            "decode_b1_tokens_per_s": round(1 / statistics.median(t["b1"]), 2),
+            "decode_b8_tokens_per_s": round(8 / statistics.median(t["b8"]), 2),
+            "session_rss_mb": round(json.loads(res.stdout) / 2**20, 1)}
     return out
+
+
+def export_memory(work: Path) -> dict[str, Any]:
+    """Peak RSS of `chmc export --dtype float16` (a child process) on compile_benchmark's 0.17B
+    family merged at K=2, against the artifact's size on disk (goal <= 1.5x)."""
+    import importlib.util
+    import os
+
+    from chmc.compiler.merge import build
+
+    spec = importlib.util.spec_from_file_location(
+        "compile_benchmark", Path(__file__).with_name("compile_benchmark.py"))
+    assert spec and spec.loader
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root = Path(os.environ.get("CHMC_CACHE", Path.home() / ".cache" / "chmc"))
+    base, experts = bench.make_family(root / "bench" / "compile_llama_0.17b")
+    artifact = build(base, experts, work / "artifact_0.17b", groups=2, progress=False, force=True)
+    cmd = [sys.executable, "-m", "chmc", "export", str(artifact), "--out",
+           str(work / "onnx_0.17b"), "--dtype", "float16", "--force"]
+    result = bench.measure(cmd)
+    size = sum(f.stat().st_size for f in artifact.iterdir() if f.is_file())
+    return {**result, "artifact_gb": round(size / 1024**3, 3),
+            "peak_rss_vs_artifact": round(result["peak_rss_gb"] * 1024**3 / size, 3),
+            "goal": 1.5}
 
 
 def folder_mb(folder: Path) -> float:
@@ -98,7 +121,13 @@ def main() -> None:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--forms", default="gather,select")
     p.add_argument("--workdir", default=None, help="Keep the models here (default: temp).")
+    p.add_argument("--export-memory", action="store_true",
+                   help="Only measure export peak RSS on the 0.17B compile-benchmark family.")
     args = p.parse_args()
+    if args.export_memory:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(json.dumps(export_memory(Path(args.workdir or tmp)), indent=1))
+        return
 
     from chmc.compiler.export import export
     from chmc.compiler.merge import build
@@ -115,7 +144,7 @@ def main() -> None:
         graphs = {"dense": export(base, work / "dense", force=True)}
         for form in args.forms.split(","):
             graphs[form] = export(artifact, work / form, linear=form, force=True)
-        results = {name: measure(folder, args.experts, args) for name, folder in graphs.items()}
+        results = measure(graphs, args.experts, args)
         dense = results["dense"]
         for name, r in results.items():
             if name == "dense":
