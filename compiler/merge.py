@@ -198,7 +198,7 @@ def run_task(plan: BuildPlan, task: TensorTask, writer: Any) -> dict[str, Any]:
     entry: dict[str, Any] = {"kind": task.kind, "shape": list(task.shape), "dtype": task.out_dtype}
     if task.kind == "stacked":
         out_dtype = getattr(torch, task.out_dtype)
-        stacked = torch.stack([c.tensor(task.name).to(out_dtype) for c in plan.experts.values()])
+        stacked = torch.stack([read_tensor(c, task.name).to(out_dtype) for c in plan.experts.values()])
         writer.write(f"{task.name}.experts", stacked)  # [N, ...]
         return entry
     bank, labels, stats = merge_tensor(plan, task)
@@ -209,62 +209,89 @@ def run_task(plan: BuildPlan, task: TensorTask, writer: Any) -> dict[str, Any]:
 
 
 def merge_tensor(plan: BuildPlan, task: TensorTask) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """One 2-D tensor -> (bank [K, out, in], labels [out, N], stats)."""
+    """One 2-D tensor -> (bank [K, out, in], labels [out, N], stats), streamed in row blocks."""
     import torch
     from chmc.compiler.grouping import RowBatch, group_rows
 
-    base = plan.base.tensor(task.name).float()  # [out, in]
+    base = read_tensor(plan.base, task.name).float()  # [out, in]
     ckpts = list(plan.experts.values())
-    deltas = torch.empty((len(ckpts), *task.shape), dtype=torch.float32)  # [N, out, in]
-    for n, ckpt in enumerate(ckpts):
-        torch.sub(ckpt.tensor(task.name).float(), base, out=deltas[n])
-    delta_sq = deltas.square().sum(dim=(1, 2))  # [N]
+    n, k = len(ckpts), task.groups
+    deltas = torch.empty((n, *task.shape), dtype=torch.float32)  # [N, out, in], raw
+    for i, ckpt in enumerate(ckpts):
+        torch.sub(read_tensor(ckpt, task.name), base, out=deltas[i])
     weights = plan.params.weights()
-    blocks = row_blocks(task.shape[0], len(ckpts) * task.shape[1])
-    labels = torch.cat([group_rows(plan.clustering, RowBatch(deltas[:, a:b], weights), task.groups)
-                        for a, b in blocks])  # [out, N]
-    if plan.method.sparsify is not None:
-        for n in range(len(ckpts)):
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{plan.seed}/{task.name}/{n}".encode()))
-            plan.method.sparsify(deltas[n], plan.params.expert(n), gen)
-    bank = torch.empty((task.groups, *task.shape), dtype=getattr(torch, task.out_dtype))
+    blocks = row_blocks(task.shape[0], n * task.shape[1])
+    delta_sq = torch.zeros(n, dtype=torch.float64)  # ||d_n||^2, from the Gram diagonals
+    labels = torch.empty((task.shape[0], n), dtype=torch.long)  # [out, N]
     for a, b in blocks:
-        merged = plan.method.combine(deltas[:, a:b], labels[a:b], task.groups, plan.params)
-        bank[:, a:b] = merged + base[a:b]  # [K, R, in]
+        batch = RowBatch(deltas[:, a:b], weights)
+        labels[a:b] = group_rows(plan.clustering, batch, k)
+        delta_sq += batch.gram.diagonal(dim1=1, dim2=2).sum(0)
+    sizes = torch.nn.functional.one_hot(labels, k).sum(1)  # [out, K]: members per group
+    shared = (sizes.gather(1, labels) > 1).float()  # [out, N]: 1 where expert n's row is merged
+    sparse = [None] * n if plan.method.sparsify is None else [
+        plan.method.sparsify(deltas[i], plan.params.expert(i), _generator(plan, task, i), blocks)
+        for i in range(n)]
+    bank = torch.empty((k, *task.shape), dtype=getattr(torch, task.out_dtype))
+    err_sq = torch.zeros(n, dtype=torch.float64)
+    for b_i, (a, b) in enumerate(blocks):
+        raw = deltas[:, a:b]  # [N, R, in]
+        used = raw if sparse[0] is None else torch.stack([f(raw[i], b_i) for i, f in enumerate(sparse)])
+        merged = plan.method.combine(used, labels[a:b], k, plan.params)  # [K, R, in]
+        bank[:, a:b] = merged + base[a:b]
+        flat = merged.reshape(k * (b - a), -1)  # [K*R, in]
+        for i in range(n):  # error on merged rows; single-member rows are exact copies (below)
+            rec = flat.index_select(0, labels[a:b, i] * (b - a) + torch.arange(b - a))  # [R, in]
+            row_sq = torch.linalg.vector_norm(rec.sub_(raw[i]), dim=1).square()  # [R]
+            err_sq[i] += float(row_sq @ shared[a:b, i])
     del deltas, base
-    stats = finish_bank(plan, task, bank, labels, delta_sq)
-    return bank, labels, stats
+    copy_singletons(plan, task, bank, labels, sizes)
+    names = list(plan.experts)
+    return bank, labels, {
+        "rel_error": {m: rel_error(float(e), float(d)) for m, e, d in zip(names, err_sq, delta_sq)},
+        "err_sq": dict(zip(names, err_sq.tolist())),
+        "delta_sq": dict(zip(names, delta_sq.tolist())),
+        "mean_groups_used": float((sizes > 0).sum(1).float().mean()),
+    }
+
+
+def _generator(plan: BuildPlan, task: TensorTask, expert: int) -> torch.Generator:
+    """Seeded per (seed, tensor, expert): DARE's drops do not depend on the tensor order."""
+    import torch
+
+    return torch.Generator().manual_seed(zlib.crc32(f"{plan.seed}/{task.name}/{expert}".encode()))
+
+
+def copy_singletons(plan: BuildPlan, task: TensorTask, bank: torch.Tensor, labels: torch.Tensor,
+                    sizes: torch.Tensor) -> None:
+    """A group with one member stores that expert's row exactly; unused slots copy group 0."""
+    import torch
+
+    rows = torch.arange(task.shape[0])
+    for i, ckpt in enumerate(plan.experts.values()):
+        alone = rows[sizes.gather(1, labels[:, i : i + 1])[:, 0] == 1]
+        if len(alone):
+            bank[labels[alone, i], alone] = read_tensor(ckpt, task.name)[alone].to(bank.dtype)
+    for g in range(1, task.groups):
+        empty = rows[sizes[:, g] == 0]
+        bank[g, empty] = bank[0, empty]
+
+
+def read_tensor(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    """One tensor, read with a handle closed right after: a kept safetensors handle keeps every
+    page it ever touched mapped, which would grow RSS to the size of all the checkpoints."""
+    info = ckpt.tensors[name]
+    if info.file.suffix != ".safetensors":
+        return ckpt.tensor(name)
+    from safetensors import safe_open
+
+    with safe_open(str(info.file), framework="pt") as f:
+        return f.get_tensor(name)  # a copy, not a view of the mapping
 
 
 def row_blocks(rows: int, row_elements: int) -> list[tuple[int, int]]:
     step = max(1, CHUNK_ELEMENTS // max(1, row_elements))
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
-
-
-def finish_bank(plan: BuildPlan, task: TensorTask, bank: torch.Tensor, labels: torch.Tensor,
-                delta_sq: torch.Tensor) -> dict[str, Any]:
-    """Singleton groups get their expert's exact row, unused slots copy group 0; measure errors."""
-    import torch
-
-    k = task.groups
-    rows = torch.arange(task.shape[0])
-    counts = torch.nn.functional.one_hot(labels, k).sum(1)  # [out, K]: members per group
-    errors: dict[str, float] = {}
-    err_sq: dict[str, float] = {}
-    for n, (name, ckpt) in enumerate(plan.experts.items()):
-        expert = ckpt.tensor(task.name)  # [out, in], source dtype
-        alone = counts[rows, labels[:, n]] == 1  # [out]
-        sel = rows[alone]
-        bank[labels[sel, n], sel] = expert[sel].to(bank.dtype)
-        diff = bank[labels[:, n], rows].float() - expert.float()
-        err_sq[name] = float(diff.square().sum())
-        errors[name] = rel_error(err_sq[name], float(delta_sq[n]))
-    for g in range(1, k):
-        empty = rows[counts[:, g] == 0]
-        bank[g, empty] = bank[0, empty]
-    distinct = float((counts > 0).sum(1).float().mean())
-    return {"rel_error": errors, "err_sq": err_sq,
-            "delta_sq": dict(zip(plan.experts, delta_sq.tolist())), "mean_groups_used": distinct}
 
 
 def rel_error(err_sq: float, delta_sq: float) -> float:

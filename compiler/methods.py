@@ -1,8 +1,9 @@
 """Merge methods: how the row deltas inside one group become that group's merged delta.
 
 A method is a registry entry (mergekit style) with typed parameters and two small callables:
-- `sparsify(delta [out, in], params, generator)`: per expert and per whole tensor, in place
-  (TIES' top-k trim, DARE's random drop + L1 rescale); None for dense methods.
+- `sparsify(delta [out, in], params, generator, blocks)`: per expert and per whole tensor (TIES'
+  top-k trim, DARE's random drop + L1 rescale), it looks at the whole tensor once and returns an
+  `apply(rows, i)` that sparsifies block i of rows as it streams past; None for dense methods.
 - `combine(deltas [N, R, in], labels [R, N], k, params)`: the merged delta of every group [K, R, in].
 
 Semantics (mergekit's, so K=1 reproduces a mergekit merge):
@@ -74,7 +75,9 @@ class Resolved:
         return out
 
 
-SparsifyFn = Callable[["torch.Tensor", dict[str, Any], "torch.Generator"], None]
+Blocks = list[tuple[int, int]]  # row ranges [a, b) the tensor is streamed in
+Apply = Callable[["torch.Tensor", int], "torch.Tensor"]  # (rows of block i [R, in], i) -> sparse rows
+SparsifyFn = Callable[["torch.Tensor", dict[str, Any], "torch.Generator", Blocks], Apply]
 CombineFn = Callable[["torch.Tensor", "torch.Tensor", int, Resolved], "torch.Tensor"]
 
 
@@ -133,16 +136,19 @@ def get_method(name: str) -> MergeMethod:
 
 # --- the shared arithmetic --------------------------------------------------------------------
 
-def _membership(labels: torch.Tensor, k: int) -> torch.Tensor:
-    """One-hot group membership: labels [R, N] -> [R, K, N] fp32."""
-    import torch
+class GroupSums:
+    """Weighted per-group sums over the members' rows, as one batched matmul over rows."""
 
-    return torch.nn.functional.one_hot(labels, k).transpose(1, 2).float()
+    def __init__(self, labels: torch.Tensor, k: int, w: torch.Tensor):
+        import torch
 
+        member = torch.nn.functional.one_hot(labels, k).transpose(1, 2).float()  # [R, K, N]
+        self.total_w = (member @ w).T[:, :, None]  # [K, R, 1]: summed member weights
+        self.member_w = member * w  # [R, K, N]
 
-def _group_sum(member: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """sum over each group's members: member [R, K, N], x [N, R, in] -> [K, R, in]."""
-    return (member @ x.transpose(0, 1)).transpose(0, 1)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """sum_{n in g} w_n x_n: x [N, R, in] -> [K, R, in]."""
+        return (self.member_w @ x.transpose(0, 1)).transpose(0, 1)
 
 
 def _nonzero(x: torch.Tensor) -> torch.Tensor:
@@ -152,63 +158,99 @@ def _nonzero(x: torch.Tensor) -> torch.Tensor:
 
 def weighted_sum(deltas: torch.Tensor, labels: torch.Tensor, k: int, p: Resolved,
                  normalize: bool) -> torch.Tensor:
-    member = _membership(labels, k)  # [R, K, N]
-    w = p.weights()
-    total = _group_sum(member, deltas * w[:, None, None])  # [K, R, in]
+    """sum_g(w_n d_n) per group, optionally / sum_g(w_n), times lambda: [N, R, in] -> [K, R, in]."""
+    groups = GroupSums(labels, k, p.weights())
+    merged = groups(deltas)
     if normalize:
-        total = total / _nonzero(member @ w).T[:, :, None]
-    return total * p.values.get("lambda", 1.0)
-
-
-def sign_consensus(deltas: torch.Tensor, labels: torch.Tensor, k: int, p: Resolved) -> torch.Tensor:
-    """TIES' disjoint merge: elect a sign per group and coordinate, merge only agreeing members."""
-    import torch
-
-    member = _membership(labels, k)  # [R, K, N]
-    w = p.weights()
-    weighted = deltas * w[:, None, None]  # [N, R, in]
-    total = _group_sum(member, weighted)  # [K, R, in]
-    elected = torch.where(total >= 0, 1.0, -1.0)  # zero sum counts as +
-    rows = torch.arange(labels.shape[0])
-    mine = elected[labels.T, rows[None, :]]  # [N, R, in]: the sign elected in each expert's group
-    agree = (weighted.sign() == mine).float()
-    del elected, mine
-    merged = _group_sum(member, weighted * agree)
-    if p.values.get("normalize", True):
-        merged = merged / _nonzero(_group_sum(member, agree * w[:, None, None]))
+        merged = merged / _nonzero(groups.total_w)
     return merged * p.values.get("lambda", 1.0)
 
 
-def trim_top_k(delta: torch.Tensor, params: dict[str, Any], gen: torch.Generator) -> None:
-    """Keep the k = max(1, int(density * numel)) largest |d| (lowest index first among equals)."""
-    density = params["density"]
-    if density >= 1:
-        return
-    flat = delta.view(-1)
-    mag = flat.abs()
-    k = max(1, int(density * flat.numel()))
-    threshold = mag.kthvalue(flat.numel() - k + 1).values  # the k-th largest magnitude
-    keep = mag > threshold
-    need = k - int(keep.sum())
-    if need > 0:
-        at = mag == threshold
-        keep |= at & (at.cumsum(0) <= need)
-    flat.mul_(keep)
+def sign_consensus(deltas: torch.Tensor, labels: torch.Tensor, k: int, p: Resolved) -> torch.Tensor:
+    """TIES' disjoint merge: elect a sign per group and coordinate, merge only agreeing members.
+
+    With the positive and negative parts summed separately (weights are >= 0, so w * d has the
+    sign of d), the elected sign is that of their sum, and the agreeing members' sum and weight
+    are the parts of that sign: no per-expert gather of the elected sign is needed.
+    """
+    import torch
+
+    groups = GroupSums(labels, k, p.weights())
+    part = deltas.clamp_min(0)  # [N, R, in]
+    pos, w_pos = groups(part), groups((part > 0).float())  # [K, R, in]
+    part = deltas.clamp_max(0)
+    neg, w_neg = groups(part), groups((part < 0).float())
+    del part
+    plus = (pos + neg) >= 0  # the elected sign: a zero sum counts as +
+    merged = torch.where(plus, pos, neg)
+    if p.values.get("normalize", True):
+        merged /= _nonzero(torch.where(plus, w_pos, w_neg))
+    return merged * p.values.get("lambda", 1.0)
 
 
-def dare_drop(delta: torch.Tensor, params: dict[str, Any], gen: torch.Generator) -> None:
-    """Keep each entry with probability density, then restore the tensor's L1 norm."""
+def trim_top_k(delta: torch.Tensor, params: dict[str, Any], gen: torch.Generator,
+               blocks: Blocks) -> Apply:
+    """TIES' trim: keep the k = max(1, int(density * numel)) largest |d| of the whole tensor,
+    the lowest flat index first among equal magnitudes.
+
+    The threshold is found in two streamed passes without sorting: a histogram of |d| over the
+    top 16 bits of its float32 pattern (monotone for non-negative floats) finds the bin that holds
+    the k-th largest, then an exact select among that bin's few values.
+    """
     import torch
 
     density = params["density"]
     if density >= 1:
-        return
-    l1 = delta.abs().sum()
-    keep = torch.rand(delta.shape, generator=gen) < density
-    delta.mul_(keep)
-    kept = delta.abs().sum()
-    if kept > 0:
-        delta.mul_(l1 / kept)
+        return lambda x, i: x
+    k = max(1, int(density * delta.numel()))
+    hist = torch.zeros(1 << 16, dtype=torch.long)
+    for a, b in blocks:
+        hist += torch.bincount(_bin(delta[a:b].abs()).view(-1), minlength=1 << 16)
+    at_least = hist.flip(0).cumsum(0).flip(0)  # [65536]: entries in this bin or above
+    j = int((at_least >= k).nonzero().max())
+    above = int(at_least[j + 1]) if j + 1 < len(at_least) else 0
+    in_bin = [mag[_bin(mag) == j] for mag in (delta[a:b].abs() for a, b in blocks)]
+    values = torch.cat(in_bin)
+    threshold = values.kthvalue(values.numel() - (k - above) + 1).values
+    need = k - above - int((values > threshold).sum())  # ties at the threshold to keep, in order
+    quota = []
+    for v in in_bin:
+        ties = int((v == threshold).sum())
+        quota.append((min(need, ties), ties))
+        need -= quota[-1][0]
+
+    def apply(x: torch.Tensor, i: int) -> torch.Tensor:
+        mag = x.abs()
+        take, ties = quota[i]
+        keep = mag >= threshold if take == ties else mag > threshold
+        if 0 < take < ties:
+            keep.view(-1)[(mag == threshold).view(-1).nonzero()[:take, 0]] = True
+        return x * keep
+
+    return apply
+
+
+def _bin(mag: torch.Tensor) -> torch.Tensor:
+    """The top 16 bits of non-negative float32s, ordered as the floats are."""
+    import torch
+
+    return mag.view(torch.int32) >> 15
+
+
+def dare_drop(delta: torch.Tensor, params: dict[str, Any], gen: torch.Generator,
+              blocks: Blocks) -> Apply:
+    """DARE: keep each entry with probability density (seeded), rescale to the tensor's L1 norm."""
+    import torch
+
+    density = params["density"]
+    if density >= 1:
+        return lambda x, i: x
+    masks = [torch.rand((b - a, delta.shape[1]), generator=gen) < density for a, b in blocks]
+    l1 = sum(float(delta[a:b].abs().sum(dtype=torch.float64)) for a, b in blocks)
+    kept = sum(float((delta[a:b] * m).abs().sum(dtype=torch.float64))
+               for (a, b), m in zip(blocks, masks))
+    scale = l1 / kept if kept > 0 else 1.0
+    return lambda x, i: x * masks[i] * scale
 
 
 WEIGHT = Param("weight", float, 1.0, per_expert=True, low=0.0)

@@ -205,3 +205,18 @@ def test_dare_is_seeded(random_family, tmp_path):
     name = "model.layers.0.self_attn.q_proj.weight.bank"
     assert torch.equal(arts[0].stored(name), arts[1].stored(name))
     assert not torch.equal(arts[0].stored(name), arts[2].stored(name))
+
+
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.5, 0.97])
+def test_trim_keeps_exactly_top_k_with_ties(density):
+    """Streamed top-k (histogram + exact select) equals a stable sort, even with many equal |d|."""
+    from chmc.compiler.methods import trim_top_k
+
+    gen = torch.Generator().manual_seed(11)
+    delta = torch.randint(-40, 41, (300, 70), generator=gen).float() / 64  # many ties
+    blocks = [(a, min(a + 37, 300)) for a in range(0, 300, 37)]  # several blocks
+    apply = trim_top_k(delta, {"density": density}, gen, blocks)
+    got = torch.cat([apply(delta[a:b], i) for i, (a, b) in enumerate(blocks)]).numpy()
+    want = ref_trim(delta.double().numpy(), density)
+    assert np.array_equal(got, want)
+    assert np.count_nonzero(got) <= max(1, int(density * delta.numel()))
