@@ -270,6 +270,7 @@ def test_aot_kernels_compile_to_ptx(dtype: str) -> None:
         pytest.skip("under TRITON_INTERPRET=1 kernels are not compilable JIT functions")
     from chmc.plugins.channel_gather_matmul.tensorrt_plugin import (
         AOT_LAUNCH,
+        PORTABLE_SHARED_BYTES,
         TACTICS,
         compile_kernel,
         kernel_signature,
@@ -288,6 +289,7 @@ def test_aot_kernels_compile_to_ptx(dtype: str) -> None:
         assert [p.startswith("u64") for p in params[:len(ours)]] == [t.startswith("*") for t in ours]
         assert "mma" in ptx or dtype == "float32"  # tensor cores for 16-bit inputs
         assert compiled.metadata.num_warps == AOT_LAUNCH[mode].num_warps
+        assert 0 < compiled.metadata.shared <= PORTABLE_SHARED_BYTES  # no opt-in launch needed
 
 
 def test_kernels_under_interpreter() -> None:

@@ -12,7 +12,7 @@ NOTE: no `from __future__ import annotations` here: tensorrt.plugin reads the an
 registered functions at decoration time and needs them evaluated.
 """
 
-from typing import Any
+from typing import Any, List, Tuple, Union  # noqa: UP035  tensorrt.plugin checks these hints
 
 from chmc.errors import MissingDependencyError
 from chmc.plugins.channel_gather_matmul.kernels import KERNELS, Launch, fixed_launch
@@ -22,7 +22,10 @@ PLUGIN_NAMESPACE, PLUGIN_NAME = PLUGIN_ID.split("::")
 TACTICS = {1: "mixed", 2: "prefill"}  # custom tactic ids (0 means "default" to TensorRT)
 TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 TRT_TYPES = {"float16": "FP16", "bfloat16": "BF16", "float32": "FP32"}  # AutoTuneCombination names
-AOT_LAUNCH = {"mixed": fixed_launch("mixed", 16), "prefill": fixed_launch("prefill", 16)}
+# Fixed launches for the embedded PTX. They stay within the 48 KiB of shared memory a kernel may
+# use without the launcher opting in to more, since we cannot rely on TensorRT doing so.
+AOT_LAUNCH = {"mixed": fixed_launch("mixed", 16), "prefill": Launch(128, 128, 32, 8, 2)}
+PORTABLE_SHARED_BYTES = 48 * 1024
 _registered = False
 
 
@@ -39,7 +42,7 @@ def kernel_signature(mode: str, dtype: str) -> dict[str, str]:
 
 
 def compile_kernel(mode: str, dtype: str, launch: Launch, arch: int | None = None,
-                   divisible: tuple[str, ...] = ()) -> Any:
+                   divisible: tuple[str, ...] = (), max_shared: int | None = None) -> Any:
     """Compile one kernel with Triton; `arch` (e.g. 90) targets a GPU absent from this machine.
 
     Pointers are declared 16-byte aligned (TensorRT's buffers are) and the int arguments named in
@@ -60,6 +63,8 @@ def compile_kernel(mode: str, dtype: str, launch: Launch, arch: int | None = Non
     target = GPUTarget("cuda", arch, 32) if arch is not None else None
     compiled = triton.compile(src, target=target,
                               options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+    if max_shared is not None and compiled.metadata.shared > max_shared:
+        raise RuntimeError(f"{mode} kernel needs {compiled.metadata.shared} bytes of shared memory")
     if getattr(compiled.metadata, "global_scratch_size", 0):
         raise RuntimeError(f"{mode} kernel needs Triton global scratch, which TensorRT cannot pass")
     return compiled
@@ -121,20 +126,23 @@ def _define() -> None:
 
     @trtp.autotune(PLUGIN_ID)
     def _tune(x: trtp.TensorDesc, bank: trtp.TensorDesc, index: trtp.TensorDesc,
-              expert_id: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc]) -> list[Any]:
+              expert_id: trtp.TensorDesc,
+              outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:  # noqa: UP006
         return [trtp.AutoTuneCombination(f"{t},{t},INT32,INT64,{t}", "LINEAR", list(TACTICS))
                 for t in TRT_TYPES.values()]
 
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(x: trtp.TensorDesc, bank: trtp.TensorDesc, index: trtp.TensorDesc,
-             expert_id: trtp.TensorDesc, outputs: tuple[trtp.TensorDesc],
-             tactic: int) -> tuple[str | bytes, str | bytes, Any, Any]:
+             expert_id: trtp.TensorDesc, outputs: Tuple[trtp.TensorDesc],  # noqa: UP006
+             tactic: int) -> Tuple[Union[str, bytes], Union[str, bytes],  # noqa: UP006, UP007
+                                   trtp.KernelLaunchParams, trtp.SymExprs]:
         mode = TACTICS.get(tactic, "mixed")
         launch = AOT_LAUNCH[mode]
         batch, seq, n_in = x.shape_expr[0], x.shape_expr[1], x.shape_expr[2]
         n_groups, n_out = bank.shape_expr[0], bank.shape_expr[1]
         divisible = divisible_dims(N_OUT=n_out, N_IN=bank.shape_expr[2])
-        compiled = compile_kernel(mode, dtypes[x.dtype], launch, divisible=divisible)
+        compiled = compile_kernel(mode, dtypes[x.dtype], launch, divisible=divisible,
+                                  max_shared=PORTABLE_SHARED_BYTES)
         params = trtp.KernelLaunchParams()
         if mode == "mixed":  # grid (cdiv(out, BN), cdiv(B * S, BM)), as kernels.grid
             params.grid_x = trtp.cdiv(n_out, launch.block_n)
