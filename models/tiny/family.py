@@ -1,0 +1,243 @@
+"""Trained tiny expert families: a deterministic recipe -> real Hugging Face base + expert folders.
+
+A `Recipe` fixes everything (tasks, model size, steps, seeds). The base LlamaForCausalLM is first
+pretrained on a copy mixture (tasks.BASE_TASKS) so the experts share a real starting point, then
+each expert is fully fine-tuned from it on its own task. The result is cached under
+$CHMC_CACHE (default ~/.cache/chmc) in families/<name>-<recipe hash>/, so a second build is instant:
+  family.json                 recipe, hash, build seconds, own-task validation accuracy
+  base/, experts/<task>/      save_pretrained folders (safetensors) + char tokenizer
+  tasks/<task>/{train,validation,eval}.jsonl
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chmc.errors import ChmcError
+from chmc.models.tiny.tasks import ALL_TASKS, BASE_TASKS, Task, make_splits, write_jsonl
+from chmc.models.tiny.tokenizer import EOS_ID, PAD_ID, VOCAB, encode, save_tokenizer
+
+RECIPE_VERSION = 1  # bump when the training code changes what a recipe produces
+SPLITS = ("train", "validation", "eval")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines a family; its hash names the cache folder."""
+
+    name: str
+    kind: str  # "distinct" | "conflict": which task table (tasks.ALL_TASKS) the tasks come from
+    tasks: tuple[str, ...]
+    seed: int = 0
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    intermediate: int = 256
+    base_steps: int = 800
+    expert_steps: int = 600
+    batch: int = 64
+    lr: float = 2e-3
+    n_train: int = 20000
+    n_validation: int = 200
+    n_eval: int = 200
+    check_every: int = 100  # experts stop early once validation exact match reaches `target`
+    target: float = 0.99
+
+    def digest(self) -> str:
+        blob = json.dumps({"version": RECIPE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def task_objects(self) -> dict[str, Task]:
+        table = ALL_TASKS[self.kind]
+        return {t: table[t] for t in self.tasks}
+
+
+RECIPES = {
+    "distinct": Recipe("distinct", "distinct", ("add", "rev", "sort", "shift")),
+    "conflict": Recipe("conflict", "conflict", ("rev", "sort", "shift", "rot")),
+    "distinct8": Recipe("distinct8", "distinct",
+                        ("add", "rev", "sort", "shift", "sub", "rot", "dbl", "max")),
+}
+
+
+@dataclass
+class Family:
+    """A built family on disk."""
+
+    path: Path
+    recipe: Recipe
+    info: dict[str, Any]
+
+    @property
+    def base(self) -> Path:
+        return self.path / "base"
+
+    @property
+    def experts(self) -> dict[str, Path]:
+        return {t: self.path / "experts" / t for t in self.recipe.tasks}
+
+    @property
+    def tasks(self) -> dict[str, dict[str, Path]]:
+        return {t: {s: self.path / "tasks" / t / f"{s}.jsonl" for s in SPLITS} for t in self.recipe.tasks}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CHMC_CACHE") or Path.home() / ".cache" / "chmc")
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ChmcError(f"unknown family '{name}': choose one of {sorted(RECIPES)}")
+    return RECIPES[name]
+
+
+def load_family(path: str | Path) -> Family:
+    path = Path(path)
+    file = path / "family.json"
+    if not file.is_file():
+        raise ChmcError(f"{path}: not a chmc tiny family (no family.json)")
+    info = json.loads(file.read_text())
+    return Family(path, Recipe(**{**info["recipe"], "tasks": tuple(info["recipe"]["tasks"])}), info)
+
+
+def family(recipe: Recipe | str, out: str | Path | None = None, *, force: bool = False,
+           progress: bool = True) -> Family:
+    """The family for `recipe`: loaded from `out` (default: the cache) or built there first."""
+    from chmc.compiler.outputs import staged_output
+
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    out = Path(out) if out else cache_dir() / "families" / f"{recipe.name}-{recipe.digest()}"
+    if (out / "family.json").is_file() and not force:
+        found = load_family(out)
+        if found.recipe.digest() != recipe.digest():
+            raise ChmcError(f"{out}: holds family recipe {found.recipe.digest()}, not "
+                            f"{recipe.digest()} (pass --force to rebuild)")
+        return found
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with staged_output(out, force=force or out.exists()) as tmp:
+        build(recipe, tmp, progress=progress)
+    return load_family(out)
+
+
+def write_tasks(recipe: Recipe, folder: Path) -> dict[str, dict[str, list[dict[str, str]]]]:
+    """Write each task's JSONL splits under folder/tasks and return them."""
+    sizes = {"validation": recipe.n_validation, "eval": recipe.n_eval, "train": recipe.n_train}
+    data = {}
+    for name, task in recipe.task_objects().items():
+        data[name] = make_splits(task, recipe.seed, sizes)
+        (folder / "tasks" / name).mkdir(parents=True)
+        for split in SPLITS:
+            write_jsonl(data[name][split], folder / "tasks" / name / f"{split}.jsonl")
+    return data
+
+
+def build(recipe: Recipe, folder: Path, progress: bool = True) -> dict[str, Any]:
+    """Pretrain the base, fine-tune one expert per task, save everything into `folder`."""
+    import torch
+
+    torch.set_num_threads(2)
+    start = time.time()
+    data = write_tasks(recipe, folder)
+    base_rows = [r for t in BASE_TASKS.values()
+                 for r in make_splits(t, recipe.seed, {"train": recipe.n_train})["train"]]
+    torch.manual_seed(recipe.seed)
+    model = new_model(recipe)
+    train(model, base_rows, recipe, recipe.base_steps, seed=recipe.seed, desc="base",
+          progress=progress)
+    save_model(model, folder / "base")
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    accuracy = {}
+    for i, (name, splits) in enumerate(data.items()):
+        model.load_state_dict(base_state)
+        val = splits["validation"]
+        steps = train(model, splits["train"], recipe, recipe.expert_steps, seed=recipe.seed + 1 + i,
+                      desc=f"expert {name}", check=lambda m, v=val: exact_match(m, v),
+                      progress=progress)
+        save_model(model, folder / "experts" / name)
+        accuracy[name] = {"validation": exact_match(model, val), "steps": steps}
+    info = {"recipe": dataclasses.asdict(recipe), "hash": recipe.digest(),
+            "build_seconds": round(time.time() - start, 1), "experts": accuracy}
+    (folder / "family.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def exact_match(model: Any, rows: list[dict[str, str]]) -> float:
+    """Greedy exact match (see runtime/evaluate.py) with the built-in tokenizer, no files needed."""
+    from chmc.runtime.evaluate import greedy
+
+    outs = greedy(model.eval(), [encode(r["prompt"]) for r in rows],
+                  max(len(r["answer"]) for r in rows) + 2, EOS_ID, PAD_ID)
+    return sum(encode(r["answer"]) == o for r, o in zip(rows, outs)) / len(rows)
+
+
+def new_model(recipe: Recipe) -> Any:
+    import transformers
+
+    config = transformers.LlamaConfig(
+        hidden_size=recipe.hidden, num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.heads, intermediate_size=recipe.intermediate,
+        vocab_size=len(VOCAB), max_position_embeddings=64, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def save_model(model: Any, folder: Path) -> None:
+    model.generation_config.eos_token_id = EOS_ID
+    model.generation_config.pad_token_id = PAD_ID
+    model.save_pretrained(folder)
+    save_tokenizer(folder)
+
+
+def _batch(rows: list[tuple[list[int], list[int]]]) -> tuple[Any, Any]:
+    """Right-padded ids and labels [B, S]; only answer tokens (and EOS) carry a loss."""
+    import torch
+
+    width = max(len(p) + len(a) for p, a in rows)
+    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (p, a) in enumerate(rows):
+        ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+        labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
+    return ids, labels
+
+
+def train(model: Any, rows: list[dict[str, str]], recipe: Recipe, steps: int, *, seed: int,
+          desc: str, check: Callable[[Any], float] | None = None, progress: bool = True) -> int:
+    """Full fine-tune with AdamW, linear warm-up then decay, seeded batches; returns steps run.
+
+    With `check` (validation exact match), stop once it reaches recipe.target.
+    """
+    import torch
+    from rich.progress import track
+
+    encoded = [(encode(r["prompt"]), encode(r["answer"]) + [EOS_ID]) for r in rows]
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.05, (steps - s) / (steps - warm + 1))))
+    model.train()
+    for step in track(range(1, steps + 1), description=f"training {desc}", transient=True,
+                      disable=not progress):
+        pick = torch.randint(len(encoded), (recipe.batch,), generator=gen).tolist()
+        ids, labels = _batch([encoded[j] for j in pick])  # [B, S]
+        model(input_ids=ids, labels=labels).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if check is not None and step % recipe.check_every == 0:
+            if check(model) >= recipe.target:
+                break
+            model.train()
+    model.eval()
+    return step
