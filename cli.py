@@ -298,3 +298,62 @@ def engine(
 
     ranges = Ranges(_range(batch, "--batch"), _range(seq, "--seq"), _range(past, "--past"))
     typer.echo(f"wrote {build_engine(onnx_dir, out, ranges=ranges, force=force)}")
+
+
+# --- tiny expert families, evaluation, demo (models/tiny/family.py, runtime/evaluate.py, demo.py)
+
+family_app = typer.Typer(help="The built-in tiny trained expert families (distinct, conflict, distinct8).",
+                         no_args_is_help=True)
+app.add_typer(family_app, name="family")
+
+
+@family_app.command("build")
+@user_errors
+def family_build(
+    name: Annotated[str, typer.Argument(help="distinct | conflict | distinct8.")],
+    out: Annotated[str | None, Opt("--out", help="Folder to write (default: the cache).")] = None,
+    force: Annotated[bool, Opt("--force", help="Rebuild even if present.")] = False,
+) -> None:
+    """Train (or take from $CHMC_CACHE) a tiny family: base/, experts/<task>/, tasks/<task>/*.jsonl."""
+    from chmc.models.tiny.family import family
+
+    fam = family(name, out, force=force)
+    typer.echo(f"{fam.path}  (built in {fam.info['build_seconds']} s; experts {fam.info['experts']})")
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    source: Annotated[str, typer.Argument(help="HF model folder or chmc artifact.")],
+    tasks: Annotated[list[str], typer.Argument(
+        metavar="[NAME=]FILE.jsonl...", help="Task files ({prompt, answer} lines).")],
+    expert: Annotated[list[str] | None, Opt("--expert", help="Artifact expert (repeat; default all).")] = None,
+    json_out: Annotated[str | None, Opt("--json", help="Write the results as JSON here.")] = None,
+    plot: Annotated[str | None, Opt("--plot", help="Draw accuracy vs stored parameters (PNG).")] = None,
+) -> None:
+    """Greedy exact match and mean answer NLL on JSONL tasks, as a table (and JSON, a plot)."""
+    import json
+    from pathlib import Path
+
+    from chmc.runtime.evaluate import evaluate, parse_task_args, plot_accuracy, print_report
+
+    report = evaluate(source, parse_task_args(tasks), experts=expert)
+    print_report(report)
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=1))
+    if plot:
+        ratio = report["ratio_to_ensemble"]
+        mean = 100 * sum(r["exact_match"] for r in report["results"]) / len(report["results"])
+        plot_accuracy([(Path(source).name, report["stored_parameters"], mean)], plot,
+                      title="" if ratio is None else f"{100 * ratio:.1f}% of the ensemble")
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[str | None, Opt("--out", help="Work folder (default: $CHMC_CACHE/demo).")] = None,
+) -> None:
+    """From nothing: build (or reuse) the distinct family, merge it at K=2, print the quality table."""
+    from chmc.demo import run_demo
+
+    run_demo(out)

@@ -45,3 +45,21 @@ def chmc_cli():
                               capture_output=True, text=True, timeout=timeout, check=False)
 
     return run
+
+
+def _trained_family(name: str):  # noqa: ANN202 - returns chmc.models.tiny.family.Family
+    from chmc.models.tiny.family import family
+
+    return family(name, progress=False)  # cached under $CHMC_CACHE: minutes once, then instant
+
+
+@pytest.fixture(scope="session")
+def distinct_family():  # noqa: ANN201
+    """The trained 4-task `distinct` family: .base, .experts {task: path}, .tasks {task: {split: jsonl}}."""
+    return _trained_family("distinct")
+
+
+@pytest.fixture(scope="session")
+def conflict_family():  # noqa: ANN201
+    """The trained 4-task `conflict` family (one prompt format, experts disagree); like distinct_family."""
+    return _trained_family("conflict")

@@ -1,0 +1,70 @@
+"""`chmc demo` and the quality table: each expert on its own task, unmerged vs channel-merged.
+
+The demo is a short sequence of stage calls (family -> build -> evaluate -> table), so later
+stages (export, engine, router) add one line each. `quality_row` and `print_quality_table` are
+shared with benchmarks/quality_table.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# A row: {"label", "params_pct", "accuracy": {task: exact match}, "nll": {task: nll}, ...}
+Row = dict[str, Any]
+
+
+def quality_row(label: str, family: Any, source: Path | None = None, split: str = "eval",
+                progress: bool = True, **extra: Any) -> Row:
+    """Each expert on its own task: the unmerged experts (source None) or an artifact's experts."""
+    from chmc.runtime.evaluate import evaluate
+
+    accuracy, nll = {}, {}
+    for task, files in family.tasks.items():
+        path = family.experts[task] if source is None else source
+        report = evaluate(path, {task: files[split]}, experts=None if source is None else [task],
+                          progress=progress)
+        accuracy[task] = report["results"][0]["exact_match"]
+        nll[task] = report["results"][0]["nll"]
+    pct = 100.0 if source is None else 100 * evaluate_ratio(source)
+    mean = sum(accuracy.values()) / len(accuracy)
+    return {"label": label, "params_pct": pct, "accuracy": accuracy, "mean": mean, "nll": nll, **extra}
+
+
+def evaluate_ratio(artifact: Path) -> float:
+    from chmc.compiler.artifact import read_manifest
+
+    return float(read_manifest(artifact)["accounting"]["ratio"])
+
+
+def print_quality_table(title: str, rows: list[Row]) -> None:
+    """Accuracy per task, mean, share of the unmerged mean kept, and stored params (% ensemble)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    tasks = list(rows[0]["accuracy"])
+    reference = rows[0]["mean"] or 1.0  # the first row is the unmerged experts
+    table = Table(title=title)
+    table.add_column("model")
+    for col in [*tasks, "mean", "kept", "params"]:
+        table.add_column(col, justify="right")
+    for r in rows:
+        cells = [f"{100 * r['accuracy'][t]:.1f}" for t in tasks]
+        table.add_row(r["label"], *cells, f"{100 * r['mean']:.1f}",
+                      f"{100 * r['mean'] / reference:.1f}%", f"{r['params_pct']:.1f}%")
+    Console().print(table)
+
+
+def run_demo(out: str | Path | None = None) -> list[Row]:
+    """Family (cached) -> channel-merge at K=2 -> evaluate on the eval split -> table."""
+    from chmc.compiler.merge import build
+    from chmc.models.tiny.family import cache_dir, family
+
+    work = Path(out) if out else cache_dir() / "demo"
+    work.mkdir(parents=True, exist_ok=True)
+    fam = family("distinct")
+    artifact = build(fam.base, fam.experts, work / "distinct-k2", groups=2, force=True)
+    rows = [quality_row("unmerged experts (oracle router)", fam),
+            quality_row("channel merging K=2 (cosine, mean)", fam, artifact)]
+    print_quality_table(f"distinct family, eval split ({fam.path})", rows)
+    return rows
