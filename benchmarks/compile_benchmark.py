@@ -1,0 +1,132 @@
+"""Build speed and peak memory of `chmc build` on a Llama-shaped 0.17B fp16 model with 4 experts.
+
+Prints one JSON object. Each build runs as its own subprocess; its wall time is measured around
+it and its peak RSS comes from os.wait4's rusage of that child alone. The model (hidden 1024,
+intermediate 2816, 8 layers, 16 heads, vocab 32000, untied lm_head) and 4 experts (base plus
+distinct random deltas) are written once with torch into $CHMC_CACHE/bench (default
+~/.cache/chmc/bench) and reused.
+
+Anchor: mergekit 0.1.5 TIES (density 0.5) on exactly this setup: 125.7 s wall, 2.60 GB peak RSS.
+Goal: chmc at K=2 at least 5x faster, peak RSS no higher. Where a `mergekit-yaml` executable is
+found ($MERGEKIT_YAML, or /tmp/mkvenv/bin/mergekit-yaml), it is run side by side.
+
+  python3 benchmarks/compile_benchmark.py [--skip-mergekit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SHAPE: dict[str, Any] = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
+         "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 32000}
+N_EXPERTS = 4
+MERGEKIT_ANCHOR = {"version": "0.1.5", "method": "ties", "density": 0.5, "wall_s": 125.7,
+                   "peak_rss_gb": 2.60}
+
+
+def make_family(root: Path) -> tuple[Path, dict[str, Path]]:
+    """Base and experts as safetensors written directly (fast), cached between runs."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    base_dir = root / "base"
+    experts = {f"expert_{i}": root / f"expert_{i}" for i in range(N_EXPERTS)}
+    if (root / "done").is_file():
+        return base_dir, experts
+    shutil.rmtree(root, ignore_errors=True)
+    config = transformers.LlamaConfig(**SHAPE, tie_word_embeddings=False, dtype="float16")
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in transformers.LlamaForCausalLM(config).state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(shape: torch.Size, scale: float) -> torch.Tensor:
+        return (torch.randn(shape, generator=gen) * scale).to(torch.float16)
+
+    base = {k: (torch.ones(s, dtype=torch.float16) if len(s) == 1 else rand(s, 0.02))
+            for k, s in shapes.items()}
+    for folder, tensors in [(base_dir, base)] + [
+        (path, {k: v + rand(v.shape, 0.002) for k, v in base.items()}) for path in experts.values()
+    ]:
+        folder.mkdir(parents=True)
+        config.save_pretrained(folder)
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        del tensors
+    (root / "done").write_text("ok")
+    return base_dir, experts
+
+
+def measure(cmd: list[str]) -> dict[str, float]:
+    """Run cmd as a child; wall time and that child's own peak RSS (os.wait4)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if status != 0:
+        raise SystemExit(f"command failed ({status}): {' '.join(cmd)}\n{err[-2000:]}")
+    return {"wall_s": round(wall, 2), "peak_rss_gb": round(usage.ru_maxrss / 1024**2, 3)}
+
+
+def chmc_build(base: Path, experts: dict[str, Path], out: Path, groups: int) -> list[str]:
+    return [sys.executable, "-m", "chmc", "build", "--base", str(base), "--experts",
+            *(f"{n}={p}" for n, p in experts.items()), "--groups", str(groups), "--method", "ties",
+            "--density", "0.5", "--out", str(out), "--force"]
+
+
+def mergekit_command(base: Path, experts: dict[str, Path], work: Path) -> list[str] | None:
+    exe = (os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
+           or "/tmp/mkvenv/bin/mergekit-yaml")
+    if not Path(exe).is_file():
+        return None
+    models = "".join(f"  - model: {p}\n    parameters: {{weight: 1.0, density: 0.5}}\n"
+                     for p in experts.values())
+    cfg = work / "mergekit.yml"
+    cfg.write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n{models}"
+                   "parameters:\n  normalize: true\ndtype: float16\n")
+    return [exe, str(cfg), str(work / "mergekit_out"), "--lazy-unpickle", "--no-copy-tokenizer"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get(
+        "CHMC_CACHE", Path.home() / ".cache" / "chmc")) / "bench" / "compile_llama_0.17b")
+    parser.add_argument("--skip-mergekit", action="store_true")
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    base, experts = make_family(args.cache)
+    result: dict[str, object] = {
+        "setup": {**SHAPE, "dtype": "float16", "experts": N_EXPERTS, "params": 168_000_000,
+                  "family_ready_s": round(time.perf_counter() - t0, 1), "cpus": os.cpu_count()},
+    }
+    with tempfile.TemporaryDirectory(prefix="chmc-bench-") as tmp:
+        work = Path(tmp)
+        result["chmc_k2_ties"] = measure(chmc_build(base, experts, work / "k2", 2))
+        shutil.rmtree(work / "k2")
+        result["chmc_k1_ties"] = measure(chmc_build(base, experts, work / "k1", 1))
+        shutil.rmtree(work / "k1")
+        cmd = None if args.skip_mergekit else mergekit_command(base, experts, work)
+        if cmd is not None:
+            result["mergekit_ties"] = measure(cmd)
+        result["mergekit_anchor"] = MERGEKIT_ANCHOR
+    ref = result.get("mergekit_ties", MERGEKIT_ANCHOR)
+    k2 = result["chmc_k2_ties"]
+    assert isinstance(ref, dict) and isinstance(k2, dict)
+    speedup = round(ref["wall_s"] / k2["wall_s"], 2)
+    rss_ratio = round(k2["peak_rss_gb"] / ref["peak_rss_gb"], 3)
+    result.update(speedup_k2_vs_mergekit=speedup, rss_k2_vs_mergekit=rss_ratio,
+                  goal_met=speedup >= 5 and rss_ratio <= 1)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
