@@ -108,14 +108,14 @@ def plan_build(base: str | Path, experts: dict[str, str | Path], out: str | Path
     get_clustering(clustering)
     merge_method = get_method(method)
     params = merge_method.resolve(parameters, names)
-    out = check_output_path(out, force)
+    out_path = check_output_path(out, force)
     base_ckpt = Checkpoint(base)
     ckpts = {name: Checkpoint(path) for name, path in experts.items()}
     for name, ckpt in ckpts.items():
         check_compatible(base_ckpt, name, ckpt)
     tasks = plan_tasks(base_ckpt, groups, dtype)
     return BuildPlan(base_ckpt, ckpts, tasks, groups, clustering, merge_method, params, seed,
-                     dtype, out, force)
+                     dtype, out_path, force)
 
 
 def tied(ckpt: Checkpoint) -> bool:
@@ -229,14 +229,15 @@ def merge_tensor(plan: BuildPlan, task: TensorTask) -> tuple[torch.Tensor, torch
         delta_sq += batch.gram.diagonal(dim1=1, dim2=2).sum(0)
     sizes = torch.nn.functional.one_hot(labels, k).sum(1)  # [out, K]: members per group
     shared = (sizes.gather(1, labels) > 1).float()  # [out, N]: 1 where expert n's row is merged
-    sparse = [None] * n if plan.method.sparsify is None else [
-        plan.method.sparsify(deltas[i], plan.params.expert(i), _generator(plan, task, i), blocks)
+    sparsify = plan.method.sparsify
+    appliers = [] if sparsify is None else [
+        sparsify(deltas[i], plan.params.expert(i), _generator(plan, task, i), blocks)
         for i in range(n)]
     bank = torch.empty((k, *task.shape), dtype=getattr(torch, task.out_dtype))
     err_sq = torch.zeros(n, dtype=torch.float64)
     for b_i, (a, b) in enumerate(blocks):
         raw = deltas[:, a:b]  # [N, R, in]
-        used = raw if sparse[0] is None else torch.stack([f(raw[i], b_i) for i, f in enumerate(sparse)])
+        used = torch.stack([f(raw[i], b_i) for i, f in enumerate(appliers)]) if appliers else raw
         merged = plan.method.combine(used, labels[a:b], k, plan.params)  # [K, R, in]
         bank[:, a:b] = merged + base[a:b]
         flat = merged.reshape(k * (b - a), -1)  # [K*R, in]
