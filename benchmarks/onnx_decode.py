@@ -39,6 +39,16 @@ b.start(np.zeros(1, np.int64)).step(ids, np.ones_like(ids), np.arange(16)[None])
 print(json.dumps(rss() - before))
 """
 
+SPAWN_PROBE = """
+import json, os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(json.loads(sys.argv[1]), stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+assert status == 0, status
+print(json.dumps({"wall_s": round(time.perf_counter() - start, 2),
+                  "peak_rss_gb": round(usage.ru_maxrss / 1024**2, 3)}))
+"""
+
 
 def measure(graphs: dict[str, Path], n_experts: int, args: argparse.Namespace) -> dict[str, Any]:
     """Time every graph side by side: each round runs one prefill / one decode step per graph in
@@ -72,13 +82,13 @@ def measure(graphs: dict[str, Path], n_experts: int, args: argparse.Namespace) -
                 times[name].setdefault(f"b{batch}", []).append(time.perf_counter() - start)
     out: dict[str, Any] = {}
     for name, folder in graphs.items():
-        t = times[name]
+        tn = times[name]
         res = subprocess.run([sys.executable, "-c", RSS_PROBE, str(folder), str(args.threads)],
                              capture_output=True, text=True, check=True)
         out[name] = {
-            "prefill_ms": round(statistics.median(t["prefill"][1:]) * 1e3, 2),
-            "decode_b1_tokens_per_s": round(1 / statistics.median(t["b1"]), 2),
-            "decode_b8_tokens_per_s": round(8 / statistics.median(t["b8"]), 2),
+            "prefill_ms": round(statistics.median(tn["prefill"][1:]) * 1e3, 2),
+            "decode_b1_tokens_per_s": round(1 / statistics.median(tn["b1"]), 2),
+            "decode_b8_tokens_per_s": round(8 / statistics.median(tn["b8"]), 2),
             "session_rss_mb": round(json.loads(res.stdout) / 2**20, 1)}
     return out
 
@@ -101,7 +111,11 @@ def export_memory(work: Path) -> dict[str, Any]:
     artifact = build(base, experts, work / "artifact_0.17b", groups=2, progress=False, force=True)
     cmd = [sys.executable, "-m", "chmc", "export", str(artifact), "--out",
            str(work / "onnx_0.17b"), "--dtype", "float16", "--force"]
-    result = bench.measure(cmd)
+    # Linux carries a parent's peak RSS into a forked child's ru_maxrss, and this process holds
+    # torch and the build: start the export from a small helper process instead.
+    res = subprocess.run([sys.executable, "-c", SPAWN_PROBE, json.dumps(cmd)],
+                         capture_output=True, text=True, check=True)
+    result = json.loads(res.stdout)
     size = sum(f.stat().st_size for f in artifact.iterdir() if f.is_file())
     return {**result, "artifact_gb": round(size / 1024**3, 3),
             "peak_rss_vs_artifact": round(result["peak_rss_gb"] * 1024**3 / size, 3),
@@ -126,7 +140,9 @@ def main() -> None:
     args = p.parse_args()
     if args.export_memory:
         with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(export_memory(Path(args.workdir or tmp)), indent=1))
+            work = Path(args.workdir or tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            print(json.dumps(export_memory(work), indent=1))
         return
 
     from chmc.compiler.export import export

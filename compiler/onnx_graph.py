@@ -135,7 +135,7 @@ class ExternalData:
         self._f.write(b"\0" * pad)
         self.offset += pad
         data = t.reshape(-1).view(torch.uint8).numpy()
-        self._f.write(memoryview(data))
+        self._f.write(data.data)
         proto.data_location = onnx.TensorProto.EXTERNAL
         for k, v in (("location", self.file.name), ("offset", str(self.offset)),
                      ("length", str(data.nbytes))):
@@ -203,7 +203,7 @@ class DecoderGraph:
     def __init__(self, b: GraphBuilder, w: Weights, spec: ArchSpec, cfg: DecoderConfig,
                  linear: str):
         self.b, self.w, self.spec, self.cfg, self.linear = b, w, spec, cfg, linear
-        self.expert_id = "expert_id" if w.merged else None
+        self.expert_id = "expert_id"  # an input only when the source is merged
         self._vectors: dict[str, str] = {}
         self._stored: dict[str, tuple[str, str]] = {}
         self._transposed: dict[str, bool] = {}

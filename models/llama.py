@@ -5,6 +5,6 @@ from __future__ import annotations
 
 from chmc.models.spec import ArchSpec, register
 
-LLAMA = register(ArchSpec(architectures=("LlamaForCausalLM",)))
-MISTRAL = register(ArchSpec(architectures=("MistralForCausalLM",)))
-QWEN2 = register(ArchSpec(architectures=("Qwen2ForCausalLM",)))
+LLAMA = register(ArchSpec(architectures=("LlamaForCausalLM",), model_type="llama"))
+MISTRAL = register(ArchSpec(architectures=("MistralForCausalLM",), model_type="mistral"))
+QWEN2 = register(ArchSpec(architectures=("Qwen2ForCausalLM",), model_type="qwen2"))

@@ -19,6 +19,7 @@ class ArchSpec:
     """Tensor names of one decoder family; `{i}` is the layer number."""
 
     architectures: tuple[str, ...]
+    model_type: str = ""  # config.json's model_type, for folders saved without `architectures`
     embed: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
     lm_head: str = "lm_head.weight"
@@ -62,8 +63,16 @@ def register(spec: ArchSpec) -> ArchSpec:
 
 
 def architecture_of(config: dict[str, Any]) -> str:
-    archs = config.get("architectures") or [config.get("model_type", "unknown")]
-    return str(archs[0])
+    """config.json's architecture class, or the registered one for its model_type."""
+    import chmc.models.llama  # noqa: F401  registers the built-in families
+
+    if config.get("architectures"):
+        return str(config["architectures"][0])
+    model_type = config.get("model_type", "unknown")
+    for name, spec in _REGISTRY.items():
+        if spec.model_type == model_type:
+            return name
+    return str(model_type)
 
 
 def get_spec(architecture: str) -> ArchSpec:

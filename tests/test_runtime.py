@@ -132,3 +132,17 @@ def test_cli_check_passes_per_expert(onnx_family):
     assert res.returncode == 0, res.stdout + res.stderr
     for name in ("expert_0", "expert_1", "expert_2"):
         assert any(name in line and "pass" in line for line in res.stdout.splitlines()), res.stdout
+
+
+def test_load_artifact_exports_once_into_cache(onnx_family, runner, tmp_path, monkeypatch):
+    from chmc.runtime import load
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = load(onnx_family["k2"])
+    cached = list((tmp_path / "chmc" / "onnx").iterdir())
+    assert len(cached) == 1 and (cached[0] / "model.onnx").is_file()
+    mtime = (cached[0] / "model.onnx.data").stat().st_mtime_ns
+    load(onnx_family["k2"])  # reused, not exported again
+    assert (cached[0] / "model.onnx.data").stat().st_mtime_ns == mtime
+    assert first.generate(["ab"], [1], max_new_tokens=5) == \
+        runner.generate(["ab"], [1], max_new_tokens=5)
