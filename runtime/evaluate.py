@@ -129,7 +129,7 @@ class Encoder:
 
         try:
             self.tok = AutoTokenizer.from_pretrained(str(folder))
-        except Exception as e:  # transformers raises many types for missing/corrupt tokenizers
+        except Exception as e:  # noqa: BLE001  transformers raises many types for bad tokenizers
             raise ChmcError(f"{folder}: cannot load the tokenizer ({e})") from None
         eos = self.tok.eos_token_id if self.tok.eos_token_id is not None else config.eos_token_id
         if isinstance(eos, list):
@@ -206,12 +206,13 @@ def load_model(path: Path, expert: str | None = None) -> tuple[Any, Encoder]:
     import torch
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # our own bar counts examples
     is_artifact = (path / "chmc.json").is_file()
     if expert is not None and not is_artifact:
         raise ChmcError(f"{path}: --expert '{expert}' needs a chmc artifact (no chmc.json here)")
     try:
         config = transformers.AutoConfig.from_pretrained(str(path))
-    except Exception as e:  # missing or unreadable config.json
+    except Exception as e:  # noqa: BLE001  missing or unreadable config.json
         raise ChmcError(f"{path}: cannot read config.json ({e})") from None
     if not is_artifact:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
@@ -243,7 +244,7 @@ def evaluate(path: str | Path, tasks: dict[str, Path], *, experts: list[str] | N
         raise ChmcError(f"{path}: no such model folder or artifact")
     data = {name: read_examples(file) for name, file in tasks.items()}
     if (path / "chmc.json").is_file():
-        from chmc.compiler.artifact import read_manifest, expert_index, expert_names
+        from chmc.compiler.artifact import expert_index, expert_names, read_manifest
 
         manifest = read_manifest(path)
         for e in experts or []:

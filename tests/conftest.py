@@ -47,19 +47,19 @@ def chmc_cli():
     return run
 
 
-def _trained_family(name: str):  # noqa: ANN202 - returns chmc.models.tiny.family.Family
+def _trained_family(name: str):
     from chmc.models.tiny.family import family
 
     return family(name, progress=False)  # cached under $CHMC_CACHE: minutes once, then instant
 
 
 @pytest.fixture(scope="session")
-def distinct_family():  # noqa: ANN201
+def distinct_family():
     """The trained 4-task `distinct` family: .base, .experts {task: path}, .tasks {task: {split: jsonl}}."""
     return _trained_family("distinct")
 
 
 @pytest.fixture(scope="session")
-def conflict_family():  # noqa: ANN201
+def conflict_family():
     """The trained 4-task `conflict` family (one prompt format, experts disagree); like distinct_family."""
     return _trained_family("conflict")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from chmc.models.tiny.tokenizer import EOS_ID, VOCAB, save_tokenizer
 from chmc.runtime.evaluate import evaluate
 
@@ -26,9 +25,8 @@ def write_jsonl(file: Path, rows: list[tuple[str, str]]) -> Path:
 def successor_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real Llama folder whose attention and MLP outputs are zero, so the residual stream is
     the token's one-hot embedding and lm_head maps it to SUCCESSOR[token] (else <eos>)."""
-    from chmc.models.tiny.random_family import tiny_config
-
     import transformers
+    from chmc.models.tiny.random_family import tiny_config
 
     config = tiny_config("llama", hidden=64, layers=1, vocab=len(VOCAB), eos_token_id=EOS_ID)
     model = transformers.AutoModelForCausalLM.from_config(config)
@@ -137,3 +135,13 @@ def test_cli_bad_task_file_is_one_line(successor_model: Path, tmp_path: Path, ch
     assert not (tmp_path / "r.json").exists()
     res = chmc_cli("eval", successor_model, tmp_path / "nope.jsonl", "--expert", "x", cwd=tmp_path)
     assert res.returncode == 1 and "nope.jsonl" in res.stderr
+
+
+@pytest.mark.slow
+def test_demo_prints_the_quality_table(distinct_family, tmp_path: Path, chmc_cli) -> None:
+    res = chmc_cli("demo", "--out", tmp_path, cwd=tmp_path, timeout=900)
+    assert res.returncode == 0, res.stderr
+    assert "unmerged experts" in res.stdout and "channel merging K=2" in res.stdout
+    manifest = json.loads((tmp_path / "distinct-k2" / "chmc.json").read_text())
+    assert manifest["groups"] == 2 and manifest["accounting"]["ratio"] < 0.6
+    assert f"{100 * manifest['accounting']['ratio']:.1f}%" in res.stdout

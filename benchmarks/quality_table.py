@@ -1,0 +1,116 @@
+"""The quality table: does channel merging keep each expert's skill at K/N of the memory?
+
+For each family (built or taken from $CHMC_CACHE), rows are: the unmerged experts, each on its
+own task (the ensemble with an oracle router); channel merging at K = 1..N for both clusterings
+(within-group method "mean"); and the one-model baselines task_arithmetic, ties and dare_ties at
+K=1, each swept over a small grid, the best setting chosen on the validation split and reported
+on the eval split. Columns: exact match per task (eval split), mean, share of the unmerged mean
+kept, stored parameters as % of the ensemble.
+
+Note: at K=1 every 2-D weight is one shared bank; the artifact format still keeps 1-D tensors
+(RMSNorm weights, ~0.3% of the parameters here) per expert, so "one model" means one set of
+matrices.
+
+    python3 benchmarks/quality_table.py [--families distinct conflict] [--distinct8] [--out DIR]
+
+Prints the tables, then one JSON object; writes quality.json and quality.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from chmc.demo import Row, print_quality_table, quality_row
+
+BASELINES: dict[str, list[dict[str, float]]] = {
+    "task_arithmetic": [{"lambda": x} for x in (0.25, 0.5, 0.75, 1.0)],
+    "ties": [{"density": d, "lambda": x} for d, x in itertools.product((0.2, 0.5, 0.8), (1.0, 2.0))],
+    "dare_ties": [{"density": d, "lambda": x}
+                  for d, x in itertools.product((0.2, 0.5, 0.8), (1.0, 2.0))],
+}
+
+
+def merged(fam: Any, work: Path, tag: str, **build_args: Any) -> Path:
+    from chmc.compiler.merge import build
+
+    return build(fam.base, fam.experts, work / tag, force=True, progress=False, **build_args)
+
+
+def channel_rows(fam: Any, work: Path) -> list[Row]:
+    rows = []
+    n = len(fam.experts)
+    for clustering in ("cosine", "error"):
+        for k in range(1, n + 1):
+            art = merged(fam, work, f"cm-{clustering}-k{k}", groups=k, clustering=clustering)
+            rows.append(quality_row(f"channel merging K={k} ({clustering})", fam, art,
+                                    progress=False, method="channel", groups=k,
+                                    clustering=clustering))
+    return rows
+
+
+def baseline_rows(fam: Any, work: Path) -> list[Row]:
+    """Best setting of each one-model baseline on validation, then scored on eval."""
+    rows = []
+    for method, grid in BASELINES.items():
+        tried: list[tuple[float, dict[str, float], Path]] = []
+        for params in grid:
+            art = merged(fam, work, f"{method}-{len(tried)}", groups=1, method=method,
+                         parameters=params)
+            val = quality_row("", fam, art, split="validation", progress=False)
+            tried.append((val["mean"], params, art))
+        best_mean, params, art = max(tried, key=lambda t: t[0])
+        label = f"{method} K=1 ({', '.join(f'{k}={v}' for k, v in params.items())})"
+        rows.append(quality_row(label, fam, art, progress=False, method=method, groups=1,
+                                parameters=params, validation_mean=best_mean,
+                                sweep=[{"parameters": p, "validation_mean": m} for m, p, _ in tried]))
+    return rows
+
+
+def family_table(name: str, work: Path) -> dict[str, Any]:
+    from chmc.models.tiny.family import family
+
+    start = time.time()
+    fam = family(name)
+    work = work / name
+    work.mkdir(parents=True, exist_ok=True)
+    rows = [quality_row("unmerged experts (oracle router)", fam, progress=False, method="unmerged")]
+    rows += channel_rows(fam, work) + baseline_rows(fam, work)
+    print_quality_table(f"{name}: exact match (%) on the eval split, each expert on its own task", rows)
+    return {"family": name, "path": str(fam.path), "build_seconds": fam.info["build_seconds"],
+            "seconds": round(time.time() - start, 1), "rows": rows}
+
+
+def plot(tables: list[dict[str, Any]], file: Path) -> None:
+    from chmc.runtime.evaluate import plot_accuracy
+
+    points = [(f"{t['family']}: {r['label'].split(' (')[0]}", r["params_pct"], 100 * r["mean"])
+              for t in tables for r in t["rows"]]
+    plot_accuracy(points, file, title="mean exact match vs stored parameters (% of the ensemble)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--families", nargs="+", default=["distinct", "conflict"])
+    parser.add_argument("--distinct8", action="store_true", help="also the 8-task distinct family")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    names = args.families + (["distinct8"] if args.distinct8 else [])
+    tables = [family_table(name, args.out / "artifacts") for name in names]
+    for t in tables:  # outputs are bulky; the JSON keeps the numbers
+        for r in t["rows"]:
+            r.pop("outputs", None)
+    (args.out / "quality.json").write_text(json.dumps(tables, indent=1))
+    plot(tables, args.out / "quality.png")
+    json.dump(tables, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()
