@@ -16,6 +16,7 @@ row exactly, and bank slots unused by a row copy group 0, so the bank is always 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import zlib
 from dataclasses import dataclass
@@ -169,6 +170,27 @@ def build(base: str | Path, experts: dict[str, str | Path], out: str | Path, *, 
 
 def execute(plan: BuildPlan, progress: bool = True) -> Path:
     """Stream every task into a staged folder; it appears at plan.out only when complete."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(build_threads())
+    try:
+        return _execute(plan, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def build_threads() -> int:
+    """Intra-op threads for the build: $CHMC_THREADS, default 1. The work is memory-bound
+    streaming; measured here (2 shared cores) one thread ran the 0.17B build 5x faster than two,
+    whose barriers stall whenever another process holds a core."""
+    value = os.environ.get("CHMC_THREADS", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ChmcError(f"CHMC_THREADS={value!r}: expected a positive integer")
+    return int(value)
+
+
+def _execute(plan: BuildPlan, progress: bool) -> Path:
     from chmc.compiler.artifact import ShardedSafetensorsWriter
     from chmc.compiler.outputs import staged_output
     from rich.progress import Progress

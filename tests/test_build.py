@@ -172,3 +172,23 @@ def test_cli_build_inspect_and_force(random_family, tmp_path, chmc_cli):
     assert f"{ratio:.3f}" in r.stdout and all(f"e{i}" in r.stdout for i in range(4))
     errors = [e["rel_error"] for e in read_manifest(tmp_path / "art")["experts"]]
     assert all(f"{e:.4f}" in r.stdout for e in errors) and all(0 < e < 1 for e in errors)
+
+
+def test_pytorch_bin_expert_merges_like_safetensors(random_family, tmp_path):
+    """An expert saved as pytorch_model.bin (read with weights_only=True) gives the same banks."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    base, experts = random_family
+    binned = Path(shutil.copytree(experts["expert_1"], tmp_path / "bin_expert"))
+    torch.save(load_file(str(binned / "model.safetensors")), binned / "pytorch_model.bin")
+    (binned / "model.safetensors").unlink()
+    params = {"density": 0.5}
+    a = Artifact(build(base, {**experts, "expert_1": binned}, tmp_path / "a", groups=2,
+                       method="ties", parameters=params, progress=False))
+    b = Artifact(build(base, experts, tmp_path / "b", groups=2, method="ties", parameters=params,
+                       progress=False))
+    assert a.manifest["weight_map"] == b.manifest["weight_map"]
+    for stored in b.manifest["weight_map"]:
+        assert torch.equal(a.stored(stored), b.stored(stored)), stored

@@ -220,3 +220,32 @@ def test_trim_keeps_exactly_top_k_with_ties(density):
     want = ref_trim(delta.double().numpy(), density)
     assert np.array_equal(got, want)
     assert np.count_nonzero(got) <= max(1, int(density * delta.numel()))
+
+
+def test_k1_ties_equals_mergekit(random_family, tmp_path):
+    """Where mergekit is installed (never a dependency: set MERGEKIT_YAML to its mergekit-yaml,
+    e.g. from a separate venv), K=1 TIES equals its TIES merge."""
+    import os
+    import shutil
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    exe = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
+    if not exe:
+        pytest.skip("mergekit-yaml not found (set MERGEKIT_YAML)")
+    base, experts = random_family
+    w = {"expert_0": 1.0, "expert_1": 0.6, "expert_2": 1.3, "expert_3": 0.9}
+    models = "".join(f"  - model: {p}\n    parameters: {{weight: {w[n]}, density: 0.4}}\n"
+                     for n, p in experts.items())
+    (tmp_path / "mk.yml").write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n{models}"
+                                     "parameters:\n  normalize: true\ndtype: float32\n")
+    subprocess.run([exe, str(tmp_path / "mk.yml"), str(tmp_path / "mk"), "--no-copy-tokenizer"],
+                   check=True, capture_output=True, timeout=300)
+    theirs = load_file(str(tmp_path / "mk" / "model.safetensors"))
+    art = Artifact(build(base, experts, tmp_path / "ours", groups=1, method="ties",
+                         parameters={"weight": w, "density": 0.4}, progress=False))
+    for name, entry in art.manifest["tensors"].items():
+        if entry["kind"] == "merged":
+            diff = (art.expert_tensor(name, 0) - theirs[name]).abs().max().item()
+            assert diff <= TOL, name
