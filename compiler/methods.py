@@ -152,8 +152,11 @@ class GroupSums:
 
 
 def _nonzero(x: torch.Tensor) -> torch.Tensor:
-    """A divisor with zeros replaced by 1 (mergekit: an empty divisor leaves the sum as it is)."""
-    return x.masked_fill(x == 0, 1.0)
+    """A divisor with zeros lifted, in place. A zero summed weight (no member, or only weight-0
+    members) comes with a zero sum, so any positive divisor gives mergekit's result: 0."""
+    import torch
+
+    return x.clamp_min_(torch.finfo(torch.float32).tiny)
 
 
 def weighted_sum(deltas: torch.Tensor, labels: torch.Tensor, k: int, p: Resolved,
@@ -162,7 +165,7 @@ def weighted_sum(deltas: torch.Tensor, labels: torch.Tensor, k: int, p: Resolved
     groups = GroupSums(labels, k, p.weights())
     merged = groups(deltas)
     if normalize:
-        merged = merged / _nonzero(groups.total_w)
+        merged = merged / _nonzero(groups.total_w.clone())
     return merged * p.values.get("lambda", 1.0)
 
 
@@ -179,7 +182,7 @@ def sign_consensus(deltas: torch.Tensor, labels: torch.Tensor, k: int, p: Resolv
     groups = GroupSums(labels, k, p.weights())
     total = groups(deltas)  # [K, R, in]
     sign = deltas.sign()  # [N, R, in]
-    elected = torch.where(total >= 0, 1.0, -1.0)
+    elected = torch.copysign(torch.tensor(1.0), total)  # -1 only for -0.0: then every term is 0
     merged = torch.addcmul(total, groups(deltas.abs()), elected)  # 2 x the agreeing sum
     if not p.values.get("normalize", True):
         return merged * (0.5 * p.values.get("lambda", 1.0))
