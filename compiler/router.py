@@ -37,6 +37,7 @@ class RouterConfig:
     lr: float = 0.05
     holdout: float = 0.2
     seed: int = 0
+    max_examples: int = 1000  # prompts used per expert (a random sample): more add little here
 
 
 def features(input_ids: np.ndarray, attention_mask: np.ndarray, vocab: int,
@@ -111,6 +112,7 @@ def train_router(tokenizer_file: Path, data: dict[str, Path], experts: list[str]
     for label, name in enumerate(experts):
         prompts = read_prompts(Path(data[name]))
         rng.shuffle(prompts)
+        prompts = prompts[: config.max_examples]
         n_held = max(1, int(len(prompts) * config.holdout))
         held += [(p, label) for p in prompts[:n_held]]
         train += [(p, label) for p in prompts[n_held:]]
@@ -179,6 +181,15 @@ def add_router(artifact: str | Path, data: dict[str, Path], config: RouterConfig
     return report
 
 
+def no_router(where: str | Path) -> ChmcError:
+    """The error for expert 'auto' on a model without a router, saying how to add one."""
+    return ChmcError(
+        f"{where}: expert 'auto' needs a router, and this model has none: add one with "
+        "`chmc router ARTIFACT --data NAME=prompts.jsonl ...` (or `chmc build ... --router-data`), "
+        "then export again"
+    )
+
+
 def load_router(folder: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The stored router weights and manifest section; a clear error when there is none."""
     from safetensors.numpy import load_file
@@ -187,8 +198,67 @@ def load_router(folder: str | Path) -> tuple[dict[str, np.ndarray], dict[str, An
     manifest = read_manifest(folder)
     section = manifest.get("router")
     if section is None:
-        raise ChmcError(
-            f"{folder}: expert 'auto' needs a router, and this artifact has none: add one with "
-            "`chmc router ARTIFACT --data NAME=prompts.jsonl ...` (or `chmc build ... --router-data`)"
-        )
+        raise no_router(folder)
     return load_file(str(folder / section["file"])), section
+
+
+def route_prompts(folder: str | Path, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """`route` with the router stored in an artifact: expert ids [B] for padded prompts [B, S]."""
+    weights, section = load_router(folder)
+    return route(weights, input_ids, attention_mask, section["vocab"], section["config"]["buckets"])
+
+
+def router_graph(b: Any, weights: dict[str, np.ndarray], vocab: int, buckets: int,
+                 input_ids: str, attention_mask: str, expert_id: str) -> str:
+    """ONNX nodes (into GraphBuilder `b`) computing `route` on the graph's inputs; returns the
+    resolved id [B]: the router's argmax where expert_id < 0, expert_id elsewhere.
+
+    attention_mask [B, P+S] spans past and current tokens; the router reads its last S columns.
+    At decode steps the runtime passes back the id it got, so the router's answer is unused there.
+    """
+    import torch
+
+    big = np.iinfo(np.int64).max
+    seq = b.op("Slice", b.op("Shape", input_ids), b.const([1]), b.const([2]))  # [1] = S
+    mask = b.op("Slice", attention_mask, b.op("Neg", seq), b.const([big]), b.const([1]))  # [B, S]
+    first, rest = b.const([0]), b.const([1])
+
+    def pairs(x: str) -> tuple[str, str]:  # x[:, :-1], x[:, 1:]
+        return (b.op("Slice", x, first, b.const([-1]), rest),
+                b.op("Slice", x, rest, b.const([big]), rest))
+
+    a, c = pairs(input_ids)
+    bigram = b.op("Add", b.op("Mod", b.op("Add", b.op("Mul", a, b.const(vocab)), c),
+                              b.const(buckets)), b.const(vocab))  # [B, S-1]
+    ma, mc = pairs(mask)
+    feats = b.op("Concat", input_ids, bigram, axis=1)  # [B, F]
+    w = b.op("Cast", b.op("Concat", mask, b.op("Mul", ma, mc), axis=1), to=1)  # [B, F] float
+    table = b.weight("router.embedding", torch.from_numpy(weights["router.embedding"]))
+    emb = b.op("Gather", table, feats, axis=0)  # [B, F, D]
+    total = b.op("ReduceSum", b.op("Mul", emb, b.op("Unsqueeze", w, b.const([-1]))),
+                 b.const([1]), keepdims=0)  # [B, D]
+    count = b.op("Max", b.op("ReduceSum", w, b.const([1]), keepdims=1), b.const(1.0, "float32"))
+    linear = b.weight("router.weight.T", torch.from_numpy(weights["router.weight"].T.copy()))
+    bias = b.weight("router.bias", torch.from_numpy(weights["router.bias"]))
+    logits = b.op("Add", b.op("MatMul", b.op("Div", total, count), linear), bias)  # [B, N]
+    routed = b.op("ArgMax", logits, axis=-1, keepdims=0)  # [B] int64
+    return b.op("Where", b.op("Less", expert_id, b.const(0)), routed, expert_id)
+
+
+def print_router_report(report: dict[str, Any]) -> None:
+    """Held-out accuracy and the confusion matrix (rows: true expert, columns: routed) as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    experts = report["experts"]
+    table = Table(title="router confusion (held out)")
+    table.add_column("true \\ routed")
+    for e in experts:
+        table.add_column(e, justify="right")
+    for e, row in zip(experts, report["confusion"]):
+        table.add_row(e, *map(str, row))
+    console = Console()
+    console.print(table)
+    console.print(f"router: held-out accuracy {100 * report['heldout_accuracy']:.1f}% on "
+                  f"{report['heldout_examples']} prompts, {report['parameters']:,} parameters",
+                  soft_wrap=True)

@@ -2,7 +2,9 @@
 
 A backend gives `start(expert_ids)` -> a state whose `step(input_ids [B, S], attention_mask
 [B, T], position_ids [B, S])` returns the last position's logits [B, V] (float32, numpy) and keeps
-the cache for the next step. Rows of different experts run in the same call. numpy only.
+the cache for the next step. Rows of different experts run in the same call. An id of ROUTED (-1)
+lets the model's router pick the row's expert from its prompt at the first step; the state keeps
+that expert for the rest of the sequence (`state.expert_ids`). numpy only.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from typing import Any, Protocol
 import numpy as np
 from chmc.compiler.artifact import expert_index, expert_names
 from chmc.errors import ChmcError
+
+
+AUTO = "auto"  # the expert name that asks the model's router to pick
+ROUTED = -1  # its expert id: the backend routes the row on its prompt, then keeps that expert
 
 
 class StepState(Protocol):
@@ -116,7 +122,11 @@ class Runner:
             raise ChmcError(f"got {rows} prompts but {len(experts)} experts (one per prompt)")
         if not self.experts:
             raise ChmcError("this is a dense model without experts: pass experts=None")
-        return [expert_index(self.manifest, e) for e in experts]
+        if AUTO in experts and "router" not in self.manifest:
+            from chmc.compiler.router import no_router
+
+            raise no_router(self.manifest.get("export", {}).get("source", "this model"))
+        return [ROUTED if e == AUTO else expert_index(self.manifest, e) for e in experts]
 
     def generate_ids(self, prompts: list[list[int]], experts: list[str | int] | None = None,
                      max_new_tokens: int = 64, **kw: Any) -> list[list[int]]:

@@ -58,6 +58,7 @@ class OnnxRuntimeBackend:
         self.np_dtype = _NP_DTYPES[dtype]
         self.session = session_for(self.folder, export, providers, threads)
         self.merged = any(i["name"] == "expert_id" for i in export["inputs"])
+        self.reports_expert = any(o["name"] == "expert_id_used" for o in export["outputs"])
         self.layers = int(export["num_layers"])
 
     def start(self, expert_ids: np.ndarray) -> OrtState:
@@ -76,10 +77,17 @@ class OrtState:
         for i in range(backend.layers):
             self.feed[f"past_key_values.{i}.key"] = empty
             self.feed[f"past_key_values.{i}.value"] = empty
+        self.expert_ids = np.ascontiguousarray(expert_ids, dtype=np.int64)  # [B]
+        if (self.expert_ids < 0).any() and not e.get("router"):
+            from chmc.compiler.router import no_router
+
+            raise no_router(backend.folder)  # a graph without a router would read -1 as N-1
         if backend.merged:
-            self.feed["expert_id"] = np.ascontiguousarray(expert_ids, dtype=np.int64)
+            self.feed["expert_id"] = self.expert_ids
         self.outputs = ["logits"] + [f"present.{i}.{p}" for i in range(backend.layers)
                                      for p in ("key", "value")]
+        if backend.reports_expert:
+            self.outputs.append("expert_id_used")
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              position_ids: np.ndarray) -> np.ndarray:
@@ -89,4 +97,6 @@ class OrtState:
         for i in range(self.b.layers):
             self.feed[f"past_key_values.{i}.key"] = out[1 + 2 * i]
             self.feed[f"past_key_values.{i}.value"] = out[2 + 2 * i]
+        if self.b.reports_expert:  # routed rows keep the expert the router gave them
+            self.expert_ids = self.feed["expert_id"] = out[-1]
         return np.asarray(out[0][:, -1], dtype=np.float32)  # [B, V]

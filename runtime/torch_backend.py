@@ -80,12 +80,26 @@ class TorchState:
 
     def __init__(self, backend: TorchBackend, expert_ids: np.ndarray):
         self.b = backend
-        keys = expert_ids.tolist() if backend.is_artifact else [None] * len(expert_ids)
+        self.expert_ids = np.asarray(expert_ids, dtype=np.int64)  # [B]; -1: routed at step 1
+        if (self.expert_ids < 0).any() and "router" not in backend.manifest:
+            from chmc.compiler.router import no_router
+
+            raise no_router(backend.source)
         self.groups: dict[Any, list[int]] = {}
+
+    def _group(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
+        """Route the -1 rows on their prompts (compiler.router.route), then group rows by expert."""
+        from chmc.compiler.router import route_prompts
+
+        ids = self.expert_ids
+        if (ids < 0).any():
+            ids = np.where(ids < 0, route_prompts(self.b.source, input_ids, attention_mask), ids)
+            self.expert_ids = ids
+        keys = ids.tolist() if self.b.is_artifact else [None] * len(ids)
         for row, e in enumerate(keys):
             self.groups.setdefault(e, []).append(row)
         self.caches: dict[Any, Any] = dict.fromkeys(self.groups)
-        model = backend.model(next(iter(self.groups)))
+        model = self.b.model(next(iter(self.groups)))
         params = inspect.signature(model.forward).parameters  # transformers >= 5.x: `cache`
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
@@ -93,6 +107,8 @@ class TorchState:
              position_ids: np.ndarray) -> np.ndarray:
         import torch
 
+        if not self.groups:
+            self._group(input_ids, attention_mask)
         out: np.ndarray | None = None
         dev = self.b.device
         for e, rows in self.groups.items():
