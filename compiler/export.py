@@ -61,7 +61,7 @@ def export(src: str | Path, out: str | Path, *, linear: str = "gather", dtype: s
             "linear": linear if w.merged else "dense", "dtype": dtype,
             "architecture": cfg.architecture, "num_layers": cfg.layers,
             "num_kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "vocab_size": cfg.vocab,
-            "eos_token_ids": eos, "pad_token_id": pad, **io,
+            "eos_token_ids": eos, "pad_token_id": pad, "router": "router" in manifest, **io,
         }
         (tmp / "chmc.json").write_text(json.dumps(manifest, indent=1))
         try:

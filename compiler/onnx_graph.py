@@ -413,8 +413,20 @@ class DecoderGraph:
         act = b.op("Mul", gate, b.op("Sigmoid", gate))  # silu
         return self.linear_op(b.op("Mul", act, self.linear_op(x, names["up"])), names["down"])
 
+    def routed_expert(self) -> str:
+        """expert_id [B] as given, or routed by the artifact's router where it is < 0."""
+        if not (self.w.manifest or {}).get("router"):
+            return "expert_id"
+        from chmc.compiler.router import load_router, router_graph
+
+        weights, section = load_router(self.w.path)
+        return router_graph(self.b, weights, section["vocab"], section["config"]["buckets"],
+                            "input_ids", "attention_mask", "expert_id")
+
     def build(self) -> None:
         b, cfg, spec = self.b, self.cfg, self.spec
+        if self.w.merged:  # every gather reads the resolved id, also returned to the runtime
+            self.expert_id = b.op("Identity", self.routed_expert(), out="expert_id_used")
         cos, sin = self.rotary("position_ids")
         allowed = self.masks("attention_mask", "input_ids")
         h = self.embed("input_ids")
@@ -444,6 +456,8 @@ def io_spec(cfg: DecoderConfig, dtype: str, merged: bool) -> dict[str, list[dict
         for part in ("key", "value"):
             inputs.append({"name": f"past_key_values.{i}.{part}", "dtype": dtype, "shape": kv})
             outputs.append({"name": f"present.{i}.{part}", "dtype": dtype, "shape": present})
+    if merged:  # the id each row ran with (routed where expert_id < 0); fed back at decode steps
+        outputs.append({"name": "expert_id_used", "dtype": "int64", "shape": ["batch"]})
     return {"inputs": inputs, "outputs": outputs}
 
 
