@@ -90,6 +90,8 @@ def build(
         help="artifact (default) | onnx: also export the graph into OUT/onnx | trt: also the "
              "plugin-form graph into OUT/onnx-plugin and a TensorRT engine into OUT/engine.")] = (
         "artifact"),
+    router_data: Annotated[list[str] | None, Opt(
+        "--router-data", help="NAME=prompts.jsonl per expert: train a router (expert 'auto').")] = None,
 ) -> None:
     """Channel-merge N experts over their base into an artifact of K banks per row."""
     from chmc.compiler.merge import build as build_artifact
@@ -123,11 +125,22 @@ def build(
         raise ChmcError("no base model: pass --base PATH (or base_model: in --config)")
     if cfg.groups is None:
         raise ChmcError("no group count: pass --groups K (or groups: in --config)")
+    from pathlib import Path
+
+    router_files = {k: Path(v) for k, v in _pairs(router_data or [], "--router-data").items()}
+    for name, file in router_files.items():  # before merging: a typo costs nothing
+        if name not in dict(cfg.experts) or not file.is_file():
+            raise ChmcError(f"--router-data {name}={file}: " + (
+                "no such file" if name in dict(cfg.experts) else f"'{name}' is not an expert"))
     path = build_artifact(cfg.base, dict(cfg.experts), out, groups=cfg.groups,
                           clustering=cfg.clustering or "cosine", method=cfg.method or "mean",
                           parameters=cfg.merge_parameters(), seed=cfg.seed or 0, dtype=cfg.dtype,
                           force=force)
     typer.echo(f"wrote {path}")
+    if router_files:
+        from chmc.compiler.router import add_router, print_router_report
+
+        print_router_report(add_router(path, router_files))
     if target == "onnx":
         from chmc.compiler.export import export as export_onnx
 
@@ -180,6 +193,25 @@ def inspect(
 
 
 # --- ONNX export, generation, checks (compiler/export.py, runtime/) -----------------------------
+
+@app.command()
+@user_errors
+def router(
+    artifact: Annotated[str, typer.Argument(help="Artifact folder to add the router to.")],
+    data: Annotated[list[str], Opt("--data", help="NAME=prompts.jsonl of each expert (repeat).")],
+    epochs: Annotated[int, Opt(help="Training epochs.")] = 10,
+    dim: Annotated[int, Opt(help="Embedding size.")] = 32,
+    holdout: Annotated[float, Opt(help="Share of prompts held out for the accuracy.")] = 0.2,
+) -> None:
+    """Train a task router (expert 'auto') from example prompts and store it in ARTIFACT."""
+    from pathlib import Path
+
+    from chmc.compiler.router import RouterConfig, add_router, print_router_report
+
+    files = {k: Path(v) for k, v in _pairs(data, "--data").items()}
+    print_router_report(add_router(artifact, files, RouterConfig(dim=dim, epochs=epochs,
+                                                                 holdout=holdout)))
+
 
 @app.command()
 @user_errors
