@@ -67,6 +67,12 @@ def make_family(root: Path) -> tuple[Path, dict[str, Path]]:
     return base_dir, experts
 
 
+def _param_count() -> int:
+    h, i, v, layers = (SHAPE[k] for k in ("hidden_size", "intermediate_size", "vocab_size",
+                                          "num_hidden_layers"))
+    return 2 * v * h + layers * (4 * h * h + 3 * h * i + 2 * h) + h  # untied, q/k/v/o heads = 16
+
+
 def measure(cmd: list[str], required: bool = True) -> dict[str, Any]:
     """Run cmd as a child; wall time and that child's own peak RSS (os.wait4)."""
     start = time.perf_counter()
@@ -109,7 +115,7 @@ def main() -> None:
     t0 = time.perf_counter()
     base, experts = make_family(args.cache)
     result: dict[str, object] = {
-        "setup": {**SHAPE, "dtype": "float16", "experts": N_EXPERTS, "params": 168_000_000,
+        "setup": {**SHAPE, "dtype": "float16", "experts": N_EXPERTS, "params": _param_count(),
                   "family_ready_s": round(time.perf_counter() - t0, 1), "cpus": os.cpu_count()},
     }
     with tempfile.TemporaryDirectory(prefix="chmc-bench-") as tmp:

@@ -33,6 +33,9 @@ from chmc.errors import ChmcError
 if TYPE_CHECKING:
     import torch
 
+    from chmc.compiler.calibration import GramFiles
+    from chmc.compiler.regmean import GramSolver
+
 MAX_EXPERTS = 256  # index tables are uint8
 CHUNK_ELEMENTS = 1 << 22  # rows per block: about this many fp32 values per expert stack
 
@@ -69,6 +72,10 @@ class BuildPlan:
     dtype: str | None
     out: Path
     force: bool
+    calibration: dict[str, Path] | None = None  # expert -> prompts .jsonl or Gram .safetensors
+    budget: float | None = None  # fraction of the ensemble's parameters; K per tensor <= groups
+    gram_files: GramFiles | None = None  # set by execute once the Grams exist
+    budget_summary: dict[str, Any] | None = None  # set by execute: K choice and error curves
 
     @property
     def names(self) -> list[str]:
@@ -91,7 +98,9 @@ def parse_expert_specs(specs: list[str]) -> dict[str, str]:
 def plan_build(base: str | Path, experts: dict[str, str | Path], out: str | Path, *, groups: int,
                clustering: str = "cosine", method: str = "mean",
                parameters: dict[str, Any] | None = None, seed: int = 0,
-               dtype: str | None = None, force: bool = False) -> BuildPlan:
+               dtype: str | None = None, force: bool = False,
+               calibration: dict[str, str | Path] | None = None,
+               budget: float | None = None) -> BuildPlan:
     """Validate everything and list the per-tensor tasks; reads headers only, writes nothing."""
     names = list(experts)
     if len(names) < 2:
@@ -115,8 +124,41 @@ def plan_build(base: str | Path, experts: dict[str, str | Path], out: str | Path
     for name, ckpt in ckpts.items():
         check_compatible(base_ckpt, name, ckpt)
     tasks = plan_tasks(base_ckpt, groups, dtype)
+    calib = check_calibration(calibration, names, clustering, merge_method, budget)
     return BuildPlan(base_ckpt, ckpts, tasks, groups, clustering, merge_method, params, seed,
-                     dtype, out_path, force)
+                     dtype, out_path, force, calib, budget)
+
+
+def check_calibration(calibration: dict[str, str | Path] | None, names: list[str], clustering: str,
+                      method: MergeMethod, budget: float | None) -> dict[str, Path] | None:
+    """Every expert or none has calibration (.jsonl prompts or .safetensors Grams); methods and
+    clusterings that need it get it; the budget is a fraction in (0, 1]."""
+    from chmc.compiler.regmean import check_subset_count
+
+    if budget is not None and not 0 < budget <= 1:
+        raise ChmcError(f"--budget must be a fraction of the ensemble in (0, 1], got {budget}")
+    if budget is not None or clustering == "output-error":
+        check_subset_count(len(names))
+    if not calibration:
+        need = "method 'regmean'" if method.calibrated else (
+            "clustering 'output-error'" if clustering == "output-error" else None)
+        if need:
+            raise ChmcError(f"{need} needs calibration prompts: --calibration NAME=prompts.jsonl "
+                            f"for every expert ({', '.join(names)})")
+        return None
+    for name in calibration:
+        if name not in names:
+            raise ChmcError(f"--calibration names unknown expert '{name}' (experts: {', '.join(names)})")
+    out = {}
+    for name in names:
+        if name not in calibration:
+            raise ChmcError(f"--calibration has no prompts for expert '{name}' (every expert needs them)")
+        path = Path(calibration[name])
+        if not path.is_file() or path.suffix not in (".jsonl", ".safetensors"):
+            raise ChmcError(f"--calibration {name}={path}: expected an existing .jsonl prompt file "
+                            f"(or .safetensors Grams from a previous run)")
+        out[name] = path
+    return out
 
 
 def tied(ckpt: Checkpoint) -> bool:
@@ -161,10 +203,14 @@ def plan_tasks(base: Checkpoint, groups: int, dtype: str | None) -> list[TensorT
 def build(base: str | Path, experts: dict[str, str | Path], out: str | Path, *, groups: int,
           clustering: str = "cosine", method: str = "mean",
           parameters: dict[str, Any] | None = None, seed: int = 0, force: bool = False,
-          dtype: str | None = None, progress: bool = True) -> Path:
-    """Channel-merge `experts` (name -> HF folder) over `base` into an artifact folder at `out`."""
+          dtype: str | None = None, progress: bool = True,
+          calibration: dict[str, str | Path] | None = None, budget: float | None = None) -> Path:
+    """Channel-merge `experts` (name -> HF folder) over `base` into an artifact folder at `out`.
+    `calibration` {expert: prompts.jsonl} enables output-aware grouping/merging; `budget` picks
+    each tensor's K (<= groups) to fit that fraction of the ensemble's parameters."""
     plan = plan_build(base, experts, out, groups=groups, clustering=clustering, method=method,
-                      parameters=parameters, seed=seed, dtype=dtype, force=force)
+                      parameters=parameters, seed=seed, dtype=dtype, force=force,
+                      calibration=calibration, budget=budget)
     return execute(plan, progress=progress)
 
 
@@ -196,9 +242,15 @@ def _execute(plan: BuildPlan, progress: bool) -> Path:
     from rich.progress import Progress
 
     n = len(plan.experts)
-    specs = [s for t in plan.tasks for s in t.specs(n)]
     entries: dict[str, Any] = {}
     with staged_output(plan.out, plan.force) as tmp:
+        if plan.calibration:
+            plan.gram_files = calibrate(plan, tmp / ".grams", progress)
+        if plan.budget is not None:
+            from chmc.compiler.budget import apply_budget
+
+            plan.tasks, plan.budget_summary = apply_budget(plan, progress)
+        specs = [s for t in plan.tasks for s in t.specs(n)]
         writer = ShardedSafetensorsWriter(tmp, specs)
         with Progress(transient=True, disable=not progress) as bar:
             job = bar.add_task("channel-merging", total=len(plan.tasks))
@@ -207,6 +259,8 @@ def _execute(plan: BuildPlan, progress: bool) -> Path:
                 entries[task.name] = run_task(plan, task, writer)
                 bar.advance(job)
         writer.close()
+        if plan.gram_files is not None:
+            shutil.rmtree(tmp / ".grams", ignore_errors=True)
         copy_side_files(plan.base.path, tmp, plan.dtype)
         manifest = make_manifest(plan, entries, specs, writer.weight_map)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -233,22 +287,13 @@ def run_task(plan: BuildPlan, task: TensorTask, writer: Any) -> dict[str, Any]:
 def merge_tensor(plan: BuildPlan, task: TensorTask) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """One 2-D tensor -> (bank [K, out, in], labels [out, N], stats), streamed in row blocks."""
     import torch
-    from chmc.compiler.grouping import RowBatch, group_rows
 
     base = read_tensor(plan.base, task.name).float()  # [out, in]
-    ckpts = list(plan.experts.values())
-    n, k = len(ckpts), task.groups
-    deltas = torch.empty((n, *task.shape), dtype=torch.float32)  # [N, out, in], raw
-    for i, ckpt in enumerate(ckpts):
-        torch.sub(read_tensor(ckpt, task.name), base, out=deltas[i])
-    weights = plan.params.weights()
+    n, k = len(plan.experts), task.groups
+    deltas = load_deltas(plan, task, base)  # [N, out, in], raw
     blocks = row_blocks(task.shape[0], n * task.shape[1])
-    delta_sq = torch.zeros(n, dtype=torch.float64)  # ||d_n||^2, from the Gram diagonals
-    labels = torch.empty((task.shape[0], n), dtype=torch.long)  # [out, N]
-    for a, b in blocks:
-        batch = RowBatch(deltas[:, a:b], weights)
-        labels[a:b] = group_rows(plan.clustering, batch, k)
-        delta_sq += batch.gram.diagonal(dim1=1, dim2=2).sum(0)
+    calib = tensor_solver(plan, task)
+    labels, delta_sq = group_all_rows(plan, deltas, blocks, k, calib)
     sizes = torch.nn.functional.one_hot(labels, k).sum(1)  # [out, K]: members per group
     shared = (sizes.gather(1, labels) > 1).float()  # [out, N]: 1 where expert n's row is merged
     sparsify = plan.method.sparsify
@@ -260,7 +305,8 @@ def merge_tensor(plan: BuildPlan, task: TensorTask) -> tuple[torch.Tensor, torch
     for b_i, (a, b) in enumerate(blocks):
         raw = deltas[:, a:b]  # [N, R, in]
         used = torch.stack([f(raw[i], b_i) for i, f in enumerate(appliers)]) if appliers else raw
-        merged = plan.method.combine(used, labels[a:b], k, plan.params)  # [K, R, in]
+        extra = {"calib": calib} if plan.method.calibrated else {}
+        merged = plan.method.combine(used, labels[a:b], k, plan.params, **extra)  # [K, R, in]
         bank[:, a:b] = merged + base[a:b]
         flat = merged.reshape(k * (b - a), -1)  # [K*R, in]
         for i in range(n):  # error on merged rows; single-member rows are exact copies (below)
@@ -276,6 +322,62 @@ def merge_tensor(plan: BuildPlan, task: TensorTask) -> tuple[torch.Tensor, torch
         "delta_sq": dict(zip(names, delta_sq.tolist())),
         "mean_groups_used": float((sizes > 0).sum(1).float().mean()),
     }
+
+
+def group_all_rows(plan: BuildPlan, deltas: torch.Tensor, blocks: list[tuple[int, int]],
+                   k: int, calib: GramSolver | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels [out, N] from the clustering, and ||d_n||^2 [N] from the Gram diagonals."""
+    import torch
+    from chmc.compiler.grouping import RowBatch, group_rows
+
+    weights = plan.params.weights()
+    delta_sq = torch.zeros(deltas.shape[0], dtype=torch.float64)
+    labels = torch.empty((deltas.shape[1], deltas.shape[0]), dtype=torch.long)
+    for a, b in blocks:
+        batch = RowBatch(deltas[:, a:b], weights, calib=calib)
+        labels[a:b] = group_rows(plan.clustering, batch, k)
+        delta_sq += batch.gram.diagonal(dim1=1, dim2=2).sum(0)
+    return labels, delta_sq
+
+
+def load_deltas(plan: BuildPlan, task: TensorTask, base: torch.Tensor | None = None) -> torch.Tensor:
+    """expert_n - base in fp32: [N, out, in]."""
+    import torch
+
+    if base is None:
+        base = read_tensor(plan.base, task.name).float()
+    deltas = torch.empty((len(plan.experts), *task.shape), dtype=torch.float32)
+    for i, ckpt in enumerate(plan.experts.values()):
+        torch.sub(read_tensor(ckpt, task.name), base, out=deltas[i])
+    return deltas
+
+
+def tensor_solver(plan: BuildPlan, task: TensorTask) -> GramSolver | None:
+    """This tensor's calibration Grams (identity where it has none), or None without calibration."""
+    from chmc.compiler.regmean import GramSolver
+
+    if plan.gram_files is None:
+        return None
+    damping = plan.params.values.get("damping", 0.01)
+    return GramSolver(plan.gram_files.grams(task.name), len(plan.experts), damping)
+
+
+def calibrate(plan: BuildPlan, folder: Path, progress: bool) -> GramFiles:
+    """Each expert's Grams: given as .safetensors, or collected from its .jsonl prompts."""
+    from chmc.compiler.calibration import GramFiles, collect_grams, read_sequences
+
+    assert plan.calibration is not None
+    folder.mkdir(exist_ok=True)
+    merged = {t.name for t in plan.tasks if t.kind == "merged"}
+    files = []
+    for name, source in plan.calibration.items():
+        if source.suffix == ".safetensors":
+            files.append(source)
+            continue
+        ckpt = plan.experts[name]
+        seqs = read_sequences(source, ckpt.path)
+        files.append(collect_grams(ckpt.path, seqs, folder / f"{name}.safetensors", merged, progress))
+    return GramFiles(files)
 
 
 def _generator(plan: BuildPlan, task: TensorTask, expert: int) -> torch.Generator:
@@ -355,9 +457,12 @@ def make_manifest(plan: BuildPlan, entries: dict[str, Any], specs: list[TensorSp
         "architecture": plan.base.architecture,
         "base": {"path": str(plan.base.path.resolve()), "sha256": plan.base.content_hash},
         "experts": experts,
-        "groups": plan.groups,
+        "groups": max((t.groups for t in plan.tasks if t.kind == "merged"), default=plan.groups),
+        "budget": plan.budget_summary,
         "clustering": plan.clustering,
         "method": plan.method.name,
+        "calibration": None if not plan.calibration else {
+            name: str(path.resolve()) for name, path in plan.calibration.items()},
         "parameters": {**plan.params.to_json(plan.names), "seed": plan.seed},
         "dtype": plan.dtype or next((t.dtype for t in plan.tasks if t.kind == "merged"), None),
         "tie_word_embeddings": tied(plan.base),
