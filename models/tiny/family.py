@@ -3,7 +3,8 @@
 A `Recipe` fixes everything (tasks, model size, steps, seeds). The base LlamaForCausalLM is first
 pretrained on a copy mixture (tasks.BASE_TASKS) so the experts share a real starting point, then
 each expert is fully fine-tuned from it on its own task. The result is cached under
-$CHMC_CACHE (default ~/.cache/chmc) in families/<name>-<recipe hash>/, so a second build is instant:
+$CHMC_CACHE (default ~/.cache/chmc) in families/<name>-<recipe hash>/, so a second build is instant
+(CHMC_TRAIN_THREADS sets torch's threads, default 2; it changes only float rounding):
   family.json                 recipe, hash, build seconds, own-task validation accuracy
   base/, experts/<task>/      save_pretrained folders (safetensors) + char tokenizer
   tasks/<task>/{train,validation,eval}.jsonl
@@ -18,6 +19,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +43,8 @@ class Recipe:
     layers: int = 2
     heads: int = 4
     intermediate: int = 256
-    base_steps: int = 800
-    expert_steps: int = 600
+    base_steps: int = 400
+    expert_steps: int = 1500
     batch: int = 64
     lr: float = 2e-3
     n_train: int = 20000
@@ -143,7 +145,8 @@ def build(recipe: Recipe, folder: Path, progress: bool = True) -> dict[str, Any]
     """Pretrain the base, fine-tune one expert per task, save everything into `folder`."""
     import torch
 
-    torch.set_num_threads(2)
+    # 2 threads on an idle 2-core machine; on a busy one OpenMP's spinning makes 1 several times faster
+    torch.set_num_threads(int(os.environ.get("CHMC_TRAIN_THREADS", "2")))
     start = time.time()
     data = write_tasks(recipe, folder)
     base_rows = [r for t in BASE_TASKS.values()
@@ -159,7 +162,7 @@ def build(recipe: Recipe, folder: Path, progress: bool = True) -> dict[str, Any]
         model.load_state_dict(base_state)
         val = splits["validation"]
         steps = train(model, splits["train"], recipe, recipe.expert_steps, seed=recipe.seed + 1 + i,
-                      desc=f"expert {name}", check=lambda m, v=val: exact_match(m, v),
+                      desc=f"expert {name}", check=partial(exact_match, rows=val),
                       progress=progress)
         save_model(model, folder / "experts" / name)
         accuracy[name] = {"validation": exact_match(model, val), "steps": steps}

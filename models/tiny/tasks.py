@@ -4,16 +4,16 @@ Format: one JSON object per line, `{"prompt": "...", "answer": "..."}`. The mode
 characters and must produce the answer characters followed by <eos> (see tokenizer.py); exact
 match compares the greedy continuation up to <eos> with `answer`.
 
-Operations (letters: 3-7 distinct lowercase letters; numbers: 0-999):
-  add    a+b            "352+71="     -> "423"
-  sub    a-b, a >= b    "352-71="     -> "281"
+Operations (letters: 3-7 distinct lowercase letters; numbers: 0-99, so answers carry):
+  add    a+b            "57+68="      -> "125"
+  sub    a-b, a >= b    "52-7="       -> "45"
   rev    reverse        "rev:abcd>"   -> "dcba"
   sort   sort letters   "sort:dbca>"  -> "abcd"
   shift  next letter    "shift:abz>"  -> "bca"
   rot    rotate left    "rot:abcd>"   -> "bcda"
   dbl    double each    "dbl:abc>"    -> "aabbcc"     (3-5 letters)
   max    largest letter "max:dbca>"   -> "d"
-  copy   copy (base pretraining only)  "abcd|" -> "abcd", "352|" -> "352"
+  copy   copy (base pretraining only)  "abcd|" -> "abcd", "52|" -> "52"
 
 `distinct` tasks each have their own prompt format (the table above). `conflict` tasks share one
 format, "{letters}>": the same prompt "dbca>" must become "acbd" for rev, "abcd" for sort, "ecdb"
@@ -62,7 +62,7 @@ class Task:
     def sample(self, rng: random.Random) -> dict[str, str]:
         kind, fn = OPS[self.op]
         if kind == "numbers":
-            a, b = rng.randint(0, 999), rng.randint(0, 999)
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
             if self.op == "sub" and a < b:
                 a, b = b, a
             return {"prompt": self.template.format(a=a, b=b), "answer": fn(a, b)}
@@ -107,5 +107,4 @@ def make_splits(task: Task, seed: int, sizes: dict[str, int]) -> dict[str, list[
 
 def write_jsonl(rows: list[dict[str, str]], file: Path) -> None:
     with open(file, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
