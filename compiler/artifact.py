@@ -9,7 +9,9 @@ Layout of an artifact folder:
   config.json, generation_config.json, tokenizer files   copied from the base
 
 Manifest keys: format, format_version, architecture, base {path, sha256}, experts [{name, path,
-sha256}], groups, clustering, method, parameters, dtype, tie_word_embeddings,
+sha256}], groups (the largest per-tensor K), clustering, method, calibration {expert: prompts} or
+null, budget (null, or {fraction, max_groups, error, curves} when --budget chose each tensor's K),
+parameters, dtype, tie_word_embeddings,
 tensors {name: {kind: "merged"|"stacked", shape, dtype, groups, stats}}, weight_map
 {stored tensor name: shard file}, accounting {base, ensemble, artifact, ratio} (parameters).
 

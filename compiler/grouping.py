@@ -13,7 +13,10 @@ deltas for a block of rows, with their Gram matrix computed once) and K, and ret
   above `MAX_ENUMERATED` partitions a deterministic heuristic (Ward agglomeration vs. the cosine
   result, then single-expert moves) is used.
 
-New clusterings (e.g. an output-error one that needs activations) register with `@clustering`.
+- `output-error`: the partition that minimises the experts' output error on their calibration
+  inputs with RegMean-merged groups (regmean.py); exhaustive over set partitions, N <= 8.
+
+New clusterings register with `@clustering`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from chmc.errors import ChmcError
 
 if TYPE_CHECKING:
     import torch
+    from chmc.compiler.regmean import GramSolver
 
 MAX_ENUMERATED = 5000  # set partitions scored exhaustively; above this, the heuristic
 
@@ -37,6 +41,7 @@ class RowBatch:
 
     deltas: torch.Tensor  # [N, R, in] fp32
     weights: torch.Tensor  # [N] fp32 merge weights (the `error` cost uses the weighted mean)
+    calib: GramSolver | None = None  # calibration Grams of this tensor (regmean.py), if any
     _gram: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -229,3 +234,14 @@ def cosine_clustering(batch: RowBatch, k: int) -> torch.Tensor:
     denom = norm[:, :, None] * norm[:, None, :]
     cos = g / denom.clamp_min(1e-30) * (denom > 0)  # zero rows: similarity 0
     return _agglomerate(cos, k, _average_score)
+
+
+@clustering("output-error")
+def output_error_clustering(batch: RowBatch, k: int) -> torch.Tensor:
+    """Minimise sum_n ||X_n (w_G(n) - w_n)||^2 with RegMean-merged groups (needs calibration)."""
+    from chmc.compiler.regmean import best_partitions
+
+    if batch.calib is None:
+        raise ChmcError("clustering 'output-error' needs calibration prompts "
+                        "(--calibration NAME=prompts.jsonl for every expert)")
+    return best_partitions(batch.calib, batch, k)[0]

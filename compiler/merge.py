@@ -32,7 +32,6 @@ from chmc.errors import ChmcError
 
 if TYPE_CHECKING:
     import torch
-
     from chmc.compiler.calibration import GramFiles
     from chmc.compiler.regmean import GramSolver
 

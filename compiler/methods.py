@@ -14,6 +14,8 @@ Semantics (mergekit's, so K=1 reproduces a mergekit merge):
                    members whose sign agrees, divide by their summed weight (0 -> 1), times lambda.
 - dare_ties / dare_linear: keep each entry with probability `density` (seeded), rescale per tensor
                    by |d|_1 / |kept d|_1, then as ties / as a plain weighted sum.
+- regmean:         (sum_g C_n)^-1 sum_g C_n d_n per row, C_n expert n's damped calibration Gram
+                   (regmean.py; needs calibration; the identity where a tensor has no Gram).
 Parameters are global or per expert ({name: value}); `weights` is accepted for `weight`.
 """
 
@@ -78,7 +80,7 @@ class Resolved:
 Blocks = list[tuple[int, int]]  # row ranges [a, b) the tensor is streamed in
 Apply = Callable[["torch.Tensor", int], "torch.Tensor"]  # (rows of block i [R, in], i) -> sparse rows
 SparsifyFn = Callable[["torch.Tensor", dict[str, Any], "torch.Generator", Blocks], Apply]
-CombineFn = Callable[["torch.Tensor", "torch.Tensor", int, Resolved], "torch.Tensor"]
+CombineFn = Callable[..., "torch.Tensor"]  # (deltas, labels, k, params[, calib=]) -> [K, R, in]
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class MergeMethod:
     combine: CombineFn
     sparsify: SparsifyFn | None = None
     params: tuple[Param, ...] = field(default_factory=tuple)
+    calibrated: bool = False  # combine takes calib= (a GramSolver); the build needs calibration
 
     def resolve(self, parameters: Mapping[str, Any] | None, names: list[str]) -> Resolved:
         """Validate `parameters` against this method's typed parameters, filling defaults."""
@@ -278,3 +281,16 @@ register(MergeMethod(
     dare_drop,
     params=(WEIGHT, DENSITY, LAMBDA, _normalize(False)),
 ))
+
+
+def regmean_combine(deltas: torch.Tensor, labels: torch.Tensor, k: int, p: Resolved,
+                    calib: Any = None) -> torch.Tensor:
+    """RegMean per group: the merged delta minimising the members' output error. [K, R, in]."""
+    if calib is None:
+        raise ChmcError("method 'regmean' needs calibration prompts "
+                        "(--calibration NAME=prompts.jsonl for every expert)")
+    return calib.merge(deltas, labels, k)
+
+
+register(MergeMethod("regmean", regmean_combine, calibrated=True,
+                     params=(Param("damping", float, 0.01, low=0.0, low_open=True),)))
