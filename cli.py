@@ -76,9 +76,9 @@ def build(
         "--experts", help="NAME=PATH of a fine-tuned expert (repeat, or list several).")] = None,
     config: Annotated[str | None, Opt("--config", help="mergekit-style merge.yml.")] = None,
     groups: Annotated[int | None, Opt("--groups", "-k", help="K banks per row, 1..N.")] = None,
-    clustering: Annotated[str | None, Opt(help="cosine (default) | error.")] = None,
+    clustering: Annotated[str | None, Opt(help="cosine (default) | error | output-error.")] = None,
     method: Annotated[str | None, Opt(
-        help="mean|linear (default), task_arithmetic, ties, dare_ties, dare_linear.")] = None,
+        help="mean|linear (default), task_arithmetic, ties, dare_ties, dare_linear, regmean.")] = None,
     density: Annotated[float | None, Opt(help="Kept fraction for ties/dare.")] = None,
     weight: Annotated[list[str] | None, Opt(help="NAME=W merge weight (repeat).")] = None,
     lambda_: Annotated[float | None, Opt("--lambda", help="Scale of the merged delta.")] = None,
@@ -90,6 +90,11 @@ def build(
         help="artifact (default) | onnx: also export the graph into OUT/onnx | trt: also the "
              "plugin-form graph into OUT/onnx-plugin and a TensorRT engine into OUT/engine.")] = (
         "artifact"),
+    calibration: Annotated[list[str] | None, Opt(
+        "--calibration", help="NAME=prompts.jsonl per expert: activation-aware grouping/merging "
+        "(--clustering output-error --method regmean).")] = None,
+    budget: Annotated[float | None, Opt(
+        help="Fraction of the ensemble's parameters; each tensor gets its own K <= --groups.")] = None,
     router_data: Annotated[list[str] | None, Opt(
         "--router-data", help="NAME=prompts.jsonl per expert: train a router (expert 'auto').")] = None,
 ) -> None:
@@ -123,6 +128,8 @@ def build(
                          seed=seed, dtype=dtype)
     if cfg.base is None:
         raise ChmcError("no base model: pass --base PATH (or base_model: in --config)")
+    if cfg.groups is None and budget is not None:
+        cfg.groups = len(cfg.experts)  # the budget picks each tensor's K <= N
     if cfg.groups is None:
         raise ChmcError("no group count: pass --groups K (or groups: in --config)")
     from pathlib import Path
@@ -135,7 +142,8 @@ def build(
     path = build_artifact(cfg.base, dict(cfg.experts), out, groups=cfg.groups,
                           clustering=cfg.clustering or "cosine", method=cfg.method or "mean",
                           parameters=cfg.merge_parameters(), seed=cfg.seed or 0, dtype=cfg.dtype,
-                          force=force)
+                          force=force, calibration=_pairs(calibration or [], "--calibration"),
+                          budget=budget)
     typer.echo(f"wrote {path}")
     if router_files:
         from chmc.compiler.router import add_router, print_router_report

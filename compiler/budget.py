@@ -39,6 +39,22 @@ def error_curve(plan: BuildPlan, task: TensorTask) -> list[float]:
     return (curve / total).tolist() if total > 0 else [0.0] * n
 
 
+def params_at(tasks: list[TensorTask], n: int, ks: dict[str, int] | None = None) -> int:
+    """Stored parameters (banks + per-expert tensors) with K per merged tensor (default 1)."""
+    from chmc.compiler.merge import _numel
+
+    return sum((ks or {}).get(t.name, 1) * _numel(t.shape) if t.kind == "merged"
+               else n * _numel(t.shape) for t in tasks)
+
+
+def check_budget(tasks: list[TensorTask], n: int, ensemble: int, budget: float) -> None:
+    """Before any work: the budget must hold the K=1 artifact."""
+    least = params_at(tasks, n) / ensemble
+    if least > budget:
+        raise ChmcError(f"--budget {budget} is below the smallest artifact: K=1 everywhere "
+                        f"stores {least:.4f} of the ensemble's parameters")
+
+
 def choose_groups(curves: dict[str, list[float]], sizes: dict[str, int], fixed: int,
                   limit: float, max_k: int) -> dict[str, int]:
     """Greedy K per tensor: curves {name: err at K=1..N}, sizes {name: out*in}, `fixed` params
@@ -68,7 +84,6 @@ def choose_groups(curves: dict[str, list[float]], sizes: dict[str, int], fixed: 
 
 def apply_budget(plan: BuildPlan, progress: bool = True) -> tuple[list[TensorTask], dict]:
     """The plan's tasks with each merged tensor's K chosen under plan.budget, and a summary."""
-    from chmc.compiler.merge import _numel
     from rich.progress import Progress
 
     n = len(plan.experts)
@@ -81,7 +96,7 @@ def apply_budget(plan: BuildPlan, progress: bool = True) -> tuple[list[TensorTas
             curves[task.name] = error_curve(plan, task)
             bar.advance(job)
     sizes = {t.name: t.shape[0] * t.shape[1] for t in merged}
-    fixed = sum(n * _numel(t.shape) for t in plan.tasks if t.kind == "stacked")
+    fixed = params_at(plan.tasks, n) - sum(sizes.values())
     base_params = sum(info.numel for info in plan.base.tensors.values())
     assert plan.budget is not None
     ks = choose_groups(curves, sizes, fixed, plan.budget * n * base_params, plan.groups)

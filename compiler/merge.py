@@ -124,6 +124,11 @@ def plan_build(base: str | Path, experts: dict[str, str | Path], out: str | Path
         check_compatible(base_ckpt, name, ckpt)
     tasks = plan_tasks(base_ckpt, groups, dtype)
     calib = check_calibration(calibration, names, clustering, merge_method, budget)
+    if budget is not None:
+        from chmc.compiler.budget import check_budget
+
+        check_budget(tasks, len(names), len(names) * sum(i.numel for i in base_ckpt.tensors.values()),
+                     budget)
     return BuildPlan(base_ckpt, ckpts, tasks, groups, clustering, merge_method, params, seed,
                      dtype, out_path, force, calib, budget)
 

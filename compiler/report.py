@@ -29,6 +29,10 @@ def summary_table(manifest: dict[str, Any], path: Path) -> Table:
     table.add_row("architecture", str(manifest["architecture"]))
     table.add_row("experts", str(len(manifest["experts"])))
     table.add_row("groups (K)", str(manifest["groups"]))
+    if manifest.get("budget"):
+        table.add_row("budget", f"{manifest['budget']['fraction']} of the ensemble (K per tensor)")
+    if manifest.get("calibration"):
+        table.add_row("calibration", ", ".join(f"{k}={v}" for k, v in manifest["calibration"].items()))
     table.add_row("clustering", str(manifest["clustering"]))
     table.add_row("method", str(manifest["method"]))
     table.add_row("parameters", ", ".join(f"{k}={v}" for k, v in params.items()))
