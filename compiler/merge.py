@@ -16,6 +16,7 @@ row exactly, and bank slots unused by a row copy group 0, so the bank is always 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import zlib
@@ -447,7 +448,7 @@ def make_manifest(plan: BuildPlan, entries: dict[str, Any], specs: list[TensorSp
                   weight_map: dict[str, str]) -> dict[str, Any]:
     n = len(plan.experts)
     base_params = sum(info.numel for info in plan.base.tensors.values())
-    artifact_params = sum(_numel(s.shape) for s in specs if not s.name.endswith(".index"))
+    artifact_params = sum(math.prod(s.shape) for s in specs if not s.name.endswith(".index"))
     index_bytes = sum(s.nbytes for s in specs if s.name.endswith(".index"))
     experts = []
     for name, ckpt in plan.experts.items():
@@ -476,10 +477,3 @@ def make_manifest(plan: BuildPlan, entries: dict[str, Any], specs: list[TensorSp
                        "artifact": artifact_params, "index_bytes": index_bytes,
                        "ratio": artifact_params / (n * base_params)},
     }
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
