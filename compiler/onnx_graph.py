@@ -426,7 +426,8 @@ class DecoderGraph:
     def build(self) -> None:
         b, cfg, spec = self.b, self.cfg, self.spec
         if self.w.merged:  # every gather reads the resolved id, also returned to the runtime
-            self.expert_id = b.op("Identity", self.routed_expert(), out="expert_id_used")
+            self.expert_id = self.routed_expert()
+            b.op("Identity", self.expert_id, out="expert_id_used")
         cos, sin = self.rotary("position_ids")
         allowed = self.masks("attention_mask", "input_ids")
         h = self.embed("input_ids")
