@@ -89,8 +89,8 @@ def family_table(name: str, work: Path) -> dict[str, Any]:
 def plot(tables: list[dict[str, Any]], file: Path) -> None:
     from chmc.runtime.evaluate import plot_accuracy
 
-    points = [(f"{t['family']}: {r['label'].split(' (')[0]}", r["params_pct"], 100 * r["mean"])
-              for t in tables for r in t["rows"]]
+    points = [(f"{t['family']} {r['method']} K={r.get('groups', '-')} {r.get('clustering', '')}",
+               r["params_pct"], 100 * r["mean"]) for t in tables for r in t["rows"]]
     plot_accuracy(points, file, title="mean exact match vs stored parameters (% of the ensemble)")
 
 
