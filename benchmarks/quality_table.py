@@ -2,7 +2,9 @@
 
 For each family (built or taken from $CHMC_CACHE), rows are: the unmerged experts, each on its
 own task (the ensemble with an oracle router); channel merging at K = 1..N for both clusterings
-(within-group method "mean"); and the one-model baselines task_arithmetic, ties and dare_ties at
+(within-group method "mean"); output-error grouping with regmean merging (calibrated on each
+expert's train-split prompts) at K = 1..N and at budgets of 0.35/0.5/0.75 of the ensemble's
+parameters (K per tensor); and the one-model baselines task_arithmetic, ties and dare_ties at
 K=1, each swept over a small grid, the best setting chosen on the validation split and reported
 on the eval split. Columns: exact match per task (eval split), mean, share of the unmerged mean
 kept, stored parameters as % of the ensemble.
@@ -54,6 +56,33 @@ def channel_rows(fam: Any, work: Path) -> list[Row]:
     return rows
 
 
+BUDGETS = (0.35, 0.5, 0.75)
+
+
+def calibrated_rows(fam: Any, work: Path) -> list[Row]:
+    """Output-error grouping with regmean merging at K = 1..N and under memory budgets, from
+    Grams of each expert on its own train-split prompts (disjoint from the eval split)."""
+    from chmc.compiler.calibration import collect_grams, read_sequences
+    from chmc.compiler.checkpoints import Checkpoint
+
+    matrices = {name for name, info in Checkpoint(fam.base).tensors.items() if len(info.shape) == 2}
+    start = time.time()
+    grams = {task: collect_grams(fam.experts[task], read_sequences(files["train"], fam.experts[task]),
+                                 work / f"grams-{task}.safetensors", matrices, progress=False)
+             for task, files in fam.tasks.items()}
+    calib_s = round(time.time() - start, 1)
+    n = len(fam.experts)
+    rows = []
+    for k, budget in [(k, None) for k in range(1, n + 1)] + [(n, b) for b in BUDGETS]:
+        tag = f"budget {budget}" if budget else f"K={k}"
+        art = merged(fam, work, f"oe-regmean-{tag.replace(' ', '')}", groups=k,
+                     clustering="output-error", method="regmean", calibration=grams, budget=budget)
+        rows.append(quality_row(f"channel merging {tag} (output-error, regmean)", fam, art,
+                                progress=False, method="regmean", groups=k, budget=budget,
+                                clustering="output-error", calibration_seconds=calib_s))
+    return rows
+
+
 def baseline_rows(fam: Any, work: Path) -> list[Row]:
     """Best setting of each one-model baseline on validation, then scored on eval."""
     rows = []
@@ -80,7 +109,8 @@ def family_table(name: str, work: Path) -> dict[str, Any]:
     work = work / name
     work.mkdir(parents=True, exist_ok=True)
     rows = [quality_row("unmerged experts (oracle router)", fam, progress=False, method="unmerged")]
-    rows += channel_rows(fam, work) + baseline_rows(fam, work)
+    rows += channel_rows(fam, work) + calibrated_rows(fam, work)
+    rows += baseline_rows(fam, work)
     print_quality_table(f"{name}: exact match (%) on the eval split, each expert on its own task", rows)
     return {"family": name, "path": str(fam.path), "build_seconds": fam.info["build_seconds"],
             "seconds": round(time.time() - start, 1), "rows": rows}
