@@ -31,6 +31,35 @@ def quality_row(label: str, family: Any, source: Path | None = None, split: str 
     return {"label": label, "params_pct": pct, "accuracy": accuracy, "mean": mean, "nll": nll, **extra}
 
 
+def add_task_router(artifact: Path, family: Any) -> dict[str, Any]:
+    """Train the artifact's router (expert 'auto') on the train split prompts of every task."""
+    from chmc.compiler.router import add_router
+
+    return add_router(artifact, {task: files["train"] for task, files in family.tasks.items()})
+
+
+def routed_row(label: str, family: Any, artifact: Path, split: str = "eval", progress: bool = True,
+               **extra: Any) -> Row:
+    """expert 'auto' on the mixture of every task's prompts: the artifact's router picks each
+    prompt's expert. Parameters count the router too; `routing` is the share routed to the expert
+    of the prompt's own task."""
+    from chmc.compiler.artifact import read_manifest
+    from chmc.runtime.evaluate import evaluate
+
+    tasks = {task: files[split] for task, files in family.tasks.items()}
+    results = evaluate(artifact, tasks, experts=["auto"], progress=progress)["results"]
+    manifest = read_manifest(artifact)
+    acc, router = manifest["accounting"], manifest["router"]
+    routing = sum(r["routed"].get(r["task"], 0) for r in results) / sum(r["n"] for r in results)
+    accuracy = {r["task"]: r["exact_match"] for r in results}
+    return {"label": f"{label} (routed right {100 * routing:.1f}%)",
+            "params_pct": 100 * (acc["artifact"] + router["parameters"]) / acc["ensemble"],
+            "accuracy": accuracy, "mean": sum(accuracy.values()) / len(accuracy),
+            "nll": {r["task"]: r["nll"] for r in results}, "routing_accuracy": routing,
+            "router_heldout_accuracy": router["heldout_accuracy"],
+            "router_parameters": router["parameters"], **extra}
+
+
 def evaluate_ratio(artifact: Path) -> float:
     from chmc.compiler.artifact import read_manifest
 
@@ -64,8 +93,10 @@ def run_demo(out: str | Path | None = None) -> list[Row]:
     work.mkdir(parents=True, exist_ok=True)
     fam = family("distinct")
     artifact = build(fam.base, fam.experts, work / "distinct-k2", groups=2, force=True)
+    add_task_router(artifact, fam)  # seconds: a bag of n-grams classifier
     rows = [quality_row("unmerged experts (oracle router)", fam),
-            quality_row("channel merging K=2 (cosine, mean)", fam, artifact)]
+            quality_row("channel merging K=2 (cosine, mean)", fam, artifact),
+            routed_row("channel merging K=2 + router, expert auto", fam, artifact)]
     print_quality_table(f"distinct family, eval split ({fam.path})", rows)
     onnx_agreement(artifact, fam, work / "distinct-k2-onnx")
     return rows

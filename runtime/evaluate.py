@@ -232,6 +232,39 @@ def load_model(path: Path, expert: str | None = None) -> tuple[Any, Encoder]:
     return model.eval(), Encoder(path, config)
 
 
+def score_routed(path: Path, data: dict[str, list[dict[str, str]]], advance: Any = None) -> list[dict[str, Any]]:
+    """expert 'auto': route every prompt with the artifact's router (`compiler.router.route` on its
+    token ids), then score it with the routed expert; one expert's model loaded at a time."""
+    import numpy as np
+    import transformers
+    from chmc.compiler.artifact import expert_names, read_manifest
+    from chmc.compiler.router import route_prompts
+    from chmc.runtime.generation import left_pad
+
+    names = expert_names(read_manifest(path))
+    enc = Encoder(path, transformers.AutoConfig.from_pretrained(str(path)))
+    routes = {}
+    for task, rows in data.items():
+        ids, mask = left_pad([enc.prompt(r["prompt"]) or [enc.pad_id] for r in rows], enc.pad_id)
+        routes[task] = route_prompts(path, ids, mask)  # [n] expert id per prompt
+    totals = {task: Scores(task, 0, 0, 0.0, 0, [""] * len(rows)) for task, rows in data.items()}
+    for e in sorted({int(x) for r in routes.values() for x in r}):
+        model, _ = load_model(path, names[e])
+        for task, rows in data.items():
+            idx = np.flatnonzero(routes[task] == e)
+            if not len(idx):
+                continue
+            s, t = score_task(model, enc, task, [rows[i] for i in idx], advance), totals[task]
+            t.n, t.correct, t.nll_sum, t.n_tokens = (t.n + s.n, t.correct + s.correct,
+                                                     t.nll_sum + s.nll_sum, t.n_tokens + s.n_tokens)
+            for i, text in zip(idx, s.outputs):
+                t.outputs[i] = text
+    return [{"expert": "auto", "task": task, "n": t.n, "correct": t.correct, "exact_match": t.accuracy,
+             "nll": t.nll, "answer_tokens": t.n_tokens, "outputs": t.outputs,
+             "routed": {n: int((routes[task] == i).sum()) for i, n in enumerate(names)}}
+            for task, t in totals.items()]
+
+
 def evaluate(path: str | Path, tasks: dict[str, Path], *, experts: list[str] | None = None,
              progress: bool = True) -> dict[str, Any]:
     """Score a model folder (or each listed artifact expert; all by default) on every task file."""
@@ -248,7 +281,12 @@ def evaluate(path: str | Path, tasks: dict[str, Path], *, experts: list[str] | N
 
         manifest = read_manifest(path)
         for e in experts or []:
-            expert_index(manifest, e)  # unknown names fail before any work
+            if e == "auto" and "router" not in manifest:
+                from chmc.compiler.router import no_router
+
+                raise no_router(path)
+            if e != "auto":
+                expert_index(manifest, e)  # unknown names fail before any work
         runs: list[str | None] = list(experts or expert_names(manifest))
     elif experts:
         raise ChmcError(f"{path}: --expert needs a chmc artifact (no chmc.json here)")
@@ -261,6 +299,10 @@ def evaluate(path: str | Path, tasks: dict[str, Path], *, experts: list[str] | N
     with Progress(disable=not progress, transient=True) as bar:
         job = bar.add_task(f"evaluating {path.name}", total=total)
         for expert in runs:
+            if expert == "auto":  # every task's prompts routed, each scored by its routed expert
+                results += [{**r, "file": str(tasks[r["task"]])} for r in
+                            score_routed(path, data, advance=lambda n: bar.advance(job, n))]
+                continue
             model, enc = load_model(path, expert)
             for name, rows in data.items():
                 s = score_task(model, enc, name, rows, advance=lambda n: bar.advance(job, n))

@@ -138,3 +138,47 @@ def test_router_cli_adds_a_router_to_an_artifact(onnx_family: dict, chmc_cli, tm
     section = json.loads((artifact / "chmc.json").read_text())["router"]
     assert section["heldout_examples"] == 3 * 12 and (artifact / section["file"]).is_file()
     assert "held-out accuracy" in ok.stdout
+
+
+def test_eval_auto_scores_each_prompt_with_its_routed_expert(routed: dict[str, Path], chmc_cli,
+                                                             tmp_path: Path) -> None:
+    import json
+
+    from chmc.runtime.evaluate import evaluate
+
+    files, prompts = {}, {}
+    for task in TASKS.values():
+        rows = make_splits(DISTINCT_TASKS[task], seed=21, sizes={"eval": 6})["eval"]
+        files[task] = tmp_path / f"{task}.jsonl"
+        write_jsonl(rows, files[task])
+        prompts[task] = [r["prompt"] for r in rows]
+    out = tmp_path / "auto.json"
+    result = chmc_cli("eval", routed["artifact"], *files.values(), "--expert", "auto",
+                      "--json", out, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    auto = {r["task"]: r for r in json.loads(out.read_text())["results"]}
+    explicit = evaluate(routed["artifact"], files, progress=False)["results"]
+    by_expert = {(r["expert"], r["task"]): r["outputs"] for r in explicit}
+    names = list(TASKS)
+    for task, rows in prompts.items():
+        chosen = route_prompts(routed["artifact"], *_left_padded(rows))
+        assert auto[task]["routed"] == {n: int((chosen == i).sum()) for i, n in enumerate(names)}
+        # every prompt's output is what its routed expert, named explicitly, answers
+        expected = [by_expert[(names[e], task)][i] for i, e in enumerate(chosen)]
+        assert auto[task]["outputs"] == expected
+
+
+@pytest.mark.slow
+def test_distinct_family_auto_keeps_the_oracle_accuracy(distinct_family, tmp_path: Path) -> None:
+    """Router on the train split prompts; expert auto on the mixed eval prompts of every task
+    reaches >= 98% of the oracle ensemble (each prompt sent to its own unmerged expert)."""
+    from chmc.compiler.merge import build
+    from chmc.demo import add_task_router, quality_row, routed_row
+
+    art = build(distinct_family.base, distinct_family.experts, tmp_path / "k2", groups=2,
+                progress=False)
+    assert add_task_router(art, distinct_family)["heldout_accuracy"] >= 0.99
+    oracle = quality_row("oracle", distinct_family, progress=False)
+    auto = routed_row("auto", distinct_family, art, progress=False)
+    assert auto["routing_accuracy"] >= 0.99
+    assert auto["mean"] >= 0.98 * oracle["mean"], (auto["accuracy"], oracle["accuracy"])
