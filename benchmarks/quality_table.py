@@ -7,8 +7,9 @@ expert's train-split prompts) at K = 1..N and at budgets of 0.35/0.5/0.75 of the
 parameters (K per tensor); and the one-model baselines task_arithmetic, ties and dare_ties at
 K=1, each swept over a small grid, the best setting chosen on the validation split and reported
 on the eval split; and expert 'auto' rows: K=2 and K=N artifacts with a router trained on the
-train split prompts, scored on the mixture of every task's eval prompts (params include the router). Columns: exact match per task (eval split), mean, share of the unmerged mean
-kept, stored parameters as % of the ensemble.
+train split prompts, scored on the mixture of every task's eval prompts (params include the
+router). Columns: exact match per task (eval split), mean, share of the unmerged mean kept,
+stored parameters as % of the ensemble.
 
 Note: at K=1 every 2-D weight is one shared bank; the artifact format still keeps 1-D tensors
 (RMSNorm weights, ~0.3% of the parameters here) per expert, so "one model" means one set of
