@@ -132,6 +132,8 @@ class Runner:
                      max_new_tokens: int = 64, **kw: Any) -> list[list[int]]:
         """New token ids per row, EOS included when reached."""
         ids = self.expert_ids(experts, len(prompts))
+        if not prompts:
+            return []
         out: list[list[int]] = [[] for _ in prompts]
         finished = [False] * len(prompts)
         for token in generate_ids(self.backend, prompts, ids, max_new_tokens=max_new_tokens,

@@ -86,6 +86,9 @@ def test_bad_experts_fail_before_compute(runner):
         runner.generate(["a"], [3])
     with pytest.raises(ChmcError, match="2 prompts but 1 experts"):
         runner.generate(["a", "b"], ["expert_0"])
+    with pytest.raises(ChmcError, match="name one per prompt"):
+        runner.generate(["a"])
+    assert runner.generate([], []) == []
 
 
 def test_onnxruntime_path_imports_neither_torch_nor_transformers(onnx_family):
