@@ -105,6 +105,22 @@ def test_mixed_auto_batch_equals_single_rows(routed: dict[str, Path]) -> None:
                                      max_new_tokens=6) == batch
 
 
+@pytest.mark.parametrize("linear", ["select", "plugin"])
+def test_every_linear_form_routes_alike(routed: dict[str, Path], linear: str, tmp_path: Path) -> None:
+    """The plugin form (chmc::ChannelGatherMatMul, TensorRT's graph) reads the resolved id too."""
+    from chmc.compiler.export import export
+    from chmc.runtime import load
+
+    if linear == "plugin":
+        pytest.importorskip("onnxruntime_extensions")
+    prompts, _ = _prompts(2)
+    experts: list[str | int] = ["auto", 2, "auto", "expert_0", "auto", "auto"]
+    encoded = [encode(p) for p in prompts]
+    reference = load(routed["onnx"]).generate_ids(encoded, experts, max_new_tokens=5)
+    other = load(export(routed["artifact"], tmp_path / linear, linear=linear))
+    assert other.generate_ids(encoded, experts, max_new_tokens=5) == reference
+
+
 def test_auto_without_a_router_says_how_to_add_one(onnx_family: dict, chmc_cli, tmp_path: Path) -> None:
     from chmc.runtime import load
 
