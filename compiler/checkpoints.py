@@ -123,7 +123,6 @@ class Checkpoint:
             self.config: dict[str, Any] = json.loads(config_file.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ChmcError(f"{config_file}: invalid JSON ({e})") from None
-        self._handles: dict[Path, Any] = {}
         self._bin_state: dict[Path, dict[str, torch.Tensor]] = {}
         self.tensors: dict[str, TensorInfo] = self._index_weights()
 
@@ -185,7 +184,8 @@ class Checkpoint:
         return tensors
 
     def tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor (memory-mapped where the format allows)."""
+        """Read one tensor as a copy, closing the file right after: a kept safetensors handle keeps
+        every page it ever touched mapped, which would grow RSS to the size of all checkpoints."""
         info = self.tensors.get(name)
         if info is None:
             raise ChmcError(f"{self.path}: has no tensor '{name}'")
@@ -193,10 +193,8 @@ class Checkpoint:
             return self._bin_state[info.file][name]
         from safetensors import safe_open
 
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-        return handle.get_tensor(name)
+        with safe_open(str(info.file), framework="pt") as f:
+            return f.get_tensor(name)
 
     @cached_property
     def content_hash(self) -> str:

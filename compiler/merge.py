@@ -279,7 +279,7 @@ def run_task(plan: BuildPlan, task: TensorTask, writer: Any) -> dict[str, Any]:
     entry: dict[str, Any] = {"kind": task.kind, "shape": list(task.shape), "dtype": task.out_dtype}
     if task.kind == "stacked":
         out_dtype = getattr(torch, task.out_dtype)
-        stacked = torch.stack([read_tensor(c, task.name).to(out_dtype) for c in plan.experts.values()])
+        stacked = torch.stack([c.tensor(task.name).to(out_dtype) for c in plan.experts.values()])
         writer.write(f"{task.name}.experts", stacked)  # [N, ...]
         return entry
     bank, labels, stats = merge_tensor(plan, task)
@@ -293,7 +293,7 @@ def merge_tensor(plan: BuildPlan, task: TensorTask) -> tuple[torch.Tensor, torch
     """One 2-D tensor -> (bank [K, out, in], labels [out, N], stats), streamed in row blocks."""
     import torch
 
-    base = read_tensor(plan.base, task.name).float()  # [out, in]
+    base = plan.base.tensor(task.name).float()  # [out, in]
     n, k = len(plan.experts), task.groups
     deltas = load_deltas(plan, task, base)  # [N, out, in], raw
     blocks = row_blocks(task.shape[0], n * task.shape[1])
@@ -350,10 +350,10 @@ def load_deltas(plan: BuildPlan, task: TensorTask, base: torch.Tensor | None = N
     import torch
 
     if base is None:
-        base = read_tensor(plan.base, task.name).float()
+        base = plan.base.tensor(task.name).float()
     deltas = torch.empty((len(plan.experts), *task.shape), dtype=torch.float32)
     for i, ckpt in enumerate(plan.experts.values()):
-        torch.sub(read_tensor(ckpt, task.name), base, out=deltas[i])
+        torch.sub(ckpt.tensor(task.name), base, out=deltas[i])
     return deltas
 
 
@@ -401,22 +401,10 @@ def copy_singletons(plan: BuildPlan, task: TensorTask, bank: torch.Tensor, label
     for i, ckpt in enumerate(plan.experts.values()):
         alone = rows[sizes.gather(1, labels[:, i : i + 1])[:, 0] == 1]
         if len(alone):
-            bank[labels[alone, i], alone] = read_tensor(ckpt, task.name)[alone].to(bank.dtype)
+            bank[labels[alone, i], alone] = ckpt.tensor(task.name)[alone].to(bank.dtype)
     for g in range(1, task.groups):
         empty = rows[sizes[:, g] == 0]
         bank[g, empty] = bank[0, empty]
-
-
-def read_tensor(ckpt: Checkpoint, name: str) -> torch.Tensor:
-    """One tensor, read with a handle closed right after: a kept safetensors handle keeps every
-    page it ever touched mapped, which would grow RSS to the size of all the checkpoints."""
-    info = ckpt.tensors[name]
-    if info.file.suffix != ".safetensors":
-        return ckpt.tensor(name)
-    from safetensors import safe_open
-
-    with safe_open(str(info.file), framework="pt") as f:
-        return f.get_tensor(name)  # a copy, not a view of the mapping
 
 
 def row_blocks(rows: int, row_elements: int) -> list[tuple[int, int]]:
