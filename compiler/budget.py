@@ -12,6 +12,7 @@ the next K, so a curve that drops late is not starved).
 from __future__ import annotations
 
 from dataclasses import replace
+from math import prod
 from typing import TYPE_CHECKING
 
 from chmc.errors import ChmcError
@@ -41,10 +42,8 @@ def error_curve(plan: BuildPlan, task: TensorTask) -> list[float]:
 
 def params_at(tasks: list[TensorTask], n: int, ks: dict[str, int] | None = None) -> int:
     """Stored parameters (banks + per-expert tensors) with K per merged tensor (default 1)."""
-    from chmc.compiler.merge import _numel
-
-    return sum((ks or {}).get(t.name, 1) * _numel(t.shape) if t.kind == "merged"
-               else n * _numel(t.shape) for t in tasks)
+    return sum((ks or {}).get(t.name, 1) * prod(t.shape) if t.kind == "merged"
+               else n * prod(t.shape) for t in tasks)
 
 
 def check_budget(tasks: list[TensorTask], n: int, ensemble: int, budget: float) -> None:

@@ -147,7 +147,7 @@ class GramFiles:
         import torch
         from safetensors import safe_open
 
-        found = []
+        found: list[torch.Tensor | None] = []
         for f, aliases, names in zip(self.files, self.aliases, self.names):
             key = aliases.get(tensor, tensor)
             if key not in names:
