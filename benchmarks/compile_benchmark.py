@@ -10,7 +10,11 @@ Anchor: mergekit 0.1.5 TIES (density 0.5) on exactly this setup: 125.7 s wall, 2
 Goal: chmc at K=2 at least 5x faster, peak RSS no higher. Where a `mergekit-yaml` executable is
 found ($MERGEKIT_YAML, or /tmp/mkvenv/bin/mergekit-yaml), it is run side by side.
 
-  python3 benchmarks/compile_benchmark.py [--skip-mergekit]
+With --calibration S, two calibrated builds follow (output-error grouping, regmean merging): K=2
+and --budget 0.5, each expert run on S random-token sequences of 128 tokens (--calibration-only
+skips the TIES and mergekit runs). Their wall time includes the calibration forward passes.
+
+  python3 benchmarks/compile_benchmark.py [--skip-mergekit] [--calibration 256 [--calibration-only]]
 """
 
 from __future__ import annotations
@@ -93,6 +97,31 @@ def chmc_build(base: Path, experts: dict[str, Path], out: Path, groups: int) -> 
             "--density", "0.5", "--out", str(out), "--force"]
 
 
+def calibrated_builds(base: Path, experts: dict[str, Path], work: Path, seqs: int,
+                      result: dict[str, object]) -> None:
+    """K=2 and budget 0.5 with output-error grouping and regmean, from random-token prompts."""
+    import random
+
+    rng = random.Random(0)
+    files = []
+    for name in experts:
+        rows = [json.dumps({"input_ids": [rng.randrange(SHAPE["vocab_size"]) for _ in range(128)]})
+                for _ in range(seqs)]
+        (work / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
+        files.append(f"{name}={work / f'{name}.jsonl'}")
+    for tag, extra in (("k2", ["--groups", "2"]), ("budget0.5", ["--budget", "0.5"])):
+        cmd = [sys.executable, "-m", "chmc", "build", "--base", str(base), "--experts",
+               *(f"{n}={p}" for n, p in experts.items()), *extra, "--clustering", "output-error",
+               "--method", "regmean", "--out", str(work / tag), "--force"]
+        for f in files:
+            cmd += ["--calibration", f]
+        result[f"chmc_{tag}_regmean_calibrated"] = {
+            **measure(cmd), "calibration_sequences": seqs, "tokens_per_sequence": 128}
+        ratio = json.loads((work / tag / "chmc.json").read_text())["accounting"]["ratio"]
+        result[f"chmc_{tag}_regmean_calibrated"]["ratio"] = round(ratio, 4)  # type: ignore[index]
+        shutil.rmtree(work / tag)
+
+
 def mergekit_command(base: Path, experts: dict[str, Path], work: Path) -> list[str] | None:
     exe = (os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
            or "/tmp/mkvenv/bin/mergekit-yaml")
@@ -111,6 +140,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get(
         "CHMC_CACHE", Path.home() / ".cache" / "chmc")) / "bench" / "compile_llama_0.17b")
     parser.add_argument("--skip-mergekit", action="store_true")
+    parser.add_argument("--calibration", type=int, default=0, metavar="S",
+                        help="also calibrated builds, S sequences of 128 tokens per expert")
+    parser.add_argument("--calibration-only", action="store_true")
     args = parser.parse_args()
     t0 = time.perf_counter()
     base, experts = make_family(args.cache)
@@ -120,6 +152,11 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="chmc-bench-") as tmp:
         work = Path(tmp)
+        if args.calibration:
+            calibrated_builds(base, experts, work, args.calibration, result)
+        if args.calibration_only:
+            print(json.dumps(result, indent=1))
+            return
         result["chmc_k2_ties"] = measure(chmc_build(base, experts, work / "k2", 2))
         shutil.rmtree(work / "k2")
         result["chmc_k1_ties"] = measure(chmc_build(base, experts, work / "k1", 1))
