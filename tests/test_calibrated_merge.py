@@ -254,3 +254,20 @@ def test_bad_calibration_and_budget_input(random_family, chmc_cli, tmp_path, arg
     assert result.returncode == 1
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_triton_repository_configs_do_not_depend_on_k(random_family, budget_artifact, tmp_path):
+    """A budget artifact (K per tensor) and a uniform K=2 one give identical Triton configs."""
+    pytest.importorskip("onnxruntime")
+    from chmc.compiler.export import export
+    from chmc.compiler.merge import build
+    from chmc.compiler.triton_repo import write_triton_repo
+
+    base, experts = random_family
+    uniform = build(base, experts, tmp_path / "k2", groups=2, progress=False)
+    configs = []
+    for tag, art in (("budget", budget_artifact), ("k2", uniform)):
+        repo = write_triton_repo(export(art, tmp_path / f"{tag}_onnx"), tmp_path / f"{tag}_repo")
+        configs.append({p.relative_to(repo).as_posix(): p.read_text()
+                        for p in sorted(Path(repo).rglob("config.pbtxt"))})
+    assert len(configs[0]) == 2 and configs[0] == configs[1]
