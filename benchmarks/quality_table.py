@@ -82,7 +82,7 @@ def calibrated_rows(fam: Any, work: Path) -> list[Row]:
     matrices = {name for name, info in Checkpoint(fam.base).tensors.items() if len(info.shape) == 2}
     start = time.time()
     grams = {task: collect_grams(fam.experts[task], read_sequences(files["train"], fam.experts[task]),
-                                 work / f"grams-{task}.safetensors", matrices, progress=False)
+                                 work / f"grams-{task}", matrices, progress=False)
              for task, files in fam.tasks.items()}
     calib_s = round(time.time() - start, 1)
     n = len(fam.experts)

@@ -1,12 +1,12 @@
 """Activation statistics for output-aware merging: per expert, the Gram matrix of every
 channel-merged Linear's inputs, C = X^T X / tokens, over that expert's own calibration prompts.
 
-`collect_grams` runs the expert in transformers with a forward hook on each nn.Linear whose weight
-is a channel-merged tensor, accumulating X^T X in fp64 (one forward pass per batch of prompts, no
-gradients), and writes the Grams to one safetensors file per expert (fp32, divided by the token
-count so experts with more or longer prompts do not outweigh the others). Linears fed the same
-tensor (q/k/v, gate/up) share one Gram; the file stores it once and lists the others as aliases in
-its metadata. Embeddings have no Linear input (theirs is a one-hot token): they get no Gram, and
+`collect_grams` runs the expert in transformers layer by layer with forward hooks on the
+nn.Linears whose weights are channel-merged tensors, accumulating X^T X in fp64 (one forward pass
+per batch of prompts, no gradients), and writes the Grams to a folder per expert: one safetensors
+file per decoder layer (fp32, divided by the token count so experts with more or longer prompts
+do not outweigh the others) and grams.json mapping tensor -> (file, key). Linears fed the same
+tensor (q/k/v, gate/up) share one Gram, stored once. Embeddings have no Linear input (theirs is a one-hot token): they get no Gram, and
 the merge treats a missing Gram as the identity, i.e. the weight-space rule (see regmean.py).
 
 Prompt files are JSONL: {"prompt", "answer"} rows (the text is prompt + answer, as the expert
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from chmc.errors import ChmcError
 
@@ -57,61 +57,140 @@ def read_sequences(file: Path, expert: Path, limit: int = MAX_PROMPTS) -> list[l
     return [list(tok(t, add_special_tokens=False).input_ids) for t in texts]
 
 
-def collect_grams(expert: str | Path, sequences: list[list[int]], out_file: str | Path,
+def collect_grams(expert: str | Path, sequences: list[list[int]], out: str | Path,
                   tensors: set[str], progress: bool = True) -> Path:
-    """Run `expert` on `sequences` and write C = X^T X / tokens for each Linear in `tensors`."""
+    """Run `expert` on `sequences` layer by layer and write C = X^T X / tokens for each Linear
+    in `tensors` into the folder `out` (one safetensors file per decoder layer + grams.json).
+
+    GPTQ's order: the embeddings' outputs for every batch are caught at the first decoder layer,
+    then each layer runs on all batches with hooks on its own Linears only, its Grams are written
+    and freed, and its outputs feed the next. One forward pass per batch in all; memory holds the
+    batches' hidden states and one layer's Grams, never all of them."""
     import torch
     import transformers
     from rich.progress import Progress
-    from safetensors.torch import save_file
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(expert), dtype=torch.float32)
     model.eval()
-    grams: dict[str, torch.Tensor] = {}  # canonical name -> [in, in] fp64 sum
-    aliases: dict[str, str] = {}  # tensor name -> canonical name whose input it shares
-    last: list[Any] = [None, ""]  # (input tensor, canonical name) of the latest hook call
-
-    def hook(name: str):
-        def accumulate(module: Any, args: tuple[Any, ...], output: Any) -> None:
-            x = args[0]
-            if x is last[0]:  # same input as the previous Linear (q/k/v, gate/up)
-                aliases[name] = last[1]
-                return
-            flat = x.reshape(-1, x.shape[-1]).double()  # [tokens, in]
-            if name not in grams:
-                grams[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
-            grams[name].addmm_(flat.T, flat)
-            last[0], last[1] = x, name
-        return accumulate
-
-    handles = [m.register_forward_hook(hook(f"{n}.weight")) for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and f"{n}.weight" in tensors]
-    batches = _equal_length_batches(sequences)
-    tokens = 0
-    try:
-        with torch.inference_mode(), Progress(transient=True, disable=not progress) as bar:
-            job = bar.add_task(f"calibrating {Path(expert).name}", total=len(batches))
-            for ids in batches:
-                last[0] = None
-                model(input_ids=ids, use_cache=False)
-                tokens += ids.numel()
-                bar.advance(job)
-    finally:
-        for h in handles:
-            h.remove()
-    missing = sorted(t for t in tensors if t.endswith(".weight") and _is_linear(model, t)
-                     and t not in grams and t not in aliases)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    index: dict[str, Any] = {"tokens": 0, "tensors": {}}
+    layers = model.model.layers
+    with torch.inference_mode(), Progress(transient=True, disable=not progress) as bar:
+        hidden, kwargs = _layer_inputs(model, _equal_length_batches(sequences))
+        index["tokens"] = tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
+        job = bar.add_task(f"calibrating {Path(expert).name}", total=len(layers) + 1)
+        for i, layer in enumerate(layers):
+            prefix = _module_name(model, layer)
+            with _GramHooks(layer, prefix, tensors) as grams:
+                for b, (h, kw) in enumerate(zip(hidden, kwargs)):
+                    out_h = layer(h, **kw)
+                    hidden[b] = out_h[0] if isinstance(out_h, tuple) else out_h
+            _save(grams, folder / f"layer-{i:03d}.safetensors", tokens, index)
+            bar.advance(job)
+        if "lm_head.weight" in tensors and isinstance(model.lm_head, torch.nn.Linear):
+            with _GramHooks(model.lm_head, "lm_head", tensors) as grams:  # its input, no logits
+                for h in hidden:
+                    grams.accumulate("lm_head.weight", model.model.norm(h))
+            _save(grams, folder / "head.safetensors", tokens, index)
+        bar.advance(job)
+    missing = sorted(t for t in tensors if _is_linear(model, t) and t not in index["tensors"])
     if missing:
         raise ChmcError(f"expert {expert}: calibration never reached '{missing[0]}'")
-    out = Path(out_file)
-    save_file({k: (v / tokens).float() for k, v in grams.items()}, str(out),
-              metadata={"aliases": json.dumps(aliases), "tokens": str(tokens)})
-    return out
+    (folder / GRAMS_INDEX).write_text(json.dumps(index, indent=1))
+    return folder
+
+
+GRAMS_INDEX = "grams.json"
+
+
+class _Caught(Exception):
+    pass
+
+
+def _layer_inputs(model: Any, batches: list[torch.Tensor]) -> tuple[list[Any], list[dict]]:
+    """Hidden states and keyword arguments (mask, rotary embeddings) the first decoder layer
+    receives for each batch, caught by a pre-hook that stops the forward there."""
+    hidden: list[Any] = []
+    kwargs: list[dict[str, Any]] = []
+
+    def catch(module: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+        hidden.append(args[0] if args else kw.pop("hidden_states"))
+        kwargs.append(kw)
+        raise _Caught
+
+    handle = model.model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Caught:
+                pass
+    finally:
+        handle.remove()
+    return hidden, kwargs
+
+
+class _GramHooks:
+    """Forward hooks summing X^T X (fp64) on the Linears under `root` whose weights are in
+    `tensors`; a Linear fed the very tensor the previous one got (q/k/v, gate/up) is an alias."""
+
+    def __init__(self, root: Any, prefix: str, tensors: set[str]):
+        import torch
+
+        self.sums: dict[str, torch.Tensor] = {}
+        self.aliases: dict[str, str] = {}
+        self.last: tuple[Any, str] = (None, "")
+        self.handles = []
+        for name, m in root.named_modules():
+            full = f"{prefix}.{name}.weight" if name else f"{prefix}.weight"
+            if isinstance(m, torch.nn.Linear) and full in tensors:
+                self.handles.append(m.register_forward_hook(self._hook(full)))
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
+            if args[0] is self.last[0]:
+                self.aliases[name] = self.last[1]
+                return
+            self.accumulate(name, args[0])
+            self.last = (args[0], name)
+        return hook
+
+    def accumulate(self, name: str, x: torch.Tensor) -> None:
+        import torch
+
+        flat = x.reshape(-1, x.shape[-1]).double()  # [tokens, in]
+        if name not in self.sums:
+            self.sums[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
+        self.sums[name].addmm_(flat.T, flat)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _save(grams: _GramHooks, file: Path, tokens: int, index: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: (v / tokens).float() for k, v in grams.sums.items()}, str(file))
+    for name in grams.sums:
+        index["tensors"][name] = [file.name, name]
+    for name, target in grams.aliases.items():
+        index["tensors"][name] = [file.name, target]
+
+
+def _module_name(model: Any, module: Any) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
 
 
 def _is_linear(model: Any, tensor: str) -> bool:
     import torch
 
+    if not tensor.endswith(".weight"):
+        return False
     module = dict(model.named_modules()).get(tensor.removesuffix(".weight"))
     return isinstance(module, torch.nn.Linear)
 
@@ -129,35 +208,32 @@ def _equal_length_batches(sequences: list[list[int]]) -> list[torch.Tensor]:
 
 
 class GramFiles:
-    """Per-expert Gram files, read one tensor at a time: grams(name) -> [N, in, in] or None."""
+    """Per-expert Gram folders, read one tensor at a time: grams(name) -> [N, in, in] or None."""
 
-    def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-
-        self.files = files
-        self.aliases: list[dict[str, str]] = []
-        self.names: list[set[str]] = []
-        for f in files:
-            with safe_open(str(f), framework="pt") as h:
-                meta = h.metadata() or {}
-                self.aliases.append(json.loads(meta.get("aliases", "{}")))
-                self.names.append(set(h.keys()))
+    def __init__(self, folders: list[Path]):
+        self.folders = folders
+        self.index: list[dict[str, list[str]]] = []
+        for f in folders:
+            file = f / GRAMS_INDEX
+            if not file.is_file():
+                raise ChmcError(f"{f}: not a calibration folder (no {GRAMS_INDEX})")
+            self.index.append(json.loads(file.read_text())["tensors"])
 
     def grams(self, tensor: str) -> torch.Tensor | None:
         import torch
         from safetensors import safe_open
 
         found: list[torch.Tensor | None] = []
-        for f, aliases, names in zip(self.files, self.aliases, self.names):
-            key = aliases.get(tensor, tensor)
-            if key not in names:
+        for folder, index in zip(self.folders, self.index):
+            if tensor not in index:
                 found.append(None)
                 continue
-            with safe_open(str(f), framework="pt") as h:
+            fname, key = index[tensor]
+            with safe_open(str(folder / fname), framework="pt") as h:
                 found.append(h.get_tensor(key))
         if all(g is None for g in found):
             return None  # no Linear input (embeddings): the identity, the weight-space rule
         if any(g is None for g in found):
-            bad = self.files[[g is None for g in found].index(True)]
+            bad = self.folders[[g is None for g in found].index(True)]
             raise ChmcError(f"calibration statistics {bad} lack tensor '{tensor}'")
         return torch.stack([g for g in found if g is not None])  # [N, in, in]

@@ -72,7 +72,7 @@ class BuildPlan:
     dtype: str | None
     out: Path
     force: bool
-    calibration: dict[str, Path] | None = None  # expert -> prompts .jsonl or Gram .safetensors
+    calibration: dict[str, Path] | None = None  # expert -> prompts .jsonl or Gram folder
     budget: float | None = None  # fraction of the ensemble's parameters; K per tensor <= groups
     gram_files: GramFiles | None = None  # set by execute once the Grams exist
     budget_summary: dict[str, Any] | None = None  # set by execute: K choice and error curves
@@ -136,7 +136,7 @@ def plan_build(base: str | Path, experts: dict[str, str | Path], out: str | Path
 
 def check_calibration(calibration: dict[str, str | Path] | None, names: list[str], clustering: str,
                       method: MergeMethod, budget: float | None) -> dict[str, Path] | None:
-    """Every expert or none has calibration (.jsonl prompts or .safetensors Grams); methods and
+    """Every expert or none has calibration (.jsonl prompts or a Gram folder); methods and
     clusterings that need it get it; the budget is a fraction in (0, 1]."""
     from chmc.compiler.regmean import check_subset_count
 
@@ -159,9 +159,9 @@ def check_calibration(calibration: dict[str, str | Path] | None, names: list[str
         if name not in calibration:
             raise ChmcError(f"--calibration has no prompts for expert '{name}' (every expert needs them)")
         path = Path(calibration[name])
-        if not path.is_file() or path.suffix not in (".jsonl", ".safetensors"):
+        if not (path.is_file() and path.suffix == ".jsonl" or (path / "grams.json").is_file()):
             raise ChmcError(f"--calibration {name}={path}: expected an existing .jsonl prompt file "
-                            f"(or .safetensors Grams from a previous run)")
+                            f"(or a Gram folder from chmc.compiler.calibration.collect_grams)")
         out[name] = path
     return out
 
@@ -368,7 +368,7 @@ def tensor_solver(plan: BuildPlan, task: TensorTask) -> GramSolver | None:
 
 
 def calibrate(plan: BuildPlan, folder: Path, progress: bool) -> GramFiles:
-    """Each expert's Grams: given as .safetensors, or collected from its .jsonl prompts."""
+    """Each expert's Grams: a given folder, or collected from its .jsonl prompts."""
     from chmc.compiler.calibration import GramFiles, collect_grams, read_sequences
 
     assert plan.calibration is not None
@@ -376,12 +376,12 @@ def calibrate(plan: BuildPlan, folder: Path, progress: bool) -> GramFiles:
     merged = {t.name for t in plan.tasks if t.kind == "merged"}
     files = []
     for name, source in plan.calibration.items():
-        if source.suffix == ".safetensors":
+        if source.is_dir():
             files.append(source)
             continue
         ckpt = plan.experts[name]
         seqs = read_sequences(source, ckpt.path)
-        files.append(collect_grams(ckpt.path, seqs, folder / f"{name}.safetensors", merged, progress))
+        files.append(collect_grams(ckpt.path, seqs, folder / name, merged, progress))
     return GramFiles(files)
 
 

@@ -47,7 +47,7 @@ def test_grams_equal_the_layer_inputs_computed_directly(random_family, calibrati
     seqs = read_sequences(calibration["expert_0"], path)
     names = {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
              "model.layers.1.mlp.down_proj.weight"}
-    file = collect_grams(path, seqs, tmp_path / "g.safetensors", names, progress=False)
+    file = collect_grams(path, seqs, tmp_path / "g", names, progress=False)
     model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     xs = []
     with torch.no_grad():
@@ -61,11 +61,40 @@ def test_grams_equal_the_layer_inputs_computed_directly(random_family, calibrati
         got = grams.grams(name)
         assert got is not None
         torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-6)
-    assert grams.aliases[0] == {"model.layers.0.self_attn.k_proj.weight":
-                                "model.layers.0.self_attn.q_proj.weight"}
-    down = grams.grams("model.layers.1.mlp.down_proj.weight")
-    assert down is not None and down.shape == (1, 64, 64)  # intermediate 64
+    assert grams.index[0]["model.layers.0.self_attn.k_proj.weight"] == \
+        grams.index[0]["model.layers.0.self_attn.q_proj.weight"]  # one Gram, stored once
     assert grams.grams("model.embed_tokens.weight") is None  # no Linear input: identity
+
+
+def test_layerwise_grams_equal_full_forward_hooks(random_family, calibration, tmp_path):
+    """Every Linear's Gram (layer-by-layer collection) equals forward hooks on the whole model."""
+    from chmc.compiler.calibration import GramFiles, collect_grams, read_sequences
+
+    path = random_family[1]["expert_2"]
+    seqs = read_sequences(calibration["expert_2"], path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    linears = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
+            for name, m in linears.items()}
+
+    def hook(name):
+        def add(module, args, output):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[name] += x.T @ x
+        return add
+
+    for name, m in linears.items():
+        m.register_forward_hook(hook(name))
+    with torch.no_grad():
+        for s in seqs:
+            model(torch.tensor([s]))
+    tokens = sum(len(s) for s in seqs)
+    grams = GramFiles([collect_grams(path, seqs, tmp_path / "g", set(linears), progress=False)])
+    assert len(linears) == 15  # 2 layers x 7 + lm_head
+    for name in linears:
+        got = grams.grams(name)
+        assert got is not None, name
+        torch.testing.assert_close(got[0], (sums[name] / tokens).float(), rtol=1e-4, atol=1e-6)
 
 
 def _set_partitions(items: list[int]):
@@ -127,7 +156,7 @@ def test_k1_regmean_with_identical_statistics_is_the_mean(random_family, calibra
     base, experts = random_family
     names = {n for n, i in Checkpoint(base).tensors.items() if len(i.shape) == 2}
     grams = collect_grams(experts["expert_0"], read_sequences(calibration["expert_0"], base),
-                          tmp_path / "same.safetensors", names, progress=False)
+                          tmp_path / "same", names, progress=False)
     reg = Artifact(build(base, experts, tmp_path / "reg", groups=1, method="regmean",
                          calibration=dict.fromkeys(experts, grams), progress=False))
     mean = Artifact(build(base, experts, tmp_path / "mean", groups=1, method="mean", progress=False))
@@ -167,7 +196,7 @@ def test_output_error_beats_weight_space_grouping_on_calibration_outputs(random_
     from chmc.compiler.calibration import collect_grams, read_sequences
 
     files = [collect_grams(experts[n], read_sequences(calibration[n], experts[n]),
-                           folder / f"{n}.safetensors", set(a.manifest["tensors"]), progress=False)
+                           folder / n, set(a.manifest["tensors"]), progress=False)
              for n in experts]
     grams = GramFiles(files)
     errs = {"oe": 0.0, "w": 0.0}
