@@ -2,12 +2,13 @@
 channel-merged Linear's inputs, C = X^T X / tokens, over that expert's own calibration prompts.
 
 `collect_grams` runs the expert in transformers layer by layer with forward hooks on the
-nn.Linears whose weights are channel-merged tensors, accumulating X^T X (fp32 per batch, fp64 across batches; one forward pass
-per batch of prompts, no gradients), and writes the Grams to a folder per expert: one safetensors
-file per decoder layer (fp32, divided by the token count so experts with more or longer prompts
-do not outweigh the others) and grams.json mapping tensor -> (file, key). Linears fed the same
-tensor (q/k/v, gate/up) share one Gram, stored once. Embeddings have no Linear input (theirs is a one-hot token): they get no Gram, and
-the merge treats a missing Gram as the identity, i.e. the weight-space rule (see regmean.py).
+nn.Linears whose weights are channel-merged tensors, accumulating X^T X (fp32 per batch, fp64
+across batches; one forward pass per batch of prompts, no gradients), and writes the Grams to a
+folder per expert: one safetensors file per decoder layer (fp32, divided by the token count so
+experts with more or longer prompts do not outweigh the others) and grams.json mapping
+tensor -> (file, key). Linears fed the same tensor (q/k/v, gate/up) share one Gram, stored once.
+Embeddings have no Linear input (theirs is a one-hot token): they get no Gram, and the merge
+treats a missing Gram as the identity, i.e. the weight-space rule (see regmean.py).
 
 Prompt files are JSONL: {"prompt", "answer"} rows (the text is prompt + answer, as the expert
 reads it when trained), {"text"} rows, or {"input_ids": [...]} rows of token ids.
