@@ -75,6 +75,10 @@ class GramSolver:
         e = self.weighted(deltas)  # [N, R, in]
         out = torch.empty((deltas.shape[1], len(masks)), dtype=torch.float32)
         for s, mask in enumerate(masks):
+            if mask & (mask - 1) == 0:  # one member: b A^-1 b = d C d, no solve
+                i = mask.bit_length() - 1
+                out[:, s] = (e[i] * deltas[i]).sum(-1)
+                continue
             b = torch.einsum("n,nri->ri", member[s], e)  # [R, in]
             out[:, s] = ((b @ self.inverse(mask)) * b).sum(-1)
         return out
@@ -92,7 +96,7 @@ class GramSolver:
         n, r, width = deltas.shape
         out = torch.zeros((k, r, width), dtype=torch.float32)
         bits = 2 ** torch.arange(n)
-        e = deltas if self.c is None else self.weighted(deltas)  # [N, R, in]
+        e = deltas if self.c is None or k >= n else self.weighted(deltas)  # [N, R, in]
         for g in range(k):
             masks = ((labels == g).long() * bits).sum(1)  # [R]: the subset in group g
             for mask in masks.unique().tolist():
@@ -100,6 +104,9 @@ class GramSolver:
                     continue  # an empty group; copy_singletons fills it
                 rows = (masks == mask).nonzero()[:, 0]
                 members = [i for i in range(n) if mask >> i & 1]
+                if len(members) == 1:  # the expert's own row (copy_singletons stores it exactly)
+                    out[g, rows] = deltas[members[0], rows]
+                    continue
                 b = e[members][:, rows].sum(0)  # [r, in]
                 out[g, rows] = b / len(members) if self.c is None else b @ self.inverse(mask)
         return out
