@@ -96,7 +96,8 @@ def build(
     budget: Annotated[float | None, Opt(
         help="Fraction of the ensemble's parameters; each tensor gets its own K <= --groups.")] = None,
     router_data: Annotated[list[str] | None, Opt(
-        "--router-data", help="NAME=prompts.jsonl per expert: train a router (expert 'auto').")] = None,
+        "--router-data", help="NAME=prompts.jsonl per expert (repeat the option): train a router "
+                              "for expert 'auto'.")] = None,
 ) -> None:
     """Channel-merge N experts over their base into an artifact of K banks per row."""
     from chmc.compiler.merge import build as build_artifact

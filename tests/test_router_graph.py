@@ -203,3 +203,28 @@ def test_distinct_family_auto_keeps_the_oracle_accuracy(distinct_family, tmp_pat
     auto = routed_row("auto", distinct_family, art, progress=False)
     assert auto["routing_accuracy"] >= 0.99
     assert auto["mean"] >= 0.98 * oracle["mean"], (auto["accuracy"], oracle["accuracy"])
+
+
+def test_build_with_router_data_serves_auto(onnx_family: dict, chmc_cli, tmp_path: Path) -> None:
+    experts = [f"{n}={p}" for n, p in onnx_family["experts"].items()]
+    data = []
+    for expert, task in TASKS.items():
+        file = tmp_path / f"{task}.jsonl"
+        write_jsonl(make_splits(DISTINCT_TASKS[task], seed=8, sizes={"train": 60})["train"], file)
+        data += ["--router-data", f"{expert}={file}"]  # repeated: bare NAME=PATH are experts
+    common = ["build", "--base", onnx_family["base"], "--experts", *experts, "--groups", "2"]
+    bad = chmc_cli(*common, "--router-data", f"expert_9={tmp_path / 'add.jsonl'}",
+                   "--out", tmp_path / "bad", cwd=tmp_path)
+    assert bad.returncode == 1 and "'expert_9' is not an expert" in bad.stderr
+    assert not (tmp_path / "bad").exists()  # checked before any merging
+    ok = chmc_cli(*common, *data, "--target", "onnx", "--out", tmp_path / "m",
+                  cwd=tmp_path, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    run = chmc_cli("run", tmp_path / "m" / "onnx", "12+34=", "--expert", "auto", "-n", "4",
+                   cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    from chmc.runtime import load
+
+    runner = load(tmp_path / "m" / "onnx")
+    chosen = int(route_prompts(tmp_path / "m", *_left_padded(["12+34="]))[0])
+    assert runner.generate(["12+34="], [chosen], max_new_tokens=4)[0] == run.stdout.rstrip("\n")
