@@ -145,3 +145,4 @@ def test_demo_prints_the_quality_table(distinct_family, tmp_path: Path, chmc_cli
     manifest = json.loads((tmp_path / "distinct-k2" / "chmc.json").read_text())
     assert manifest["groups"] == 2 and manifest["accounting"]["ratio"] < 0.6
     assert f"{100 * manifest['accounting']['ratio']:.1f}%" in res.stdout
+    assert manifest["router"]["heldout_accuracy"] >= 0.99  # the demo's expert auto row
