@@ -336,6 +336,8 @@ def group_all_rows(plan: BuildPlan, deltas: torch.Tensor, blocks: list[tuple[int
     from chmc.compiler.grouping import RowBatch, group_rows
 
     weights = plan.params.weights()
+    if not len(weights):  # a method without merge weights (regmean): the clusterings' uniform ones
+        weights = torch.ones(deltas.shape[0])
     delta_sq = torch.zeros(deltas.shape[0], dtype=torch.float64)
     labels = torch.empty((deltas.shape[1], deltas.shape[0]), dtype=torch.long)
     for a, b in blocks:

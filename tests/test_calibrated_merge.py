@@ -180,6 +180,18 @@ def test_kn_calibrated_build_reconstructs_every_expert_exactly(random_family, ca
             assert torch.equal(tensor, want[tname]), (name, tname)
 
 
+@pytest.mark.parametrize("clustering", ["cosine", "error"])
+def test_weight_space_clusterings_with_regmean(random_family, calibration, tmp_path, clustering):
+    """regmean has no merge weights; the weight-space clusterings then weigh experts alike."""
+    from chmc.compiler.artifact import read_manifest
+    from chmc.compiler.merge import build
+
+    base, experts = random_family
+    art = build(base, experts, tmp_path / "a", groups=2, clustering=clustering, method="regmean",
+                calibration=calibration, progress=False)
+    assert read_manifest(art)["method"] == "regmean"
+
+
 def test_output_error_beats_weight_space_grouping_on_calibration_outputs(random_family,
                                                                          calibration, tmp_path):
     """What the issue asks the merge to preserve: each expert's Linear outputs on its own inputs."""
