@@ -24,6 +24,7 @@ from chmc.errors import ChmcError
 
 if TYPE_CHECKING:
     import torch
+    from chmc.compiler.regmean import GramSolver
 
 MAX_PROMPTS = 256  # per expert: "a few hundred of its own prompts"
 BATCH = 16  # sequences of equal length run together (no padding, so no masked tokens to skip)
@@ -219,6 +220,19 @@ class GramFiles:
             if not file.is_file():
                 raise ChmcError(f"{f}: not a calibration folder (no {GRAMS_INDEX})")
             self.index.append(json.loads(file.read_text())["tensors"])
+        self._solvers: dict[tuple, GramSolver] = {}  # the last two, by their Grams' sources
+
+    def solver(self, tensor: str, n: int, damping: float) -> GramSolver:
+        """A GramSolver for `tensor`, shared with the tensors that read the same Grams (q/k/v,
+        gate/up), so their subset inverses are computed once."""
+        from chmc.compiler.regmean import GramSolver
+
+        key = (damping, *(tuple(index.get(tensor, ())) for index in self.index))
+        if key not in self._solvers:
+            while len(self._solvers) >= 2:
+                self._solvers.pop(next(iter(self._solvers)))
+            self._solvers[key] = GramSolver(self.grams(tensor), n, damping)
+        return self._solvers[key]
 
     def grams(self, tensor: str) -> torch.Tensor | None:
         import torch

@@ -361,12 +361,10 @@ def load_deltas(plan: BuildPlan, task: TensorTask, base: torch.Tensor | None = N
 
 def tensor_solver(plan: BuildPlan, task: TensorTask) -> GramSolver | None:
     """This tensor's calibration Grams (identity where it has none), or None without calibration."""
-    from chmc.compiler.regmean import GramSolver
-
     if plan.gram_files is None:
         return None
     damping = plan.params.values.get("damping", 0.01)
-    return GramSolver(plan.gram_files.grams(task.name), len(plan.experts), damping)
+    return plan.gram_files.solver(task.name, len(plan.experts), damping)
 
 
 def calibrate(plan: BuildPlan, folder: Path, progress: bool) -> GramFiles:
