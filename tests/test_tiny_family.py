@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from chmc.errors import ChmcError
 from chmc.models.tiny.family import RECIPES, Recipe, family, write_tasks
 
@@ -71,7 +70,7 @@ def test_small_family_builds_loads_and_is_cached(tmp_path: Path, monkeypatch) ->
         family(dataclasses.replace(SMALL, seed=3), fam.path, progress=False)
 
 
-def own_task_matrix(fam) -> dict[str, dict[str, float]]:  # noqa: ANN001
+def own_task_matrix(fam) -> dict[str, dict[str, float]]:
     """Exact match of every expert (rows) on every task's eval split (columns)."""
     from chmc.runtime.evaluate import evaluate
 
@@ -81,14 +80,14 @@ def own_task_matrix(fam) -> dict[str, dict[str, float]]:  # noqa: ANN001
 
 
 @pytest.mark.slow
-def test_distinct_experts_master_their_task(distinct_family) -> None:  # noqa: ANN001
+def test_distinct_experts_master_their_task(distinct_family) -> None:
     matrix = own_task_matrix(distinct_family)
     for expert, row in matrix.items():
         assert row[expert] >= 0.95, (expert, row)
 
 
 @pytest.mark.slow
-def test_conflict_experts_master_their_task_and_fail_the_others(conflict_family) -> None:  # noqa: ANN001
+def test_conflict_experts_master_their_task_and_fail_the_others(conflict_family) -> None:
     matrix = own_task_matrix(conflict_family)
     for expert, row in matrix.items():
         assert row[expert] >= 0.95, (expert, row)
