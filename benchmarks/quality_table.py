@@ -26,6 +26,7 @@ import argparse
 import itertools
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -151,10 +152,9 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     names = args.families + (["distinct8"] if args.distinct8 else [])
-    from chmc.models.tiny.family import cache_dir
-
-    work = cache_dir() / "quality"  # the merged artifacts stay out of the source tree
-    tables = [family_table(name, work) for name in names]
+    # merged artifacts: private to this run (concurrent runs never share them), then deleted
+    with tempfile.TemporaryDirectory(prefix="chmc-quality-") as work:
+        tables = [family_table(name, Path(work)) for name in names]
     for t in tables:  # outputs are bulky; the JSON keeps the numbers
         for r in t["rows"]:
             r.pop("outputs", None)
