@@ -244,7 +244,7 @@ def run(
     source: Annotated[str, typer.Argument(help="Export folder, artifact or HF folder.")],
     prompt: Annotated[str, typer.Argument(help="The prompt to continue.")],
     expert: Annotated[str | None, Opt("--expert", help="Expert name or id.")] = None,
-    backend: Annotated[str, Opt(help="onnxruntime (default) | torch.")] = "onnxruntime",
+    backend: Annotated[str, Opt(help="onnxruntime (default) | torch | tensorrt (an engine folder).")] = "onnxruntime",
     max_new_tokens: Annotated[int, Opt("--max-new-tokens", "-n")] = 64,
     temperature: Annotated[float, Opt(help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, Opt("--top-p")] = 1.0,

@@ -19,7 +19,7 @@ from typing import Any
 
 from chmc.errors import ChmcError
 
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
 
 def folder_kind(path: Path) -> str:
@@ -70,7 +70,7 @@ def load(path: str | Path, backend: str = "onnxruntime", **options: Any) -> Any:
     """A Runner for an export folder, an artifact or a plain checkpoint.
 
     options: onnxruntime: providers, threads, linear/dtype (when exporting first);
-    torch: device, dtype.
+    torch: device, dtype. tensorrt takes an engine folder (`chmc engine`) and needs a CUDA GPU.
     """
     from chmc.runtime.generation import Runner
     from chmc.runtime.tokenizer import TextTokenizer
@@ -78,6 +78,17 @@ def load(path: str | Path, backend: str = "onnxruntime", **options: Any) -> Any:
     path = Path(path)
     if backend not in BACKENDS:
         raise ChmcError(f"--backend {backend!r} is not one of {list(BACKENDS)}")
+    if backend == "tensorrt":  # an engine folder (chmc engine): the ORT loop drives the engine
+        from chmc.runtime.onnxruntime_backend import OnnxRuntimeBackend
+        from chmc.runtime.tensorrt_backend import TensorRTRunner
+
+        if not (path / "model.plan").is_file():
+            raise ChmcError(f"{path}: the tensorrt backend needs an engine folder with model.plan "
+                            "(build one with `chmc engine EXPORT --out DIR`)")
+        session = TensorRTRunner(path)  # checks TensorRT and the GPU first
+        manifest = read_export_manifest(path)
+        return Runner(OnnxRuntimeBackend(path, manifest["export"], session=session), manifest,
+                      TextTokenizer(path))
     kind = folder_kind(path)
     if backend == "torch":
         from chmc.runtime.torch_backend import TorchBackend

@@ -49,14 +49,17 @@ class OnnxRuntimeBackend:
     """Runs the exported decoder; `start` begins a generation with one expert id per row."""
 
     def __init__(self, folder: str | Path, export: dict[str, Any],
-                 providers: list[str] | None = None, threads: int | None = None):
+                 providers: list[str] | None = None, threads: int | None = None,
+                 session: Any = None):
+        """`session`: anything with InferenceSession's run(output_names, feed) -> list of arrays
+        (the TensorRT runner), used instead of an ONNX Runtime session."""
         self.folder, self.export = Path(folder), export
         dtype = export["dtype"]
         if dtype not in _NP_DTYPES:
             raise NotSupportedError(f"not supported: dtype {dtype} on the ONNX Runtime backend "
                                     "(export with --dtype float32 or float16)")
         self.np_dtype = _NP_DTYPES[dtype]
-        self.session = session_for(self.folder, export, providers, threads)
+        self.session = session or session_for(self.folder, export, providers, threads)
         self.merged = any(i["name"] == "expert_id" for i in export["inputs"])
         self.reports_expert = any(o["name"] == "expert_id_used" for o in export["outputs"])
         self.layers = int(export["num_layers"])

@@ -130,6 +130,26 @@ def test_build_target_trt_without_tensorrt_writes_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_run_backend_tensorrt_without_tensorrt_fails_cleanly(tmp_path: Path) -> None:
+    """`chmc run --backend tensorrt` wants an engine folder, then TensorRT, before any compute."""
+    if tensorrt_available():
+        pytest.skip("TensorRT is installed here; the missing-TensorRT path cannot be exercised")
+    folder = decoder_graph_io(tmp_path / "onnx")
+
+    def run(source: Path) -> list[str]:
+        result = subprocess.run([sys.executable, "-m", "chmc", "run", str(source), "hi",
+                                 "--backend", "tensorrt"],
+                                check=False, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1 and result.stdout == ""
+        return result.stderr.strip().splitlines()
+
+    lines = run(folder)  # an export folder is not an engine folder
+    assert len(lines) == 1 and "needs an engine folder with model.plan" in lines[0], lines
+    (folder / "model.plan").write_bytes(b"not an engine")
+    lines = run(folder)
+    assert len(lines) == 1 and "TensorRT is not installed" in lines[0], lines
+
+
 def _gpu_tensorrt() -> None:
     if not tensorrt_available():
         pytest.skip("TensorRT is not installed (pip install tensorrt on a CUDA machine)")
