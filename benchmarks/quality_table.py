@@ -60,14 +60,24 @@ def channel_rows(fam: Any, work: Path) -> list[Row]:
 
 
 def router_rows(fam: Any, work: Path) -> list[Row]:
-    """expert 'auto' on the mixed eval prompts: the channel-merged artifacts (K=2, and K=N, which
-    is the ensemble itself) with a router trained on the tasks' train split prompts."""
+    """expert 'auto' on the mixed eval prompts, with a router trained on the tasks' train split
+    prompts: K=N (the ensemble itself, so only routing can cost) and the calibrated artifact at
+    a 0.5 budget (the paper's setting: about half the ensemble), copied from calibrated_rows."""
+    import shutil
+
+    n = len(fam.experts)
+    art = merged(fam, work, f"cm-cosine-k{n}-router", groups=n, clustering="cosine")
+    sources = [(art, f"channel merging K={n} (cosine)", n)]
+    if (work / "oe-regmean-budget0.5").is_dir():
+        shutil.copytree(work / "oe-regmean-budget0.5", work / "oe-regmean-budget0.5-router",
+                        dirs_exist_ok=True)
+        sources.append((work / "oe-regmean-budget0.5-router",
+                        "channel merging budget 0.5 (output-error, regmean)", n))
     rows = []
-    for k in sorted({2, len(fam.experts)}):
-        art = merged(fam, work, f"cm-cosine-k{k}-router", groups=k, clustering="cosine")
+    for art, label, k in sources:
         add_task_router(art, fam)
-        rows.append(routed_row(f"channel merging K={k} (cosine) + router, expert auto", fam, art,
-                               progress=False, method="channel+router", groups=k))
+        rows.append(routed_row(f"{label} + router, expert auto", fam, art, progress=False,
+                               method="router", groups=k))
     return rows
 
 
