@@ -32,22 +32,15 @@ BATCH = 16  # sequences of equal length run together (no padding, so no masked t
 
 def read_sequences(file: Path, expert: Path, limit: int = MAX_PROMPTS) -> list[list[int]]:
     """The first `limit` prompts of a JSONL file as token id lists (the expert's tokenizer)."""
+    from chmc.jsonl import read_jsonl
+
     rows: list[dict[str, Any]] = []
-    if not file.is_file():
-        raise ChmcError(f"calibration file {file} does not exist")
-    with file.open() as f:
-        for line_no, line in enumerate(f, 1):
-            if len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ChmcError(f"{file}:{line_no}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not ({"prompt", "text", "input_ids"} & set(row)):
-                raise ChmcError(f"{file}:{line_no}: expected a 'prompt', 'text' or 'input_ids' field")
-            rows.append(row)
+    for line_no, row in read_jsonl(file, "calibration file"):
+        if len(rows) >= limit:
+            break
+        if not ({"prompt", "text", "input_ids"} & set(row)):
+            raise ChmcError(f"{file}:{line_no}: expected a 'prompt', 'text' or 'input_ids' field")
+        rows.append(row)
     if not rows:
         raise ChmcError(f"calibration file {file} has no prompts")
     if all("input_ids" in r for r in rows):

@@ -62,17 +62,14 @@ def route(weights: dict[str, np.ndarray], input_ids: np.ndarray, attention_mask:
 
 def read_prompts(file: Path) -> list[str]:
     """Prompts from a JSONL file of {"prompt": ...} (or {"text": ...}) objects."""
-    if not file.is_file():
-        raise ChmcError(f"{file}: router data file not found")
+    from chmc.jsonl import read_jsonl
+
     prompts = []
-    for i, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            prompts.append(str(record["prompt"] if "prompt" in record else record["text"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ChmcError(f"{file}:{i}: expected a JSON object with a 'prompt' field") from None
+    for i, record in read_jsonl(file, "router data file"):
+        text = record.get("prompt", record.get("text"))
+        if text is None:
+            raise ChmcError(f"{file}:{i}: expected a JSON object with a 'prompt' field")
+        prompts.append(str(text))
     if len(prompts) < 5:
         raise ChmcError(f"{file}: needs at least 5 example prompts, found {len(prompts)}")
     return prompts

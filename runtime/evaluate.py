@@ -48,19 +48,13 @@ class Scores:
 
 def read_examples(file: str | Path) -> list[dict[str, str]]:
     """Read a JSONL task file; a malformed line is a ChmcError naming the file and line."""
-    file = Path(file)
-    if not file.is_file():
-        raise ChmcError(f"{file}: task file not found")
+    from chmc.jsonl import read_jsonl
+
     rows: list[dict[str, str]] = []
-    for i, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ChmcError(f"{file}:{i}: invalid JSON ({e})") from None
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "answer")):
-            raise ChmcError(f"{file}:{i}: expected {{\"prompt\": str, \"answer\": str}}, got {line[:80]!r}")
+    for i, row in read_jsonl(file, "task file"):
+        if not all(isinstance(row.get(k), str) for k in ("prompt", "answer")):
+            raise ChmcError(f"{file}:{i}: expected {{\"prompt\": str, \"answer\": str}}, "
+                            f"got {json.dumps(row)[:80]}")
         rows.append({"prompt": row["prompt"], "answer": row["answer"]})
     if not rows:
         raise ChmcError(f"{file}: task file has no examples")
