@@ -232,10 +232,13 @@ def execute(plan: BuildPlan, progress: bool = True) -> Path:
 
 
 def build_threads() -> int:
-    """Intra-op threads for the build: $CHMC_THREADS, default 1. The work is memory-bound
-    streaming; measured here (2 shared cores) one thread ran the 0.17B build 5x faster than two,
-    whose barriers stall whenever another process holds a core."""
-    value = os.environ.get("CHMC_THREADS", "1")
+    """Intra-op threads for the build: $CHMC_THREADS, default torch's own (every core). Measured on
+    the 0.17B K=2 benchmark: idle 2-core machine, 2 threads 19.8 s vs 1 thread 38.8 s; but while
+    other jobs hold the cores, one thread ran 5x faster than two (barrier stalls): set
+    CHMC_THREADS=1 on a shared machine."""
+    import torch
+
+    value = os.environ.get("CHMC_THREADS", str(torch.get_num_threads()))
     if not value.isdigit() or int(value) < 1:
         raise ChmcError(f"CHMC_THREADS={value!r}: expected a positive integer")
     return int(value)
