@@ -145,4 +145,7 @@ def test_demo_prints_the_quality_table(distinct_family, tmp_path: Path, chmc_cli
     manifest = json.loads((tmp_path / "distinct-k2" / "chmc.json").read_text())
     assert manifest["groups"] == 2 and manifest["accounting"]["ratio"] < 0.6
     assert f"{100 * manifest['accounting']['ratio']:.1f}%" in res.stdout
-    assert manifest["router"]["heldout_accuracy"] >= 0.99  # the demo's expert auto row
+    calibrated = json.loads((tmp_path / "distinct-budget0.5" / "chmc.json").read_text())
+    assert calibrated["accounting"]["ratio"] <= 0.5  # the calibrated row stays within its budget
+    assert f"{100 * calibrated['accounting']['ratio']:.1f}%" in res.stdout
+    assert calibrated["router"]["heldout_accuracy"] >= 0.99  # the demo's expert auto row
