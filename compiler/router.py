@@ -76,15 +76,10 @@ def read_prompts(file: Path) -> list[str]:
 
 
 def _encode(tokenizer: Any, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded ids and mask [B, S] (padding side does not change mean-pooled features)."""
-    rows = [tokenizer.encode(p).ids or [0] for p in prompts]
-    width = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), width), dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = r
-        mask[i, : len(r)] = 1
-    return ids, mask
+    """Left-padded ids and mask [B, S], as the runtime pads (padding is masked out of the features)."""
+    from chmc.runtime.generation import left_pad
+
+    return left_pad([tokenizer.encode(p).ids or [0] for p in prompts], pad_id=0)
 
 
 def train_router(tokenizer_file: Path, data: dict[str, Path], experts: list[str],

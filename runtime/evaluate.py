@@ -62,17 +62,13 @@ def read_examples(file: str | Path) -> list[dict[str, str]]:
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ids, attention mask and position ids [B, S] for left-padded sequences."""
+    """ids, attention mask and position ids [B, S] for left-padded sequences (the runtime's own
+    padding, as torch tensors)."""
     import torch
+    from chmc.runtime.generation import left_pad, positions
 
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, positions
+    ids, mask = left_pad(seqs, pad_id)
+    return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(positions(mask))
 
 
 def greedy(model: Any, prompts: list[list[int]], max_new: int, eos_id: int, pad_id: int) -> list[list[int]]:
