@@ -8,7 +8,7 @@ experts mixed <= 2.0x the dense single-model 16-row step. The ensemble baseline 
 split by expert) reuses the dense pool with a per-model layer offset, so every model reads distinct
 tensors far beyond L2 per step, without holding 4 copies of the model.
 
-    python3 benchmarks/gpu_kernels.py [--layers 32] [--iters 20] [--check]
+    python3 benchmarks/gpu_kernels.py [--layers 32] [--iters 20] [--check] [--per-shape]
 
 Prints one JSON object; exits 2 without CUDA, 1 with --check when a goal is missed.
 """
@@ -141,6 +141,36 @@ def check_numerics(w: dict[str, Any]) -> float:
     return worst
 
 
+def per_shape(iters: int) -> dict[str, Any]:
+    """Each distinct linear shape alone (no graph): kernel vs F.linear per mode, and the config
+    autotuning picked, to show which shape or regime lags."""
+    import torch
+    import torch.nn.functional as F
+    from chmc.plugins.channel_gather_matmul import kernels
+    from triton.testing import do_bench
+
+    rows = {"decode": (1, 1), "mixed": (16, 1), "prefill": (1, 2048)}
+    table: dict[str, Any] = {}
+    for o, i in sorted(set(LINEARS.values())):
+        bank = torch.randn(2, o, i, device="cuda", dtype=torch.bfloat16)
+        index = torch.randint(0, 2, (4, o), device="cuda", dtype=torch.int32)
+        dense = bank[0]
+        for mode, (b, s) in rows.items():
+            x = torch.randn(b, s, i, device="cuda", dtype=torch.bfloat16)
+            ids = torch.arange(b, device="cuda") % 4
+            def kernel(x: Any = x, bank: Any = bank, index: Any = index, ids: Any = ids,
+                       mode: str = mode) -> Any:
+                return kernels.channel_gather_matmul(x, bank, index, ids, mode=mode)
+
+            kernel_ms = do_bench(kernel, rep=iters * 5)
+            dense_ms = do_bench(lambda x=x, dense=dense: F.linear(x, dense), rep=iters * 5)
+            tuner = kernels._TUNED.get(mode)
+            best = str(tuner.best_config) if tuner is not None and tuner.best_config else None
+            table[f"{mode} {o}x{i}"] = {"kernel_us": kernel_ms * 1e3, "dense_us": dense_ms * 1e3,
+                                        "ratio": kernel_ms / dense_ms, "config": best}
+    return table
+
+
 def bandwidth_gbps() -> float:
     """Achievable HBM bandwidth: a 2 GiB device-to-device copy (2 GiB read + 2 GiB written)."""
     import torch
@@ -156,6 +186,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
+    parser.add_argument("--per-shape", action="store_true",
+                        help="also time each linear shape alone and report the autotuned configs")
     args = parser.parse_args()
     import torch
 
@@ -176,9 +208,11 @@ def main() -> int:
     dense = timed(dense_step(w, x1), args.iters)
     result["decode"] = {"dense_ms": dense, "kernel_ms": timed(kernel_step(w, x1, one), args.iters),
                         "naive_gather_ms": timed(naive_gather_step(w, x1, 0), args.iters)}
+    print(json.dumps(result), file=sys.stderr, flush=True)  # partial, in case of a timeout
     xp = inputs(1, 2048)
     result["prefill"] = {"dense_ms": timed(dense_step(w, xp), max(5, args.iters // 4)),
                          "kernel_ms": timed(kernel_step(w, xp, one), max(5, args.iters // 4))}
+    print(json.dumps(result), file=sys.stderr, flush=True)  # partial, in case of a timeout
     x16 = inputs(16, 1)
     ensemble_rows = [torch.nonzero(mixed_ids == e).flatten() for e in range(experts)]
     members = [dense_step(w, x16, offset=e * args.layers // experts, rows=ensemble_rows[e])
@@ -187,6 +221,9 @@ def main() -> int:
                        "kernel_ms": timed(kernel_step(w, x16, mixed_ids), args.iters),
                        "ensemble_ms": timed(lambda: [m() for m in members], args.iters),
                        "bank_select_ms": timed(bank_select_step(w, x16, mixed_ids), args.iters)}
+    print(json.dumps(result), file=sys.stderr, flush=True)  # partial, in case of a timeout
+    if args.per_shape:
+        result["per_shape"] = per_shape(args.iters)
     result["max_rel_error"] = check_numerics(w)  # after timing: autotuning keys on (out, in) only
     ok = True
     for name, goal in GOALS.items():
