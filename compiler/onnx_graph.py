@@ -86,6 +86,16 @@ class Weights:
         self.kind(name)
         return self._shapes[name]
 
+    def bank(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bank [K, out, in], index [N, out]) of a merged or stacked 2-D tensor."""
+        import torch
+
+        if self.kind(name) == "merged":
+            return self.read(f"{name}.bank"), self.read(f"{name}.index")
+        stack = self.read(f"{name}.experts")  # [N, out, in]: a bank with K = N, index[n, c] = n
+        n, out = stack.shape[0], stack.shape[1]
+        return stack, torch.arange(n).unsqueeze(1).expand(n, out)
+
     def read(self, stored: str) -> torch.Tensor:
         """One stored tensor ('x.weight', 'x.weight.bank', ...) read into fresh memory."""
         import torch
@@ -231,16 +241,6 @@ class DecoderGraph:
         self._vectors[name] = out
         return out
 
-    def _bank(self, name: str) -> tuple[Any, Any]:
-        """(bank [K, out, in], index [N, out]) of a merged or stacked 2-D tensor."""
-        import torch
-
-        if self.w.kind(name) == "merged":
-            return self.w.read(f"{name}.bank"), self.w.read(f"{name}.index")
-        stack = self.w.read(f"{name}.experts")  # [N, out, in]: a bank with K = N, index[n, c] = n
-        n, out = stack.shape[0], stack.shape[1]
-        return stack, torch.arange(n).unsqueeze(1).expand(n, out)
-
     def _rows(self, name: str, index: Any, out: int) -> str:
         import torch
 
@@ -251,7 +251,7 @@ class DecoderGraph:
         """(bank, row table [N, out] int64) initializers, once. The bank is flat [K*out, in], or
         [in, K*out] when `transposed` (the select form: a plain MatMul operand ORT prepacks)."""
         if name not in self._stored:
-            bank, index = self._bank(name)
+            bank, index = self.w.bank(name)
             k, out, inp = bank.shape
             flat = self._cast(bank).reshape(k * out, inp)
             del bank
@@ -266,7 +266,7 @@ class DecoderGraph:
         import torch
 
         if name not in self._stored:
-            bank, index = self._bank(name)
+            bank, index = self.w.bank(name)
             bank_name = self.b.weight(f"{name}.bank", self._cast(bank))
             del bank
             idx = self.b.weight(f"{name}.index", index.to(torch.int32).contiguous())

@@ -70,7 +70,8 @@ def load(path: str | Path, backend: str = "onnxruntime", **options: Any) -> Any:
     """A Runner for an export folder, an artifact or a plain checkpoint.
 
     options: onnxruntime: providers, threads, linear/dtype (when exporting first);
-    torch: device, dtype. tensorrt takes an engine folder (`chmc engine`) and needs a CUDA GPU.
+    torch: device, dtype, merged (one model reading the banks, experts per row; the default on
+    CUDA, where it runs the Triton kernels and replays the decode step from a CUDA graph). tensorrt takes an engine folder (`chmc engine`) and needs a CUDA GPU.
     """
     from chmc.runtime.generation import Runner
     from chmc.runtime.tokenizer import TextTokenizer

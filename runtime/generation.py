@@ -16,7 +16,6 @@ import numpy as np
 from chmc.compiler.artifact import expert_index, expert_names
 from chmc.errors import ChmcError
 
-
 AUTO = "auto"  # the expert name that asks the model's router to pick
 ROUTED = -1  # its expert id: the backend routes the row on its prompt, then keeps that expert
 

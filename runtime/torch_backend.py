@@ -1,6 +1,9 @@
-"""PyTorch backend: each expert reconstructed from the artifact (bank[index[n, c], c] per row) into
-a transformers model, cached per expert; rows of a batch run grouped by expert. The reference the
-ONNX graph is checked against, and the way to serve without exporting."""
+"""PyTorch backend, two ways to serve an artifact without exporting:
+  - experts (the CPU default): each expert reconstructed (bank[index[n, c], c] per row) into a
+    transformers model, cached per expert, rows grouped by expert. The reference the ONNX graph
+    is checked against.
+  - merged (the CUDA default, `merged=True` elsewhere): one model reads the banks directly, the
+    expert chosen per batch row (chmc.runtime.torch_merged: Triton kernels, CUDA-graph decode)."""
 
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ def reconstruct(path: Path, expert: int | None, dtype: str | None = None) -> Any
 class TorchBackend:
     """Serves an artifact (one reconstructed model per expert) or a plain checkpoint."""
 
-    def __init__(self, path: Path, kind: str, device: str = "cpu", dtype: str | None = None):
+    def __init__(self, path: Path, kind: str, device: str = "cpu", dtype: str | None = None,
+                 merged: bool | None = None):
         from chmc.compiler.artifact import read_manifest
         from chmc.compiler.export import _generation_ids
         from chmc.models.spec import decoder_config
@@ -65,14 +69,31 @@ class TorchBackend:
         eos, pad = _generation_ids(path, decoder_config(config))
         self.manifest = {**self.manifest, "export": {"eos_token_ids": eos, "pad_token_id": pad}}
         self._models: dict[int | None, Any] = {}
+        if merged is None:
+            merged = self.is_artifact and device.startswith("cuda")
+        if merged and not self.is_artifact:
+            raise ChmcError(f"{path}: merged=True serves a chmc artifact; this is a plain checkpoint")
+        self.decoder: Any = None
+        if merged:
+            from chmc.runtime.torch_merged import MergedDecoder
+
+            self.decoder = MergedDecoder(path, device, dtype)
 
     def model(self, expert: int | None) -> Any:
         if expert not in self._models:
             self._models[expert] = reconstruct(self.source, expert, self.dtype).to(self.device)
         return self._models[expert]
 
-    def start(self, expert_ids: np.ndarray) -> TorchState:
-        return TorchState(self, expert_ids)
+    def start(self, expert_ids: np.ndarray) -> Any:
+        if self.decoder is None:
+            return TorchState(self, expert_ids)
+        from chmc.compiler.router import no_router, route_prompts
+        from chmc.runtime.torch_merged import MergedState
+
+        if (np.asarray(expert_ids) < 0).any() and "router" not in self.manifest:
+            raise no_router(self.source)
+        return MergedState(self.decoder, expert_ids,
+                           lambda ids, mask: route_prompts(self.source, ids, mask))
 
 
 class TorchState:

@@ -1,0 +1,94 @@
+"""The merged torch path (one model reading the banks, experts per row) equals the ONNX graph and
+the per-expert reconstruction; on CUDA it runs the Triton kernels with a CUDA-graph decode step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+# left-padded, mixed experts; the long prompt plus new tokens outgrows the first cache block (64)
+PROMPTS = [[5, 6, 7, 8, 9], [3, 4], [t % 50 + 10 for t in range(60)]]  # vocab 64
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+def artifact(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """K=2 of 3 random experts: llama (tied embeddings), mistral (sliding window 8, shorter than
+    the prompts), qwen2 (q/k/v biases)."""
+    from chmc.compiler.merge import build
+    from chmc.models.tiny.random_family import make_random_family
+    from chmc.models.tiny.tokenizer import save_tokenizer
+
+    arch = request.param
+    extra: dict[str, Any] = {"sliding_window": 8} if arch == "mistral" else {}
+    root = tmp_path_factory.mktemp(f"merged_{arch}")
+    base, experts = make_random_family(root / "family", n_experts=3, arch=arch, **extra)
+    save_tokenizer(base)
+    return build(base, experts, root / "k2", groups=2, progress=False)
+
+
+def test_merged_logits_equal_the_onnx_graph(artifact: Path) -> None:
+    """Prefill and 12 decode steps: last-position logits within 1e-4 of max |logit| (fp32)."""
+    from chmc.runtime import load
+    from chmc.runtime.generation import left_pad, positions
+
+    merged = load(artifact, backend="torch", merged=True).backend
+    graph = load(artifact).backend
+    ids, mask = left_pad(PROMPTS, 0)
+    pos = positions(mask)
+    experts = np.array([0, 1, 2])
+    a, b = merged.start(experts), graph.start(experts)
+    for step in range(12):
+        la, lb = a.step(ids, mask, pos), b.step(ids, mask, pos)
+        err = np.abs(la - lb).max() / np.abs(lb).max()
+        assert err < 1e-4, f"step {step}: relative error {err:.2g}"
+        ids = lb.argmax(-1)[:, None]
+        pos = pos[:, -1:] + 1
+        mask = np.concatenate([mask, np.ones((len(PROMPTS), 1), dtype=np.int64)], axis=1)
+
+
+def test_merged_generates_what_each_expert_generates(artifact: Path) -> None:
+    """Greedy tokens of a mixed batch, past the first cache block, equal the reconstructed experts'."""
+    from chmc.runtime import load
+
+    experts = [2, 0, 1]
+    want = load(artifact, backend="torch", merged=False).generate_ids(PROMPTS, experts, 20)
+    got = load(artifact, backend="torch", merged=True).generate_ids(PROMPTS, experts, 20)
+    assert got == want
+
+
+def test_merged_needs_an_artifact(random_family: tuple[Path, dict[str, Path]]) -> None:
+    from chmc.errors import ChmcError
+    from chmc.runtime import load
+
+    base, _ = random_family
+    with pytest.raises(ChmcError, match="merged=True serves a chmc artifact"):
+        load(base, backend="torch", merged=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels, CUDA graphs)")
+def test_cuda_generates_the_cpu_runtimes_tokens(distinct_family: Any, tmp_path: Path) -> None:
+    """The tiny `distinct` family merged at K=2: the torch backend on CUDA (Triton kernels, decode
+    steps replayed from a CUDA graph) generates the same greedy tokens as the CPU runtime (ONNX
+    Runtime), for a batch mixing all four experts."""
+    from chmc.compiler.merge import build
+    from chmc.jsonl import read_jsonl
+    from chmc.runtime import load
+
+    artifact = build(distinct_family.base, distinct_family.experts, tmp_path / "k2", groups=2,
+                     progress=False)
+    prompts, experts = [], []
+    for task, splits in distinct_family.tasks.items():
+        rows = read_jsonl(splits["eval"], "eval prompts")[:8]
+        prompts += [r["prompt"] for r in rows]
+        experts += [task] * len(rows)
+    cpu = load(artifact).generate(prompts, experts, max_new_tokens=12)
+    cuda = load(artifact, backend="torch", device="cuda")
+    assert cuda.generate(prompts, experts, max_new_tokens=12) == cpu
+    assert cuda.backend.decoder.replays >= 10, "decode steps did not replay the CUDA graph"
