@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 TRITON_DEFAULT_FP_FUSION=1
+# A carried family cache (.cache/chmc, git-ignored) spares training the tiny family there.
+if [ -d .cache/chmc ]; then export CHMC_CACHE=$PWD/.cache/chmc; fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__)" \
@@ -19,7 +21,7 @@ for m in typer rich safetensors transformers onnx onnxruntime pytest; do  # offl
     python3 -c "import $m" 2>/dev/null || echo "missing module: $m" | tee -a "$OUT/install.log"
 done
 
-timeout ${TEST_S:-150} python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_engine.py \
+timeout ${TEST_S:-150} python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_torch_merged.py tests/test_engine.py \
     -p no:cacheprovider --durations=10 --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1
 tests_rc=$?
 tail -25 "$OUT/gpu_tests.log"

@@ -151,7 +151,9 @@ CANDIDATES: dict[str, list[Launch]] = {
               for st in (3, 4)],
     "prefill": [Launch(m, n, k, w, st) for m, n, k, w, st in
                 [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
-                 (128, 128, 64, 4, 4), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4)]],
+                 (128, 128, 64, 4, 4), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4),
+                 (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 128, 128, 8, 3),
+                 (256, 128, 32, 8, 5), (128, 256, 32, 8, 5)]],
 }
 KERNELS: dict[str, Any] = {"decode": _gemv_kernel, "mixed": _mixed_kernel, "prefill": _gemm_kernel}
 _TUNED: dict[str, Any] = {}
