@@ -141,33 +141,47 @@ def check_numerics(w: dict[str, Any]) -> float:
     return worst
 
 
-def per_shape(iters: int) -> dict[str, Any]:
-    """Each distinct linear shape alone (no graph): kernel vs F.linear per mode, and the config
-    autotuning picked, to show which shape or regime lags."""
+def per_shape(iters: int, copies: int = 8) -> dict[str, Any]:
+    """Each distinct linear shape alone: kernel vs F.linear per mode, with the config autotuning
+    picked, to show which shape or regime lags. Each timing is one CUDA graph of `copies` calls on
+    distinct weights (beyond L2), divided by `copies`. For prefill, the same kernel on one dense
+    bank (K=1, every index 0) separates the cost of the gather from Triton's GEMM itself."""
     import torch
     import torch.nn.functional as F
     from chmc.plugins.channel_gather_matmul import kernels
-    from triton.testing import do_bench
 
     rows = {"decode": (1, 1), "mixed": (16, 1), "prefill": (1, 2048)}
     table: dict[str, Any] = {}
     for o, i in sorted(set(LINEARS.values())):
-        bank = torch.randn(2, o, i, device="cuda", dtype=torch.bfloat16)
+        banks = [torch.randn(2, o, i, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
         index = torch.randint(0, 2, (4, o), device="cuda", dtype=torch.int32)
-        dense = bank[0]
+        zeros = torch.zeros(4, o, device="cuda", dtype=torch.int32)
         for mode, (b, s) in rows.items():
             x = torch.randn(b, s, i, device="cuda", dtype=torch.bfloat16)
             ids = torch.arange(b, device="cuda") % 4
-            def kernel(x: Any = x, bank: Any = bank, index: Any = index, ids: Any = ids,
-                       mode: str = mode) -> Any:
-                return kernels.channel_gather_matmul(x, bank, index, ids, mode=mode)
 
-            kernel_ms = do_bench(kernel, rep=iters * 5)
-            dense_ms = do_bench(lambda x=x, dense=dense: F.linear(x, dense), rep=iters * 5)
+            def kernel(mode: str = mode, x: Any = x, ids: Any = ids, banks: Any = banks,
+                       index: Any = index) -> None:
+                for bank in banks:
+                    kernels.channel_gather_matmul(x, bank, index, ids, mode=mode)
+
+            def dense(x: Any = x, banks: Any = banks) -> None:
+                for bank in banks:
+                    F.linear(x, bank[0])
+
+            row: dict[str, Any] = {"kernel_us": timed(kernel, iters) * 1e3 / copies,
+                   "dense_us": timed(dense, iters) * 1e3 / copies}
             tuner = kernels._TUNED.get(mode)
-            best = str(tuner.best_config) if tuner is not None and tuner.best_config else None
-            table[f"{mode} {o}x{i}"] = {"kernel_us": kernel_ms * 1e3, "dense_us": dense_ms * 1e3,
-                                        "ratio": kernel_ms / dense_ms, "config": best}
+            row["config"] = str(tuner.best_config) if tuner is not None and tuner.best_config else None
+            if mode == "prefill":
+                def one_bank(x: Any = x, ids: Any = ids, banks: Any = banks,
+                             zeros: Any = zeros) -> None:
+                    for bank in banks:
+                        kernels.channel_gather_matmul(x, bank[:1], zeros, ids, mode="prefill")
+
+                row["triton_dense_us"] = timed(one_bank, iters) * 1e3 / copies
+            row["ratio"] = row["kernel_us"] / row["dense_us"]
+            table[f"{mode} {o}x{i}"] = row
     return table
 
 

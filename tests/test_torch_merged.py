@@ -86,7 +86,7 @@ def test_cuda_generates_the_cpu_runtimes_tokens(distinct_family: Any, tmp_path: 
     prompts, experts = [], []
     for task, splits in distinct_family.tasks.items():
         rows = read_jsonl(splits["eval"], "eval prompts")[:8]
-        prompts += [r["prompt"] for r in rows]
+        prompts += [r["prompt"] for _, r in rows]
         experts += [task] * len(rows)
     cpu = load(artifact).generate(prompts, experts, max_new_tokens=12)
     cuda = load(artifact, backend="torch", device="cuda")
