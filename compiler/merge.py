@@ -305,22 +305,17 @@ def merge_tensor(plan: BuildPlan, task: TensorTask) -> tuple[torch.Tensor, torch
     sizes = torch.nn.functional.one_hot(labels, k).sum(1)  # [out, K]: members per group
     shared = (sizes.gather(1, labels) > 1).float()  # [out, N]: 1 where expert n's row is merged
     sparsify = plan.method.sparsify
-    appliers = [] if sparsify is None else [
-        sparsify(deltas[i], plan.params.expert(i), _generator(plan, task, i), blocks)
-        for i in range(n)]
+    apply = None if sparsify is None else sparsify(
+        deltas, plan.params, [_generator(plan, task, i) for i in range(n)], blocks)
     bank = torch.empty((k, *task.shape), dtype=getattr(torch, task.out_dtype))
     err_sq = torch.zeros(n, dtype=torch.float64)
+    extra = {"calib": calib} if plan.method.calibrated else {}
     for b_i, (a, b) in enumerate(blocks):
         raw = deltas[:, a:b]  # [N, R, in]
-        used = torch.stack([f(raw[i], b_i) for i, f in enumerate(appliers)]) if appliers else raw
-        extra = {"calib": calib} if plan.method.calibrated else {}
+        used = raw if apply is None else apply(raw, b_i)
         merged = plan.method.combine(used, labels[a:b], k, plan.params, **extra)  # [K, R, in]
         bank[:, a:b] = merged + base[a:b]
-        flat = merged.reshape(k * (b - a), -1)  # [K*R, in]
-        for i in range(n):  # error on merged rows; single-member rows are exact copies (below)
-            rec = flat.index_select(0, labels[a:b, i] * (b - a) + torch.arange(b - a))  # [R, in]
-            row_sq = torch.linalg.vector_norm(rec.sub_(raw[i]), dim=1).square()  # [R]
-            err_sq[i] += float(row_sq @ shared[a:b, i])
+        err_sq += block_error(merged, raw, labels[a:b], shared[a:b])
     del deltas, base
     copy_singletons(plan, task, bank, labels, sizes)
     names = list(plan.experts)
@@ -330,6 +325,20 @@ def merge_tensor(plan: BuildPlan, task: TensorTask) -> tuple[torch.Tensor, torch
         "delta_sq": dict(zip(names, delta_sq.tolist())),
         "mean_groups_used": float((sizes > 0).sum(1).float().mean()),
     }
+
+
+def block_error(merged: torch.Tensor, raw: torch.Tensor, labels: torch.Tensor,
+                shared: torch.Tensor) -> torch.Tensor:
+    """sum_r ||merged[labels[r, n], r] - raw[n, r]||^2 over the rows where expert n is merged
+    (single-member rows are exact copies, see copy_singletons). -> [N] fp64."""
+    import torch
+
+    k, r, inp = merged.shape
+    flat = merged.transpose(0, 1).reshape(r * k, inp)  # [R*K, in]
+    rec = flat.index_select(0, (labels + torch.arange(r)[:, None] * k).view(-1))  # [R*N, in]
+    rec.sub_(raw.transpose(0, 1).reshape(rec.shape))  # each expert's merged row minus its own
+    row_sq = torch.linalg.vector_norm(rec, dim=1).square().view(labels.shape)  # [R, N]
+    return (row_sq * shared).sum(0, dtype=torch.float64)
 
 
 def group_all_rows(plan: BuildPlan, deltas: torch.Tensor, blocks: list[tuple[int, int]],
@@ -351,15 +360,17 @@ def group_all_rows(plan: BuildPlan, deltas: torch.Tensor, blocks: list[tuple[int
 
 
 def load_deltas(plan: BuildPlan, task: TensorTask, base: torch.Tensor | None = None) -> torch.Tensor:
-    """expert_n - base in fp32: [N, out, in]."""
+    """expert_n - base in fp32: [N, out, in], a view of [out, N, in] storage, so that a block of
+    rows [N, R, in] is one contiguous [R, N, in] batch for the per-row matmuls."""
     import torch
 
     if base is None:
         base = plan.base.tensor(task.name).float()
-    deltas = torch.empty((len(plan.experts), *task.shape), dtype=torch.float32)
+    out, inp = task.shape
+    deltas = torch.empty((out, len(plan.experts), inp), dtype=torch.float32)
     for i, ckpt in enumerate(plan.experts.values()):
-        torch.sub(ckpt.tensor(task.name), base, out=deltas[i])
-    return deltas
+        torch.sub(ckpt.tensor(task.name), base, out=deltas[:, i])
+    return deltas.transpose(0, 1)
 
 
 def tensor_solver(plan: BuildPlan, task: TensorTask) -> GramSolver | None:

@@ -1,9 +1,10 @@
 """Merge methods: how the row deltas inside one group become that group's merged delta.
 
 A method is a registry entry (mergekit style) with typed parameters and two small callables:
-- `sparsify(delta [out, in], params, generator, blocks)`: per expert and per whole tensor (TIES'
-  top-k trim, DARE's random drop + L1 rescale), it looks at the whole tensor once and returns an
-  `apply(rows, i)` that sparsifies block i of rows as it streams past; None for dense methods.
+- `sparsify(deltas [N, out, in], params, generators, blocks)`: per expert and per whole tensor
+  (TIES' top-k trim, DARE's random drop + L1 rescale), it looks at each expert's whole tensor once
+  and returns an `apply(rows [N, R, in], i)` that sparsifies block i of all experts' rows as it
+  streams past; None for dense methods.
 - `combine(deltas [N, R, in], labels [R, N], k, params)`: the merged delta of every group [K, R, in].
 
 Semantics (mergekit's, so K=1 reproduces a mergekit merge):
@@ -21,6 +22,7 @@ Parameters are global or per expert ({name: value}); `weights` is accepted for `
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from chmc.errors import ChmcError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -78,8 +81,8 @@ class Resolved:
 
 
 Blocks = list[tuple[int, int]]  # row ranges [a, b) the tensor is streamed in
-Apply = Callable[["torch.Tensor", int], "torch.Tensor"]  # (rows of block i [R, in], i) -> sparse rows
-SparsifyFn = Callable[["torch.Tensor", dict[str, Any], "torch.Generator", Blocks], Apply]
+Apply = Callable[["torch.Tensor", int], "torch.Tensor"]  # (block i's rows [N, R, in], i) -> sparse
+SparsifyFn = Callable[["torch.Tensor", "Resolved", "list[torch.Generator]", Blocks], Apply]
 CombineFn = Callable[..., "torch.Tensor"]  # (deltas, labels, k, params[, calib=]) -> [K, R, in]
 
 
@@ -193,69 +196,93 @@ def sign_consensus(deltas: torch.Tensor, labels: torch.Tensor, k: int, p: Resolv
     return merged.div_(_nonzero(weight)).mul_(p.values.get("lambda", 1.0))
 
 
-def trim_top_k(delta: torch.Tensor, params: dict[str, Any], gen: torch.Generator,
+def trim_top_k(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator],
                blocks: Blocks) -> Apply:
-    """TIES' trim: keep the k = max(1, int(density * numel)) largest |d| of the whole tensor,
-    the lowest flat index first among equal magnitudes.
+    """TIES' trim, per expert over its whole tensor: keep the k = max(1, int(density * numel))
+    largest |d|, the lowest flat index first among equal magnitudes.
 
-    The threshold is found in two streamed passes without sorting: a histogram of |d| over the
-    top 16 bits of its float32 pattern (monotone for non-negative floats) finds the bin that holds
-    the k-th largest, then an exact select among that bin's few values.
+    A selection on a copy of |d_n| (numpy's introselect: O(numel), no sort) finds the k-th
+    largest, the threshold t_n; blocks then keep |d| >= t_n with one hardshrink per expert. When
+    t_n also occurs below the cut (ties, common in fp16 deltas), per-row tie counts locate the
+    last tie to keep; past it only |d| > t_n is kept.
     """
+    import numpy as np
     import torch
 
-    density = params["density"]
-    if density >= 1:
+    n, out, _ = deltas.shape
+    densities = [p.expert(e)["density"] for e in range(n)]
+    if min(densities) >= 1:
         return lambda x, i: x
-    k = max(1, int(density * delta.numel()))
-    bins = _bin(delta.abs())  # [out, in] int32
-    at_least = torch.bincount(bins.view(-1), minlength=1 << 16).flip(0).cumsum(0).flip(0)
-    j = int((at_least >= k).nonzero().max())  # the bin holding the k-th largest
-    above = int(at_least[j + 1]) if j + 1 < len(at_least) else 0  # entries in higher bins
-    in_bin = [delta[a:b][bins[a:b] == j].abs() for a, b in blocks]
-    del bins
-    values = torch.cat(in_bin)
-    threshold = values.kthvalue(values.numel() - (k - above) + 1).values
-    need = k - above - int((values > threshold).sum())  # ties at the threshold to keep, in order
-    quota = []
-    for v in in_bin:
-        ties = int((v == threshold).sum())
-        quota.append((min(need, ties), ties))
-        need -= quota[-1][0]
+    ge = [-math.inf] * n  # hardshrink lambdas (it keeps |d| > lambda): |d| >= t_n
+    gt = [-math.inf] * n  # and |d| > t_n
+    cuts: dict[int, tuple[int, int]] = {}  # expert -> (row, col) of the last tie it keeps
+    for e, density in enumerate(densities):
+        if density >= 1:
+            continue
+        k = max(1, int(density * deltas[e].numel()))
+        mag = deltas[e].abs().numpy()  # [out, in]
+        part = np.partition(mag.reshape(-1), mag.size - k)  # the k largest last
+        t = part[-k]
+        ge[e], gt[e] = float(np.nextafter(t, np.float32(-1))), float(t)
+        if k < part.size and part[:-k].max() >= t:  # ties straddle the cut
+            need = k - int(np.count_nonzero(part[-k:] > t))  # ties to keep, in flat order
+            cuts[e] = _last_tie(mag, t, need)
 
     def apply(x: torch.Tensor, i: int) -> torch.Tensor:
-        mag = x.abs()
-        take, ties = quota[i]
-        keep = mag >= threshold if take == ties else mag > threshold
-        if 0 < take < ties:
-            keep.view(-1)[(mag == threshold).view(-1).nonzero()[:take, 0]] = True
-        return x * keep
+        a, b = blocks[i]
+        kept = torch.empty_like(x.transpose(0, 1)).transpose(0, 1)  # [N, R, in], x's layout
+        for e in range(n):
+            row, col = cuts.get(e, (out, 0))
+            torch.hardshrink(x[e], gt[e] if row < a else ge[e], out=kept[e])
+            if a <= row < b:  # this block holds the last kept tie: only > t_n after it
+                r = row - a
+                torch.hardshrink(x[e, r + 1 :], gt[e], out=kept[e, r + 1 :])
+                torch.hardshrink(x[e, r, col + 1 :], gt[e], out=kept[e, r, col + 1 :])
+        return kept
 
     return apply
 
 
-def _bin(mag: torch.Tensor) -> torch.Tensor:
-    """The top 17 bits of non-negative float32s (sign, exponent, 8 mantissa bits): ordered as
-    the floats are, 65536 bins of 0.4% relative width."""
-    import torch
+def _last_tie(mag: np.ndarray, t: np.floating, need: int) -> tuple[int, int]:
+    """(row, col) of the need-th entry of mag [out, in] equal to t, in flat order."""
+    import numpy as np
 
-    return mag.view(torch.int32).bitwise_right_shift_(15)
+    counts = np.count_nonzero(mag == t, axis=1).cumsum()  # [out]: ties up to each row
+    row = int(np.searchsorted(counts, need))  # the first row reaching need
+    before = int(counts[row - 1]) if row else 0
+    return row, int(np.flatnonzero(mag[row] == t)[need - before - 1])
 
 
-def dare_drop(delta: torch.Tensor, params: dict[str, Any], gen: torch.Generator,
+def dare_drop(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator],
               blocks: Blocks) -> Apply:
-    """DARE: keep each entry with probability density (seeded), rescale to the tensor's L1 norm."""
+    """DARE: keep each entry with probability density (seeded per expert), rescale each expert to
+    its tensor's L1 norm."""
     import torch
 
-    density = params["density"]
-    if density >= 1:
+    n, _, inp = deltas.shape
+    masks: list[list[torch.Tensor] | None] = []  # per expert, per block [R, in] bool
+    scales = torch.ones(n, 1, 1)
+    for e in range(n):
+        density = p.expert(e)["density"]
+        if density >= 1:
+            masks.append(None)
+            continue
+        m = [torch.rand((b - a, inp), generator=gens[e]) < density for a, b in blocks]
+        d = deltas[e]
+        l1 = sum(float(d[a:b].abs().sum(dtype=torch.float64)) for a, b in blocks)
+        kept = sum(float((d[a:b] * mb).abs().sum(dtype=torch.float64))
+                   for (a, b), mb in zip(blocks, m))
+        scales[e] = l1 / kept if kept > 0 else 1.0
+        masks.append(m)
+    if all(m is None for m in masks):
         return lambda x, i: x
-    masks = [torch.rand((b - a, delta.shape[1]), generator=gen) < density for a, b in blocks]
-    l1 = sum(float(delta[a:b].abs().sum(dtype=torch.float64)) for a, b in blocks)
-    kept = sum(float((delta[a:b] * m).abs().sum(dtype=torch.float64))
-               for (a, b), m in zip(blocks, masks))
-    scale = l1 / kept if kept > 0 else 1.0
-    return lambda x, i: x * masks[i] * scale
+
+    def apply(x: torch.Tensor, i: int) -> torch.Tensor:
+        a, b = blocks[i]
+        ones = torch.ones((b - a, inp), dtype=torch.bool)
+        return x * torch.stack([ones if m is None else m[i] for m in masks]) * scales
+
+    return apply
 
 
 WEIGHT = Param("weight", float, 1.0, per_expert=True, low=0.0)

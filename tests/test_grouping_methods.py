@@ -210,16 +210,20 @@ def test_dare_is_seeded(random_family, tmp_path):
 @pytest.mark.parametrize("density", [0.01, 0.3, 0.5, 0.97])
 def test_trim_keeps_exactly_top_k_with_ties(density):
     """Streamed top-k (histogram + exact select) equals a stable sort, even with many equal |d|."""
-    from chmc.compiler.methods import trim_top_k
+    from chmc.compiler.methods import get_method, trim_top_k
 
     gen = torch.Generator().manual_seed(11)
-    delta = torch.randint(-40, 41, (300, 70), generator=gen).float() / 64  # many ties
+    deltas = torch.randint(-40, 41, (3, 300, 70), generator=gen).float() / 64  # many ties
+    deltas[1] = torch.randn(300, 70, generator=gen)  # no ties
+    densities = {"a": density, "b": density, "c": 1.0}
+    params = get_method("ties").resolve({"density": densities}, ["a", "b", "c"])
     blocks = [(a, min(a + 37, 300)) for a in range(0, 300, 37)]  # several blocks
-    apply = trim_top_k(delta, {"density": density}, gen, blocks)
-    got = torch.cat([apply(delta[a:b], i) for i, (a, b) in enumerate(blocks)]).numpy()
-    want = ref_trim(delta.double().numpy(), density)
-    assert np.array_equal(got, want)
-    assert np.count_nonzero(got) <= max(1, int(density * delta.numel()))
+    apply = trim_top_k(deltas, params, [gen] * 3, blocks)
+    got = torch.cat([apply(deltas[:, a:b], i) for i, (a, b) in enumerate(blocks)], dim=1).numpy()
+    for e, d in enumerate(densities.values()):
+        want = ref_trim(deltas[e].double().numpy(), d)
+        assert np.array_equal(got[e], want), e
+        assert np.count_nonzero(got[e]) <= max(1, int(d * deltas[e].numel()))
 
 
 def test_k1_ties_equals_mergekit(random_family, tmp_path):
