@@ -245,6 +245,8 @@ def run(
     prompt: Annotated[str, typer.Argument(help="The prompt to continue.")],
     expert: Annotated[str | None, Opt("--expert", help="Expert name or id.")] = None,
     backend: Annotated[str, Opt(help="onnxruntime (default) | torch | tensorrt (an engine folder).")] = "onnxruntime",
+    device: Annotated[str | None, Opt(help="torch backend: cpu (default) | cuda (one merged model, "
+                                           "Triton kernels, CUDA-graph decode).")] = None,
     max_new_tokens: Annotated[int, Opt("--max-new-tokens", "-n")] = 64,
     temperature: Annotated[float, Opt(help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, Opt("--top-p")] = 1.0,
@@ -254,7 +256,9 @@ def run(
     """Stream one expert's continuation of PROMPT."""
     from chmc.runtime import load
 
-    runner = load(source, backend=backend)
+    if device is not None and backend != "torch":
+        raise ChmcError(f"--device is an option of --backend torch, not {backend}")
+    runner = load(source, backend=backend, **({"device": device} if device else {}))
     for piece in runner.stream(prompt, expert, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_p=top_p, stop=stop, seed=seed):
         sys.stdout.write(piece)

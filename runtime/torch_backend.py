@@ -54,6 +54,11 @@ class TorchBackend:
         from chmc.models.spec import decoder_config
         from chmc.runtime import read_export_manifest
 
+        import torch
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ChmcError(f"--device {device}: torch sees no CUDA device here "
+                            f"(torch {torch.__version__}); use --device cpu")
         self.folder = path  # tokenizer and manifest live here
         self.device, self.dtype = device, dtype
         if kind == "export":

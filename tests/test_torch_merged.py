@@ -71,6 +71,22 @@ def test_merged_needs_an_artifact(random_family: tuple[Path, dict[str, Path]]) -
         load(base, backend="torch", merged=True)
 
 
+def test_cli_run_device_errors_are_one_line(artifact: Path, chmc_cli: Any, tmp_path: Path) -> None:
+    """--device belongs to the torch backend; a CUDA device torch cannot see is named."""
+    res = chmc_cli("run", artifact, "abc", "--expert", "expert_0", "--device", "cuda", cwd=tmp_path)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [
+        "chmc: error: --device is an option of --backend torch, not onnxruntime"]
+    if torch.cuda.is_available():
+        return
+    res = chmc_cli("run", artifact, "abc", "--expert", "expert_0", "--backend", "torch",
+                   "--device", "cuda", cwd=tmp_path)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [
+        f"chmc: error: --device cuda: torch sees no CUDA device here (torch {torch.__version__}); "
+        "use --device cpu"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels, CUDA graphs)")
 def test_cuda_generates_the_cpu_runtimes_tokens(distinct_family: Any, tmp_path: Path) -> None:
