@@ -35,8 +35,9 @@ def error_curve(plan: BuildPlan, task: TensorTask) -> list[float]:
     total = 0.0
     for a, b in row_blocks(task.shape[0], n * task.shape[1]):
         batch = RowBatch(deltas[:, a:b], plan.params.weights(), calib=solver)
-        curve += best_partitions(solver, batch, n)[1].double().sum(0)
-        total += float(solver.total(batch).double().sum())
+        _, errors, row_total = best_partitions(solver, batch, n)
+        curve += errors.double().sum(0)
+        total += float(row_total.double().sum())
     return (curve / total).tolist() if total > 0 else [0.0] * n
 
 

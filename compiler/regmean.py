@@ -6,7 +6,8 @@ expert shares the base, the same holds for deltas: m_G = A_G^-1 b_G with A_G = s
 b_G = sum_G C_n d_n. The output error of a partition is
     sum_n d_n^T C_n d_n - sum_G b_G^T A_G^-1 b_G,
 so a row's best partition maximises the "explained" sum over its blocks; each block's term needs
-only A_G^-1, which depends on the subset alone: at most 2^N - 1 inverses per tensor.
+only A_G's Cholesky factor L_G (b^T A^-1 b = ||L^-1 b||^2, one triangular solve), which depends on
+the subset alone: at most 2^N - 1 factorisations per tensor, shared by all its row blocks.
 
 A tensor without Grams (embeddings, whose input is a one-hot token) uses C_n = I: then m_G is the
 plain mean and the objective is the weight-space `error` clustering's (uniform weights).
@@ -25,14 +26,14 @@ if TYPE_CHECKING:
     import torch
     from chmc.compiler.grouping import RowBatch
 
-MAX_SUBSET_EXPERTS = 8  # exhaustive subsets (2^N - 1 inverses) up to this N; above, a heuristic
+MAX_SUBSET_EXPERTS = 8  # exhaustive subsets (2^N - 1 factors) up to this N; above, a heuristic
+HEURISTIC_CACHE_BYTES = 1 << 30  # above it, the heuristic's factors are kept FIFO up to this size
 
 
 class GramSolver:
-    """One tensor's damped Grams [N, in, in] (None: identity) and its cached subset inverses."""
+    """One tensor's damped Grams [N, in, in] (None: identity) and its cached subset factors."""
 
     def __init__(self, grams: torch.Tensor | None, n: int, damping: float):
-
         self.n = n
         self.c: torch.Tensor | None = None
         if grams is not None:
@@ -40,54 +41,87 @@ class GramSolver:
             scale = c.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12)  # [N]
             c.diagonal(dim1=1, dim2=2).add_((damping * scale)[:, None])
             self.c = c.float()  # [N, in, in]
-        self._inv: dict[int, torch.Tensor] = {}
+        self._factors: dict[int, torch.Tensor] = {}
 
-    def inverse(self, mask: int) -> torch.Tensor:
-        """(sum_{n in mask} C_n)^-1 [in, in] fp32, computed in fp64 once per subset."""
+    def factor(self, mask: int) -> torch.Tensor:
+        """Lower Cholesky factor of sum_{n in mask} C_n [in, in], fp32. Factorised in fp64 once
+        per subset: the damping bounds A's condition number only by ~100 x width (3e5 at 2816),
+        too much for an fp32 factorisation; the triangular solves with it run in fp32."""
         import torch
 
-        if mask not in self._inv:
+        if mask not in self._factors:
             assert self.c is not None
+            if self.n > MAX_SUBSET_EXPERTS:  # the heuristic meets many subsets: bounded FIFO
+                limit = max(1, HEURISTIC_CACHE_BYTES // (4 * self.c.shape[1] ** 2))
+                while len(self._factors) >= limit:
+                    self._factors.pop(next(iter(self._factors)))
             members = [i for i in range(self.n) if mask >> i & 1]
-            a = self.c[members].double().sum(0)
-            chol, info = torch.linalg.cholesky_ex(a)
+            chol, info = torch.linalg.cholesky_ex(self.c[members].double().sum(0))
             if int(info):
                 raise ChmcError("calibration Gram sum is not positive definite; raise the damping")
-            self._inv[mask] = torch.cholesky_inverse(chol).float()
-        return self._inv[mask]
+            self._factors[mask] = chol.float()
+        return self._factors[mask]
+
+    def half_solve(self, mask: int, b: torch.Tensor) -> torch.Tensor:
+        """y = b L^-T for rows b [R, in] (so ||y||^2 = b A^-1 b^T): one triangular solve."""
+        import torch
+
+        return torch.linalg.solve_triangular(self.factor(mask).T, b, upper=True, left=False)
+
+    def solve(self, mask: int, b: torch.Tensor) -> torch.Tensor:
+        """m = b A^-1 for rows b [R, in]: two triangular solves with the subset's factor."""
+        import torch
+
+        y = self.half_solve(mask, b)
+        return torch.linalg.solve_triangular(self.factor(mask), y, upper=False, left=False)
 
     def weighted(self, deltas: torch.Tensor) -> torch.Tensor:
-        """e_n = d_n C_n: [N, R, in] -> [N, R, in] (C symmetric)."""
-        assert self.c is not None
-        return deltas @ self.c
+        """e_n = d_n C_n: [N, R, in] -> [N, R, in] (C symmetric); identity: the deltas."""
+        return deltas if self.c is None else deltas @ self.c
 
-    def explained(self, batch: RowBatch, masks: list[int]) -> torch.Tensor:
+    def group_explained(self, deltas: torch.Tensor, e: torch.Tensor, mask: int) -> torch.Tensor:
+        """b_G^T A_G^-1 b_G for one subset, per row: deltas and e = weighted(deltas) [N, R, in]
+        -> [R]. One member: d C d, no solve; identity: ||sum d||^2 / |G|."""
+        members = [i for i in range(self.n) if mask >> i & 1]
+        if len(members) == 1:
+            i = members[0]
+            return (e[i] * deltas[i]).sum(-1)
+        b = e[members].sum(0)  # [R, in]
+        if self.c is None:
+            return b.square().sum(-1) / len(members)
+        return self.half_solve(mask, b).square().sum(-1)
+
+    def explained(self, batch: RowBatch, masks: list[int],
+                  e: torch.Tensor | None = None) -> torch.Tensor:
         """b_G^T A_G^-1 b_G for each subset mask, per row: -> [R, S]. The identity case needs
         only the deltas' Gram [R, N, N] (b_G = sum d, A_G^-1 = I / |G|)."""
         import torch
 
-        deltas = batch.deltas
-        member = torch.tensor([[m >> i & 1 for i in range(self.n)] for m in masks],
-                              dtype=torch.float32)  # [S, N]
         if self.c is None:
+            member = torch.tensor([[m >> i & 1 for i in range(self.n)] for m in masks],
+                                  dtype=torch.float32)  # [S, N]
             quad = torch.einsum("sn,rnm,sm->rs", member, batch.gram, member)
             return quad / member.sum(1)
-        e = self.weighted(deltas)  # [N, R, in]
-        out = torch.empty((deltas.shape[1], len(masks)), dtype=torch.float32)
-        for s, mask in enumerate(masks):
-            if mask & (mask - 1) == 0:  # one member: b A^-1 b = d C d, no solve
-                i = mask.bit_length() - 1
-                out[:, s] = (e[i] * deltas[i]).sum(-1)
-                continue
-            b = torch.einsum("n,nri->ri", member[s], e)  # [R, in]
-            out[:, s] = ((b @ self.inverse(mask)) * b).sum(-1)
-        return out
+        e = self.weighted(batch.deltas) if e is None else e  # [N, R, in]
+        return torch.stack([self.group_explained(batch.deltas, e, m) for m in masks], 1)
 
-    def total(self, batch: RowBatch) -> torch.Tensor:
+    def total(self, batch: RowBatch, e: torch.Tensor | None = None) -> torch.Tensor:
         """sum_n d_n^T C_n d_n per row (the error of merging nothing, all deltas lost): -> [R]."""
         if self.c is None:
             return batch.gram.diagonal(dim1=1, dim2=2).sum(-1)
-        return (self.weighted(batch.deltas) * batch.deltas).sum((0, 2))
+        e = self.weighted(batch.deltas) if e is None else e
+        return (e * batch.deltas).sum((0, 2))
+
+    def partition_error(self, batch: RowBatch, labels: torch.Tensor,
+                        e: torch.Tensor | None = None) -> torch.Tensor:
+        """Output error of any labelling [R, N] (groups may be empty or unnumbered): -> [R]."""
+        import torch
+
+        e = self.weighted(batch.deltas) if e is None else e
+        explained = torch.zeros(labels.shape[0], dtype=torch.float32)
+        for rows, mask in _subsets(labels):
+            explained[rows] += self.group_explained(batch.deltas[:, rows], e[:, rows], mask)
+        return self.total(batch, e) - explained
 
     def merge(self, deltas: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
         """m_G for each row's groups: deltas [N, R, in], labels [R, N] -> [K, R, in]."""
@@ -95,57 +129,72 @@ class GramSolver:
 
         n, r, width = deltas.shape
         out = torch.zeros((k, r, width), dtype=torch.float32)
-        bits = 2 ** torch.arange(n)
-        e = deltas if self.c is None or k >= n else self.weighted(deltas)  # [N, R, in]
-        for g in range(k):
-            masks = ((labels == g).long() * bits).sum(1)  # [R]: the subset in group g
-            for mask in masks.unique().tolist():
-                if mask == 0:
-                    continue  # an empty group; copy_singletons fills it
-                rows = (masks == mask).nonzero()[:, 0]
-                members = [i for i in range(n) if mask >> i & 1]
-                if len(members) == 1:  # the expert's own row (copy_singletons stores it exactly)
-                    out[g, rows] = deltas[members[0], rows]
-                    continue
-                b = e[members][:, rows].sum(0)  # [r, in]
-                out[g, rows] = b / len(members) if self.c is None else b @ self.inverse(mask)
+        for rows, mask in _subsets(labels):
+            members = [i for i in range(n) if mask >> i & 1]
+            g = labels[rows[0], members[0]]
+            if len(members) == 1:  # the expert's own row (copy_singletons stores it exactly)
+                out[g, rows] = deltas[members[0], rows]
+                continue
+            if self.c is None:
+                out[g, rows] = deltas[members][:, rows].mean(0)
+                continue
+            b = deltas[members[0], rows] @ self.c[members[0]]  # [r, in]: the members' products
+            for i in members[1:]:
+                b.addmm_(deltas[i, rows], self.c[i])
+            out[g, rows] = self.solve(mask, b)
         return out
+
+
+def _subsets(labels: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """(rows, mask) for every non-empty group of every row, rows sharing a subset together."""
+    import torch
+
+    n = labels.shape[1]
+    bits = 2 ** torch.arange(n)
+    out = []
+    for g in labels.unique().tolist():
+        masks = ((labels == g).long() * bits).sum(1)  # [R]: the subset in group g
+        for mask in masks.unique().tolist():
+            if mask:
+                out.append(((masks == mask).nonzero()[:, 0], mask))
+    return out
 
 
 @cache
 def partition_subsets(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Partitions into <= k blocks [P, N] (set_partitions' order), their incidence on subset
-    masks [P, S] and the masks 1..2^N-1 (S of them)."""
+    """Partitions into <= k blocks [P, N] (set_partitions' order), their incidence on the
+    subset masks they use [P, S] and those masks (S of them, ascending)."""
     import torch
     from chmc.compiler.grouping import set_partitions
 
     parts = set_partitions(n, k)
-    masks = list(range(1, 2**n))
+    blocks = [{sum(1 << i for i, lab in enumerate(p) if lab == g) for g in set(p)} for p in parts]
+    masks = sorted(set().union(*blocks))
+    column = {m: s for s, m in enumerate(masks)}
     incidence = torch.zeros((len(parts), len(masks)), dtype=torch.float32)
-    for p, labels in enumerate(parts):
-        for g in set(labels):
-            mask = sum(1 << i for i, lab in enumerate(labels) if lab == g)
-            incidence[p, mask - 1] = 1
+    for p, used in enumerate(blocks):
+        for m in used:
+            incidence[p, column[m]] = 1
     return torch.tensor(parts), incidence, masks
 
 
 def best_partitions(solver: GramSolver, batch: RowBatch,
-                    k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the partition into <= k groups with the least output error, and that error
-    for every K' = 1..k: -> labels [R, N], errors [R, k]."""
+                    k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, the partition into <= k groups with the least output error, that error for
+    every K' = 1..k, and the error of merging nothing: -> labels [R, N], errors [R, k], total [R].
+    Only the subsets of partitions into <= k blocks are solved (K=1: the full set alone)."""
     import torch
 
-    n = solver.n
-    parts, incidence, masks = partition_subsets(n, n)
-    score = solver.explained(batch, masks) @ incidence.T  # [R, P]
+    parts, incidence, masks = partition_subsets(solver.n, k)
+    e = solver.weighted(batch.deltas)  # [N, R, in], shared by explained and total
+    score = solver.explained(batch, masks, e) @ incidence.T  # [R, P]
     blocks = torch.tensor([max(p) + 1 for p in parts.tolist()])  # [P]
-    total = solver.total(batch)  # [R]
+    total = solver.total(batch, e)  # [R]
     errors = torch.stack([total - score[:, blocks <= j].max(1).values for j in range(1, k + 1)], 1)
-    allowed = score.masked_fill(blocks > k, float("-inf"))
-    return parts[allowed.argmax(1)], errors.clamp_min(0)
+    return parts[score.argmax(1)], errors.clamp_min(0), total
 
 
 def check_subset_count(n: int) -> None:
     if n > MAX_SUBSET_EXPERTS:
-        raise ChmcError(f"output-error grouping and --budget enumerate subsets of experts: at most "
-                        f"{MAX_SUBSET_EXPERTS} experts, got {n}")
+        raise ChmcError(f"--budget enumerates subsets of experts: at most {MAX_SUBSET_EXPERTS} "
+                        f"experts, got {n}")
