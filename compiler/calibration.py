@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 MAX_PROMPTS = 256  # per expert: "a few hundred of its own prompts"
 BATCH = 16  # sequences of equal length run together (no padding, so no masked tokens to skip)
+GRAM_BLOCK = 352  # columns per block of the Gram's upper block triangle (symmetric: ~half the work)
 
 
 def read_sequences(file: Path, expert: Path, limit: int = MAX_PROMPTS) -> list[list[int]]:
@@ -155,9 +156,13 @@ class _GramHooks:
         import torch
 
         flat = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
+        width = flat.shape[1]
         if name not in self.sums:
-            self.sums[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
-        self.sums[name] += flat.T @ flat  # fp32 within a batch (2x faster), fp64 across batches
+            self.sums[name] = torch.zeros(width, width, dtype=torch.float64)
+        total = self.sums[name]  # upper block triangle only (_save mirrors it): at width 2816
+        for a in range(0, width, GRAM_BLOCK):  # 0.15 s per 2048 tokens instead of 0.26 s
+            b = min(a + GRAM_BLOCK, width)  # fp32 within a batch (2x faster), fp64 across
+            total[a:b, a:] += flat[:, a:b].T @ flat[:, a:]
 
     def __enter__(self) -> Self:
         return self
@@ -170,7 +175,8 @@ class _GramHooks:
 def _save(grams: _GramHooks, file: Path, tokens: int, index: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: (v / tokens).float() for k, v in grams.sums.items()}, str(file))
+    upper = {k: (v / tokens).float() for k, v in grams.sums.items()}
+    save_file({k: v.triu() + v.triu(1).T for k, v in upper.items()}, str(file))  # mirrored
     for name in grams.sums:
         index["tensors"][name] = [file.name, name]
     for name, target in grams.aliases.items():
