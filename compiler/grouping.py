@@ -14,7 +14,8 @@ deltas for a block of rows, with their Gram matrix computed once) and K, and ret
   result, then single-expert moves) is used.
 
 - `output-error`: the partition that minimises the experts' output error on their calibration
-  inputs with RegMean-merged groups (regmean.py); exhaustive over set partitions, N <= 8.
+  inputs with RegMean-merged groups (regmean.py); exhaustive over set partitions for N <= 8, above
+  that the `error` rule's heuristic with the output error as its cost.
 
 New clusterings register with `@clustering`.
 """
@@ -163,13 +164,19 @@ def error_clustering(batch: RowBatch, k: int) -> torch.Tensor:
     return parts[explained.argmax(dim=1)]  # first max: the finest among equal-cost partitions
 
 
-def _error_heuristic(batch: RowBatch, k: int) -> torch.Tensor:
-    """Best of Ward agglomeration and the cosine partition per row, improved by single moves."""
+def _error_heuristic(batch: RowBatch, k: int,
+                     cost_of: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Best of Ward agglomeration and the cosine partition per row, improved by single moves;
+    `cost_of(labels [R, N]) -> [R]` defaults to the weight-space error (partition_cost)."""
     import torch
 
     g, w = batch.gram, batch.weights
+    if cost_of is None:
+        def cost_of(labels: torch.Tensor) -> torch.Tensor:
+            return partition_cost(g, labels, w)
+
     candidates = [canonical(_agglomerate(g, k, _ward_score)), canonical(cosine_clustering(batch, k))]
-    costs = torch.stack([partition_cost(g, c, w) for c in candidates])  # [2, R]
+    costs = torch.stack([cost_of(c) for c in candidates])  # [2, R]
     labels = torch.where((costs[0] <= costs[1])[:, None], candidates[0], candidates[1])
     cost = costs.min(0).values
     n = labels.shape[1]
@@ -179,7 +186,7 @@ def _error_heuristic(batch: RowBatch, k: int) -> torch.Tensor:
             for target in range(k):
                 trial = labels.clone()
                 trial[:, i] = target
-                trial_cost = partition_cost(g, trial, w)
+                trial_cost = cost_of(trial)
                 better = trial_cost < cost - 1e-12 * cost.abs().clamp_min(1)
                 if bool(better.any()):
                     labels = torch.where(better[:, None], trial, labels)
@@ -238,10 +245,15 @@ def cosine_clustering(batch: RowBatch, k: int) -> torch.Tensor:
 
 @clustering("output-error")
 def output_error_clustering(batch: RowBatch, k: int) -> torch.Tensor:
-    """Minimise sum_n ||X_n (w_G(n) - w_n)||^2 with RegMean-merged groups (needs calibration)."""
-    from chmc.compiler.regmean import best_partitions
+    """Minimise sum_n ||X_n (w_G(n) - w_n)||^2 with RegMean-merged groups (needs calibration):
+    every partition for small N, the `error` rule's heuristic on this cost above."""
+    from chmc.compiler.regmean import MAX_SUBSET_EXPERTS, best_partitions
 
-    if batch.calib is None:
+    solver = batch.calib
+    if solver is None:
         raise ChmcError("clustering 'output-error' needs calibration prompts "
                         "(--calibration NAME=prompts.jsonl for every expert)")
-    return best_partitions(batch.calib, batch, k)[0]
+    if solver.n <= MAX_SUBSET_EXPERTS:
+        return best_partitions(solver, batch, k)[0]
+    e = solver.weighted(batch.deltas)  # [N, R, in], shared by every trial
+    return _error_heuristic(batch, k, lambda labels: solver.partition_error(batch, labels, e))

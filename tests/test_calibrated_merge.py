@@ -312,3 +312,42 @@ def test_triton_repository_configs_do_not_depend_on_k(random_family, budget_arti
         configs.append({p.relative_to(repo).as_posix(): p.read_text()
                         for p in sorted(Path(repo).rglob("config.pbtxt"))})
     assert len(configs[0]) == 2 and configs[0] == configs[1]
+
+
+def test_output_error_heuristic_above_the_exhaustive_limit():
+    """N = 9 > MAX_SUBSET_EXPERTS: valid partitions into <= K groups, the same labels on every
+    run, and per row an output error no worse than the cosine grouping's (rel 1e-5: fp32 sums)."""
+    from chmc.compiler.grouping import RowBatch, group_rows
+    from chmc.compiler.regmean import MAX_SUBSET_EXPERTS, GramSolver
+
+    rng = np.random.default_rng(7)
+    n, rows, width, k = MAX_SUBSET_EXPERTS + 1, 24, 6, 3
+    centers = rng.normal(size=(k + 1, rows, width))
+    deltas = centers[rng.integers(0, k + 1, n)] + 0.5 * rng.normal(size=(n, rows, width))
+    x = rng.normal(size=(n, 50, width)) * rng.uniform(0.2, 3, size=(n, 1, width))
+    grams = torch.tensor(np.einsum("nti,ntj->nij", x, x) / 50, dtype=torch.float32)
+
+    def batch() -> RowBatch:  # a fresh solver each time: no cache shared between the runs
+        return RowBatch(torch.tensor(deltas, dtype=torch.float32), torch.ones(n),
+                        calib=GramSolver(grams, n, 0.01))
+
+    labels = group_rows("output-error", batch(), k)
+    assert labels.shape == (rows, n) and int(labels.min()) == 0 and int(labels.max()) < k
+    assert bool((labels[:, 0] == 0).all())  # canonical
+    assert torch.equal(group_rows("output-error", batch(), k), labels)
+    cosine = group_rows("cosine", batch(), k)
+    b = batch()
+    assert b.calib is not None
+    heuristic_err = b.calib.partition_error(b, labels).double()
+    cosine_err = b.calib.partition_error(b, cosine).double()
+    assert (heuristic_err <= cosine_err * (1 + 1e-5)).all()
+    assert float(heuristic_err.sum()) < 0.95 * float(cosine_err.sum())  # it does improve
+    g = grams.double().numpy()
+    damped = g + 0.01 * np.einsum("nii->n", g)[:, None, None] / width * np.eye(width)
+    for r in range(rows):  # partition_error itself, against NumPy solves of each group
+        want = 0.0
+        for grp in set(labels[r].tolist()):
+            m = np.flatnonzero(labels[r].numpy() == grp)
+            merged = np.linalg.solve(damped[m].sum(0), sum(damped[i] @ deltas[i, r] for i in m))
+            want += sum((merged - deltas[i, r]) @ damped[i] @ (merged - deltas[i, r]) for i in m)
+        assert float(heuristic_err[r]) == pytest.approx(want, rel=1e-4)
