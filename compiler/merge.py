@@ -19,7 +19,11 @@ import json
 import math
 import os
 import shutil
+import threading
 import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from chmc.compiler.artifact import FORMAT, FORMAT_VERSION, MANIFEST, TensorSpec
 from chmc.compiler.checkpoints import FLOAT_DTYPES, SIDE_FILES, Checkpoint
 from chmc.compiler.grouping import get_clustering
-from chmc.compiler.methods import MergeMethod, Resolved, get_method
+from chmc.compiler.methods import MergeMethod, Resolved, get_method, serial_map
 from chmc.compiler.outputs import check_output_path
 from chmc.errors import ChmcError
 
@@ -37,6 +41,7 @@ if TYPE_CHECKING:
     from chmc.compiler.regmean import GramSolver
 
 MAX_EXPERTS = 256  # index tables are uint8
+Map = Callable[[Callable[[Any], Any], Any], list]  # (fn, items) -> [fn(item)], maybe on threads
 CHUNK_ELEMENTS = 1 << 22  # rows per block: about this many fp32 values per expert stack
 
 
@@ -232,10 +237,9 @@ def execute(plan: BuildPlan, progress: bool = True) -> Path:
 
 
 def build_threads() -> int:
-    """Intra-op threads for the build: $CHMC_THREADS, default torch's own (every core). Measured on
-    the 0.17B K=2 benchmark: idle 2-core machine, 2 threads 19.8 s vs 1 thread 38.8 s; but while
-    other jobs hold the cores, one thread ran 5x faster than two (barrier stalls): set
-    CHMC_THREADS=1 on a shared machine."""
+    """Threads for the build: $CHMC_THREADS, default torch's own (every core). Calibration runs
+    them as torch's intra-op threads; plain merging as Python threads over experts and row blocks
+    (see worker_map)."""
     import torch
 
     value = os.environ.get("CHMC_THREADS", str(torch.get_num_threads()))
@@ -260,13 +264,17 @@ def _execute(plan: BuildPlan, progress: bool) -> Path:
             plan.tasks, plan.budget_summary = apply_budget(plan, progress)
         specs = [s for t in plan.tasks for s in t.specs(n)]
         writer = ShardedSafetensorsWriter(tmp, specs)
-        with Progress(transient=True, disable=not progress) as bar:
+        hashing = threading.Thread(target=content_hashes, args=(plan,), daemon=True)
+        hashing.start()  # reads every weight file once; overlaps the merge's serial parts
+        workers = build_threads() if plan.gram_files is None else 1  # regmean caches per tensor
+        with Progress(transient=True, disable=not progress) as bar, worker_map(workers) as pmap:
             job = bar.add_task("channel-merging", total=len(plan.tasks))
             for task in plan.tasks:
                 bar.update(job, description=task.name)
-                entries[task.name] = run_task(plan, task, writer)
+                entries[task.name] = run_task(plan, task, writer, pmap)
                 bar.advance(job)
         writer.close()
+        hashing.join()
         if plan.gram_files is not None:
             shutil.rmtree(tmp / ".grams", ignore_errors=True)
         copy_side_files(plan.base.path, tmp, plan.dtype)
@@ -275,7 +283,35 @@ def _execute(plan: BuildPlan, progress: bool) -> Path:
     return plan.out
 
 
-def run_task(plan: BuildPlan, task: TensorTask, writer: Any) -> dict[str, Any]:
+def content_hashes(plan: BuildPlan) -> None:
+    """Fill the checkpoints' cached content hashes (a failure resurfaces in make_manifest)."""
+    with suppress(OSError):
+        for ckpt in [plan.base, *plan.experts.values()]:
+            ckpt.content_hash  # noqa: B018
+
+
+@contextmanager
+def worker_map(workers: int) -> Iterator[Map]:
+    """A map over `workers` Python threads, each running torch on one intra-op thread (torch and
+    numpy release the GIL). Measured on the 0.17B benchmark with another job holding one of two
+    cores: two OpenMP threads ran a layer in 3.0-3.5 s (barrier stalls), one in 1.4 s, two Python
+    threads in 1.3-1.5 s; on idle cores they scale like OpenMP and overlap numpy's serial parts."""
+    import torch
+
+    if workers == 1:
+        yield serial_map
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            yield lambda fn, items: list(pool.map(fn, items))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_task(plan: BuildPlan, task: TensorTask, writer: Any,
+             pmap: Map = serial_map) -> dict[str, Any]:
     """Merge or stack one tensor, write it, and return its manifest entry."""
     import torch
 
@@ -285,38 +321,42 @@ def run_task(plan: BuildPlan, task: TensorTask, writer: Any) -> dict[str, Any]:
         stacked = torch.stack([c.tensor(task.name).to(out_dtype) for c in plan.experts.values()])
         writer.write(f"{task.name}.experts", stacked)  # [N, ...]
         return entry
-    bank, labels, stats = merge_tensor(plan, task)
+    bank, labels, stats = merge_tensor(plan, task, pmap)
     writer.write(f"{task.name}.bank", bank)  # [K, out, in]
     writer.write(f"{task.name}.index", labels.T.to(torch.uint8).contiguous())  # [N, out]
     entry.update(groups=task.groups, stats=stats)
     return entry
 
 
-def merge_tensor(plan: BuildPlan, task: TensorTask) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """One 2-D tensor -> (bank [K, out, in], labels [out, N], stats), streamed in row blocks."""
+def merge_tensor(plan: BuildPlan, task: TensorTask, pmap: Map = serial_map
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """One 2-D tensor -> (bank [K, out, in], labels [out, N], stats), streamed in row blocks;
+    experts and blocks are independent work items for pmap."""
     import torch
 
     base = plan.base.tensor(task.name).float()  # [out, in]
     n, k = len(plan.experts), task.groups
-    deltas = load_deltas(plan, task, base)  # [N, out, in], raw
+    deltas = load_deltas(plan, task, base, pmap)  # [N, out, in], raw
     blocks = row_blocks(task.shape[0], n * task.shape[1])
     calib = tensor_solver(plan, task)
-    labels, delta_sq = group_all_rows(plan, deltas, blocks, k, calib)
+    labels, delta_sq = group_all_rows(plan, deltas, blocks, k, calib, pmap)
     sizes = torch.nn.functional.one_hot(labels, k).sum(1)  # [out, K]: members per group
     shared = (sizes.gather(1, labels) > 1).float()  # [out, N]: 1 where expert n's row is merged
     sparsify = plan.method.sparsify
     apply = None if sparsify is None else sparsify(
-        deltas, plan.params, [_generator(plan, task, i) for i in range(n)], blocks)
+        deltas, plan.params, [_generator(plan, task, i) for i in range(n)], blocks, pmap)
     bank = torch.empty((k, *task.shape), dtype=getattr(torch, task.out_dtype))
-    err_sq = torch.zeros(n, dtype=torch.float64)
     extra = {"calib": calib} if plan.method.calibrated else {}
-    for b_i, (a, b) in enumerate(blocks):
+
+    def merge_block(b_i: int) -> torch.Tensor:
+        a, b = blocks[b_i]
         raw = deltas[:, a:b]  # [N, R, in]
         used = raw if apply is None else apply(raw, b_i)
         merged = plan.method.combine(used, labels[a:b], k, plan.params, **extra)  # [K, R, in]
         bank[:, a:b] = merged + base[a:b]
-        err_sq += block_error(merged, raw, labels[a:b], shared[a:b])
-    del deltas, base
+        return block_error(merged, raw, labels[a:b], shared[a:b])
+
+    err_sq = sum(pmap(merge_block, range(len(blocks))), torch.zeros(n, dtype=torch.float64))
     copy_singletons(plan, task, bank, labels, sizes)
     names = list(plan.experts)
     return bank, labels, {
@@ -342,7 +382,8 @@ def block_error(merged: torch.Tensor, raw: torch.Tensor, labels: torch.Tensor,
 
 
 def group_all_rows(plan: BuildPlan, deltas: torch.Tensor, blocks: list[tuple[int, int]],
-                   k: int, calib: GramSolver | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   k: int, calib: GramSolver | None = None, pmap: Map = serial_map
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels [out, N] from the clustering, and ||d_n||^2 [N] from the Gram diagonals."""
     import torch
     from chmc.compiler.grouping import RowBatch, group_rows
@@ -350,16 +391,18 @@ def group_all_rows(plan: BuildPlan, deltas: torch.Tensor, blocks: list[tuple[int
     weights = plan.params.weights()
     if not len(weights):  # a method without merge weights (regmean): the clusterings' uniform ones
         weights = torch.ones(deltas.shape[0])
-    delta_sq = torch.zeros(deltas.shape[0], dtype=torch.float64)
-    labels = torch.empty((deltas.shape[1], deltas.shape[0]), dtype=torch.long)
-    for a, b in blocks:
-        batch = RowBatch(deltas[:, a:b], weights, calib=calib)
-        labels[a:b] = group_rows(plan.clustering, batch, k)
-        delta_sq += batch.gram.diagonal(dim1=1, dim2=2).sum(0)
-    return labels, delta_sq
+
+    def group(block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = RowBatch(deltas[:, block[0] : block[1]], weights, calib=calib)
+        return group_rows(plan.clustering, batch, k), batch.gram.diagonal(dim1=1, dim2=2).sum(0)
+
+    done = pmap(group, blocks)
+    delta_sq = sum((sq for _, sq in done), torch.zeros(deltas.shape[0], dtype=torch.float64))
+    return torch.cat([labels for labels, _ in done]), delta_sq
 
 
-def load_deltas(plan: BuildPlan, task: TensorTask, base: torch.Tensor | None = None) -> torch.Tensor:
+def load_deltas(plan: BuildPlan, task: TensorTask, base: torch.Tensor | None = None,
+                pmap: Map = serial_map) -> torch.Tensor:
     """expert_n - base in fp32: [N, out, in], a view of [out, N, in] storage, so that a block of
     rows [N, R, in] is one contiguous [R, N, in] batch for the per-row matmuls."""
     import torch
@@ -368,8 +411,9 @@ def load_deltas(plan: BuildPlan, task: TensorTask, base: torch.Tensor | None = N
         base = plan.base.tensor(task.name).float()
     out, inp = task.shape
     deltas = torch.empty((out, len(plan.experts), inp), dtype=torch.float32)
-    for i, ckpt in enumerate(plan.experts.values()):
-        torch.sub(ckpt.tensor(task.name), base, out=deltas[:, i])
+    ckpts = list(plan.experts.values())
+    # a plain copy converts, then an fp32 sub: twice as fast as one mixed-dtype sub
+    pmap(lambda i: deltas[:, i].copy_(ckpts[i].tensor(task.name)).sub_(base), range(len(ckpts)))
     return deltas.transpose(0, 1)
 
 

@@ -1,10 +1,10 @@
 """Merge methods: how the row deltas inside one group become that group's merged delta.
 
 A method is a registry entry (mergekit style) with typed parameters and two small callables:
-- `sparsify(deltas [N, out, in], params, generators, blocks)`: per expert and per whole tensor
-  (TIES' top-k trim, DARE's random drop + L1 rescale), it looks at each expert's whole tensor once
-  and returns an `apply(rows [N, R, in], i)` that sparsifies block i of all experts' rows as it
-  streams past; None for dense methods.
+- `sparsify(deltas [N, out, in], params, generators, blocks, pmap)`: per expert and per whole
+  tensor (TIES' top-k trim, DARE's random drop + L1 rescale), it looks at each expert's whole
+  tensor once (experts mapped with pmap, maybe on threads) and returns an `apply(rows [N, R, in],
+  i)` that sparsifies block i of all experts' rows as it streams past; None for dense methods.
 - `combine(deltas [N, R, in], labels [R, N], k, params)`: the merged delta of every group [K, R, in].
 
 Semantics (mergekit's, so K=1 reproduces a mergekit merge):
@@ -80,9 +80,14 @@ class Resolved:
         return out
 
 
+def serial_map(fn: Callable[[Any], Any], items: Any) -> list:
+    """[fn(x) for x in items]: the default map for per-expert and per-block work."""
+    return [fn(x) for x in items]
+
+
 Blocks = list[tuple[int, int]]  # row ranges [a, b) the tensor is streamed in
 Apply = Callable[["torch.Tensor", int], "torch.Tensor"]  # (block i's rows [N, R, in], i) -> sparse
-SparsifyFn = Callable[["torch.Tensor", "Resolved", "list[torch.Generator]", Blocks], Apply]
+SparsifyFn = Callable[..., Apply]  # (deltas, params, generators, blocks, pmap) -> Apply
 CombineFn = Callable[..., "torch.Tensor"]  # (deltas, labels, k, params[, calib=]) -> [K, R, in]
 
 
@@ -196,8 +201,8 @@ def sign_consensus(deltas: torch.Tensor, labels: torch.Tensor, k: int, p: Resolv
     return merged.div_(_nonzero(weight)).mul_(p.values.get("lambda", 1.0))
 
 
-def trim_top_k(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator],
-               blocks: Blocks) -> Apply:
+def trim_top_k(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator], blocks: Blocks,
+               pmap: Callable[..., list] = serial_map) -> Apply:
     """TIES' trim, per expert over its whole tensor: keep the k = max(1, int(density * numel))
     largest |d|, the lowest flat index first among equal magnitudes.
 
@@ -206,33 +211,22 @@ def trim_top_k(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator],
     t_n also occurs below the cut (ties, common in fp16 deltas), per-row tie counts locate the
     last tie to keep; past it only |d| > t_n is kept.
     """
-    import numpy as np
     import torch
 
-    n, out, _ = deltas.shape
+    n = deltas.shape[0]
     densities = [p.expert(e)["density"] for e in range(n)]
     if min(densities) >= 1:
         return lambda x, i: x
-    ge = [-math.inf] * n  # hardshrink lambdas (it keeps |d| > lambda): |d| >= t_n
-    gt = [-math.inf] * n  # and |d| > t_n
-    cuts: dict[int, tuple[int, int]] = {}  # expert -> (row, col) of the last tie it keeps
-    for e, density in enumerate(densities):
-        if density >= 1:
-            continue
-        k = max(1, int(density * deltas[e].numel()))
-        mag = deltas[e].abs().numpy()  # [out, in]
-        part = np.partition(mag.reshape(-1), mag.size - k)  # the k largest last
-        t = part[-k]
-        ge[e], gt[e] = float(np.nextafter(t, np.float32(-1))), float(t)
-        if k < part.size and part[:-k].max() >= t:  # ties straddle the cut
-            need = k - int(np.count_nonzero(part[-k:] > t))  # ties to keep, in flat order
-            cuts[e] = _last_tie(mag, t, need)
+    # per expert: hardshrink lambdas (it keeps |d| > lambda) for |d| >= t_n and |d| > t_n, and the
+    # (row, col) of the last tie kept ((out, 0): none past the end)
+    found = pmap(lambda e: _threshold(deltas[e], densities[e]), range(n))
+    ge, gt, cuts = zip(*found)
 
     def apply(x: torch.Tensor, i: int) -> torch.Tensor:
         a, b = blocks[i]
         kept = torch.empty_like(x.transpose(0, 1)).transpose(0, 1)  # [N, R, in], x's layout
         for e in range(n):
-            row, col = cuts.get(e, (out, 0))
+            row, col = cuts[e]
             torch.hardshrink(x[e], gt[e] if row < a else ge[e], out=kept[e])
             if a <= row < b:  # this block holds the last kept tie: only > t_n after it
                 r = row - a
@@ -241,6 +235,25 @@ def trim_top_k(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator],
         return kept
 
     return apply
+
+
+def _threshold(delta: torch.Tensor, density: float) -> tuple[float, float, tuple[int, int]]:
+    """One expert's trim of delta [out, in]: (lambda for |d| >= t, lambda for |d| > t, the
+    (row, col) of the last entry equal to t that is kept; (out, 0) when all ties are kept)."""
+    import numpy as np
+
+    out = delta.shape[0]
+    if density >= 1:
+        return -math.inf, -math.inf, (out, 0)
+    k = max(1, int(density * delta.numel()))
+    mag = delta.abs().numpy()  # [out, in]
+    part = np.partition(mag.reshape(-1), mag.size - k)  # the k largest last
+    t = part[-k]
+    lambdas = float(np.nextafter(t, np.float32(-1))), float(t)
+    if k == part.size or part[:-k].max() < t:  # no ties across the cut: exactly k are >= t
+        return (*lambdas, (out, 0))
+    need = k - int(np.count_nonzero(part[-k:] > t))  # ties to keep, in flat order
+    return (*lambdas, _last_tie(mag, t, need))
 
 
 def _last_tie(mag: np.ndarray, t: np.floating, need: int) -> tuple[int, int]:
@@ -253,8 +266,8 @@ def _last_tie(mag: np.ndarray, t: np.floating, need: int) -> tuple[int, int]:
     return row, int(np.flatnonzero(mag[row] == t)[need - before - 1])
 
 
-def dare_drop(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator],
-              blocks: Blocks) -> Apply:
+def dare_drop(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator], blocks: Blocks,
+              pmap: Callable[..., list] = serial_map) -> Apply:
     """DARE: keep each entry with probability density (seeded per expert), rescale each expert to
     its tensor's L1 norm."""
     import torch
