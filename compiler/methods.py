@@ -177,7 +177,7 @@ def weighted_sum(deltas: torch.Tensor, labels: torch.Tensor, k: int, p: Resolved
     merged = groups(deltas)
     if normalize:
         merged = merged / _nonzero(groups.total_w.clone())
-    return merged * p.values.get("lambda", 1.0)
+    return _scale(merged, p.values.get("lambda", 1.0))
 
 
 def sign_consensus(deltas: torch.Tensor, labels: torch.Tensor, k: int, p: Resolved) -> torch.Tensor:
@@ -198,7 +198,12 @@ def sign_consensus(deltas: torch.Tensor, labels: torch.Tensor, k: int, p: Resolv
     if not p.values.get("normalize", True):
         return merged * (0.5 * p.values.get("lambda", 1.0))
     weight = torch.addcmul(groups(sign.abs()), groups(sign), elected)  # 2 x the agreeing weight
-    return merged.div_(_nonzero(weight)).mul_(p.values.get("lambda", 1.0))
+    return _scale(merged.div_(_nonzero(weight)), p.values.get("lambda", 1.0))
+
+
+def _scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x * factor in place; a factor of 1 (the default lambda) is skipped: same bits, one pass less."""
+    return x if factor == 1 else x.mul_(factor)
 
 
 def trim_top_k(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator], blocks: Blocks,
