@@ -5,7 +5,8 @@
 
 Builds a random-delta family (N experts), channel-merges it at K groups, exports the merged
 artifact in each --forms and the base dense, then measures per graph: prefill time (batch 1,
---prefill tokens), decode tokens/s at batch 1 and batch 8 (rows of mixed experts), and the
+--prefill tokens), decode tokens/s at batch 1, at batch 8 with rows of mixed experts and with
+rows of one expert, and the
 resident memory one session adds (in a fresh process). The ensemble is N dense sessions.
 """
 
@@ -67,8 +68,10 @@ def measure(graphs: dict[str, Path], n_experts: int, args: argparse.Namespace) -
             backend.start(np.zeros(1, np.int64)).step(ids, np.ones_like(ids),
                                                       np.arange(args.prefill)[None])
             times[name].setdefault("prefill", []).append(time.perf_counter() - start)
-    for batch in (1, 8):
-        experts = np.arange(batch) % n_experts  # rows of mixed experts
+    cases = {"b1": np.zeros(1, np.int64), "b8": np.arange(8) % n_experts,  # b8: experts mixed
+             "b8_one": np.ones(8, np.int64)}  # b8_one: eight rows of one expert
+    for case, experts in cases.items():
+        batch = len(experts)
         ctx = rng.integers(0, args.vocab, (batch, args.context))
         states = {name: b.start(experts) for name, b in backends.items()}
         for state in states.values():
@@ -79,7 +82,7 @@ def measure(graphs: dict[str, Path], n_experts: int, args: argparse.Namespace) -
             for name, state in states.items():
                 start = time.perf_counter()
                 state.step(token, mask, np.full((batch, 1), args.context + t))
-                times[name].setdefault(f"b{batch}", []).append(time.perf_counter() - start)
+                times[name].setdefault(case, []).append(time.perf_counter() - start)
     out: dict[str, Any] = {}
     for name, folder in graphs.items():
         tn = times[name]
@@ -89,6 +92,7 @@ def measure(graphs: dict[str, Path], n_experts: int, args: argparse.Namespace) -
             "prefill_ms": round(statistics.median(tn["prefill"][1:]) * 1e3, 2),
             "decode_b1_tokens_per_s": round(1 / statistics.median(tn["b1"]), 2),
             "decode_b8_tokens_per_s": round(8 / statistics.median(tn["b8"]), 2),
+            "decode_b8_one_expert_tokens_per_s": round(8 / statistics.median(tn["b8_one"]), 2),
             "session_rss_mb": round(json.loads(res.stdout) / 2**20, 1)}
     return out
 
@@ -171,6 +175,8 @@ def main() -> None:
                                         / r["decode_b1_tokens_per_s"], 3),
                 "decode_b8_time": round(dense["decode_b8_tokens_per_s"]
                                         / r["decode_b8_tokens_per_s"], 3),
+                "decode_b8_one_expert_time": round(dense["decode_b8_one_expert_tokens_per_s"]
+                                                   / r["decode_b8_one_expert_tokens_per_s"], 3),
                 "rss_vs_ensemble": round(r["session_rss_mb"]
                                          / (args.experts * dense["session_rss_mb"]), 3),
             }
