@@ -363,7 +363,9 @@ def merge_tensor(plan: BuildPlan, task: TensorTask, pmap: Map = serial_map
     deltas = load_deltas(plan, task, base, pmap, plan.scratch[:size])  # [N, out, in], raw
     blocks = row_blocks(task.shape[0], n * task.shape[1])
     calib = tensor_solver(plan, task)
-    labels, delta_sq = group_all_rows(plan, deltas, blocks, k, calib, pmap)
+    # grouping's cost is mostly per call (small [R, N, N] ops): 4x larger blocks
+    big = row_blocks(task.shape[0], n * task.shape[1], 4 * CHUNK_ELEMENTS)
+    labels, delta_sq = group_all_rows(plan, deltas, big, k, calib, pmap)
     sizes = torch.nn.functional.one_hot(labels, k).sum(1)  # [out, K]: members per group
     shared = (sizes.gather(1, labels) > 1).float()  # [out, N]: 1 where expert n's row is merged
     sparsify = plan.method.sparsify
@@ -377,7 +379,7 @@ def merge_tensor(plan: BuildPlan, task: TensorTask, pmap: Map = serial_map
         raw = deltas[:, a:b]  # [N, R, in]
         used = raw if apply is None else apply(raw, b_i)
         merged = plan.method.combine(used, labels[a:b], k, plan.params, **extra)  # [K, R, in]
-        bank[:, a:b] = merged + base[a:b]
+        torch.add(merged, base[a:b], out=bank[:, a:b])  # in fp32, cast to the bank's dtype
         return block_error(merged, raw, labels[a:b], shared[a:b])
 
     err_sq = sum(pmap(merge_block, range(len(blocks))), torch.zeros(n, dtype=torch.float64))
@@ -480,18 +482,21 @@ def copy_singletons(plan: BuildPlan, task: TensorTask, bank: torch.Tensor, label
     """A group with one member stores that expert's row exactly; unused slots copy group 0."""
     import torch
 
-    rows = torch.arange(task.shape[0])
+    out = task.shape[0]
+    rows = torch.arange(out)
+    flat = bank.view(-1, task.shape[1])  # [K*out, in]: slot (g, c) is row g*out + c
     for i, ckpt in enumerate(plan.experts.values()):
         alone = rows[sizes.gather(1, labels[:, i : i + 1])[:, 0] == 1]
         if len(alone):
-            bank[labels[alone, i], alone] = ckpt.tensor(task.name)[alone].to(bank.dtype)
+            src = ckpt.tensor(task.name).index_select(0, alone).to(bank.dtype)
+            flat.index_copy_(0, labels[alone, i] * out + alone, src)
     for g in range(1, task.groups):
         empty = rows[sizes[:, g] == 0]
-        bank[g, empty] = bank[0, empty]
+        flat.index_copy_(0, g * out + empty, flat.index_select(0, empty))
 
 
-def row_blocks(rows: int, row_elements: int) -> list[tuple[int, int]]:
-    step = max(1, CHUNK_ELEMENTS // max(1, row_elements))
+def row_blocks(rows: int, row_elements: int, chunk: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
+    step = max(1, chunk // max(1, row_elements))
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 from chmc.errors import ChmcError
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
 
@@ -255,20 +254,14 @@ def _threshold(delta: torch.Tensor, density: float) -> tuple[float, float, tuple
     part = np.partition(mag.reshape(-1), mag.size - k)  # the k largest last
     t = part[-k]
     lambdas = float(np.nextafter(t, np.float32(-1))), float(t)
-    if k == part.size or part[:-k].max() < t:  # no ties across the cut: exactly k are >= t
+    need = k - int(np.count_nonzero(part[-k:] > t))  # entries equal to t to keep, in flat order
+    del part
+    counts = np.count_nonzero(mag == t, axis=1).cumsum()  # [out]: entries equal to t up to a row
+    if counts[-1] == need:  # all of them: exactly k entries are >= t
         return (*lambdas, (out, 0))
-    need = k - int(np.count_nonzero(part[-k:] > t))  # ties to keep, in flat order
-    return (*lambdas, _last_tie(mag, t, need))
-
-
-def _last_tie(mag: np.ndarray, t: np.floating, need: int) -> tuple[int, int]:
-    """(row, col) of the need-th entry of mag [out, in] equal to t, in flat order."""
-    import numpy as np
-
-    counts = np.count_nonzero(mag == t, axis=1).cumsum()  # [out]: ties up to each row
-    row = int(np.searchsorted(counts, need))  # the first row reaching need
+    row = int(np.searchsorted(counts, need))  # the row holding the need-th
     before = int(counts[row - 1]) if row else 0
-    return row, int(np.flatnonzero(mag[row] == t)[need - before - 1])
+    return (*lambdas, (row, int(np.flatnonzero(mag[row] == t)[need - before - 1])))
 
 
 def dare_drop(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator], blocks: Blocks,
