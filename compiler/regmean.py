@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from chmc.compiler.grouping import RowBatch
 
 MAX_SUBSET_EXPERTS = 8  # exhaustive subsets (2^N - 1 factors) up to this N; above, a heuristic
+MEMO_SUBSETS = 32  # subset sums kept per row block (32 x a block's [R, in]: ~128 MiB at most)
 HEURISTIC_CACHE_BYTES = 1 << 30  # above it, the heuristic's factors are kept FIFO up to this size
 
 
@@ -56,7 +57,10 @@ class GramSolver:
                 while len(self._factors) >= limit:
                     self._factors.pop(next(iter(self._factors)))
             members = [i for i in range(self.n) if mask >> i & 1]
-            chol, info = torch.linalg.cholesky_ex(self.c[members].double().sum(0))
+            a = self.c[members[0]].double()  # [in, in]; summed in place, no [|G|, in, in] copy
+            for i in members[1:]:
+                a += self.c[i]
+            chol, info = torch.linalg.cholesky_ex(a)
             if int(info):
                 raise ChmcError("calibration Gram sum is not positive definite; raise the damping")
             self._factors[mask] = chol.float()
@@ -79,16 +83,17 @@ class GramSolver:
         """e_n = d_n C_n: [N, R, in] -> [N, R, in] (C symmetric); identity: the deltas."""
         return deltas if self.c is None else deltas @ self.c
 
-    def group_explained(self, deltas: torch.Tensor, e: torch.Tensor, mask: int) -> torch.Tensor:
+    def group_explained(self, deltas: torch.Tensor, e: torch.Tensor, mask: int,
+                        sums: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """b_G^T A_G^-1 b_G for one subset, per row: deltas and e = weighted(deltas) [N, R, in]
-        -> [R]. One member: d C d, no solve; identity: ||sum d||^2 / |G|."""
-        members = [i for i in range(self.n) if mask >> i & 1]
-        if len(members) == 1:
-            i = members[0]
+        -> [R]. One member: d C d, no solve; identity: ||sum d||^2 / |G|. `sums` keeps the
+        subsets' b_G of this block so that each costs one addition."""
+        if mask & (mask - 1) == 0:
+            i = mask.bit_length() - 1
             return (e[i] * deltas[i]).sum(-1)
-        b = e[members].sum(0)  # [R, in]
+        b = _subset_sum(e, mask, {} if sums is None else sums)  # [R, in]
         if self.c is None:
-            return b.square().sum(-1) / len(members)
+            return b.square().sum(-1) / mask.bit_count()
         return self.half_solve(mask, b).square().sum(-1)
 
     def explained(self, batch: RowBatch, masks: list[int],
@@ -103,7 +108,8 @@ class GramSolver:
             quad = torch.einsum("sn,rnm,sm->rs", member, batch.gram, member)
             return quad / member.sum(1)
         e = self.weighted(batch.deltas) if e is None else e  # [N, R, in]
-        return torch.stack([self.group_explained(batch.deltas, e, m) for m in masks], 1)
+        sums: dict[int, torch.Tensor] = {}
+        return torch.stack([self.group_explained(batch.deltas, e, m, sums) for m in masks], 1)
 
     def total(self, batch: RowBatch, e: torch.Tensor | None = None) -> torch.Tensor:
         """sum_n d_n^T C_n d_n per row (the error of merging nothing, all deltas lost): -> [R]."""
@@ -131,17 +137,18 @@ class GramSolver:
         out = torch.zeros((k, r, width), dtype=torch.float32)
         for rows, mask in _subsets(labels):
             members = [i for i in range(n) if mask >> i & 1]
-            g = labels[rows[0], members[0]]
+            rows_of = [deltas[i].index_select(0, rows) for i in members]  # |G| x [r, in]
+            g = int(labels[rows[0], members[0]])
             if len(members) == 1:  # the expert's own row (copy_singletons stores it exactly)
-                out[g, rows] = deltas[members[0], rows]
-                continue
-            if self.c is None:
-                out[g, rows] = deltas[members][:, rows].mean(0)
-                continue
-            b = deltas[members[0], rows] @ self.c[members[0]]  # [r, in]: the members' products
-            for i in members[1:]:
-                b.addmm_(deltas[i, rows], self.c[i])
-            out[g, rows] = self.solve(mask, b)
+                merged = rows_of[0]
+            elif self.c is None:
+                merged = torch.stack(rows_of).mean(0)
+            else:
+                b = rows_of[0] @ self.c[members[0]]  # [r, in]: only the members' products
+                for i, d in zip(members[1:], rows_of[1:]):
+                    b.addmm_(d, self.c[i])
+                merged = self.solve(mask, b)
+            out[g].index_copy_(0, rows, merged)
         return out
 
 
@@ -158,6 +165,21 @@ def _subsets(labels: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
             if mask:
                 out.append(((masks == mask).nonzero()[:, 0], mask))
     return out
+
+
+def _subset_sum(e: torch.Tensor, mask: int, sums: dict[int, torch.Tensor]) -> torch.Tensor:
+    """sum_{n in mask} e[n] -> [R, in], from the subset without its highest member (memoised in
+    `sums`, at most MEMO_SUBSETS of them per block)."""
+    if mask in sums:
+        return sums[mask]
+    top = mask.bit_length() - 1
+    rest = mask ^ (1 << top)
+    if rest == 0:
+        return e[top]
+    b = _subset_sum(e, rest, sums) + e[top]
+    if len(sums) < MEMO_SUBSETS:
+        sums[mask] = b
+    return b
 
 
 @cache
