@@ -365,6 +365,8 @@ def merge_tensor(plan: BuildPlan, task: TensorTask, pmap: Map = serial_map
     calib = tensor_solver(plan, task)
     # grouping's cost is mostly per call (small [R, N, N] ops): 4x larger blocks
     big = row_blocks(task.shape[0], n * task.shape[1], 4 * CHUNK_ELEMENTS)
+    if plan.method.calibrated:  # regmean reads each subset's [in, in] factor once per block
+        blocks = big
     labels, delta_sq = group_all_rows(plan, deltas, big, k, calib, pmap)
     sizes = torch.nn.functional.one_hot(labels, k).sum(1)  # [out, K]: members per group
     shared = (sizes.gather(1, labels) > 1).float()  # [out, N]: 1 where expert n's row is merged
