@@ -10,9 +10,13 @@ Anchor: mergekit 0.1.5 TIES (density 0.5) on exactly this setup: 125.7 s wall, 2
 Goal: chmc at K=2 at least 5x faster, peak RSS no higher. Where a `mergekit-yaml` executable is
 found ($MERGEKIT_YAML, or /tmp/mkvenv/bin/mergekit-yaml), it is run side by side.
 
-With --calibration S, two calibrated builds follow (output-error grouping, regmean merging): K=2
-and --budget 0.5, each expert run on S random-token sequences of 128 tokens (--calibration-only
-skips the TIES and mergekit runs). Their wall time includes the calibration forward passes.
+With --calibration S, the calibrated build is measured phase by phase: each expert's calibration
+(S random-token sequences of 128 tokens through the model, its Grams written: what `chmc build
+--calibration NAME=prompts.jsonl` runs per expert) as its own process, then the merges from those
+Gram folders (output-error grouping, regmean merging) at K=2 and at --budget 0.5. A calibrated
+build from prompt files costs the sum of its experts' calibrations plus its merge. The load
+average (os.getloadavg, as `uptime` shows it) is recorded around each phase; CHMC_THREADS applies.
+--calibration-only skips the TIES and mergekit runs.
 
   python3 benchmarks/compile_benchmark.py [--skip-mergekit] [--calibration 256 [--calibration-only]]
 """
@@ -79,6 +83,7 @@ def _param_count() -> int:
 
 def measure(cmd: list[str], required: bool = True) -> dict[str, Any]:
     """Run cmd as a child; wall time and that child's own peak RSS (os.wait4)."""
+    load = os.getloadavg()[0]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -88,7 +93,8 @@ def measure(cmd: list[str], required: bool = True) -> dict[str, Any]:
         if not required:
             return {"failed": f"exit status {status}: {err.strip().splitlines()[-1:]}"}
         raise SystemExit(f"command failed ({status}): {' '.join(cmd)}\n{err[-2000:]}")
-    return {"wall_s": round(wall, 2), "peak_rss_gb": round(usage.ru_maxrss / 1024**2, 3)}
+    return {"wall_s": round(wall, 2), "peak_rss_gb": round(usage.ru_maxrss / 1024**2, 3),
+            "load_1min": [round(load, 2), round(os.getloadavg()[0], 2)]}  # before, after
 
 
 def chmc_build(base: Path, experts: dict[str, Path], out: Path, groups: int) -> list[str]:
@@ -99,27 +105,44 @@ def chmc_build(base: Path, experts: dict[str, Path], out: Path, groups: int) -> 
 
 def calibrated_builds(base: Path, experts: dict[str, Path], work: Path, seqs: int,
                       result: dict[str, object]) -> None:
-    """K=2 and budget 0.5 with output-error grouping and regmean, from random-token prompts."""
+    """Per expert calibration from random-token prompts, then K=2 and budget 0.5 merges with
+    output-error grouping and regmean from the Gram folders, each phase its own process."""
     import random
 
     rng = random.Random(0)
-    files = []
-    for name in experts:
+    grams = {}
+    for name, path in experts.items():
         rows = [json.dumps({"input_ids": [rng.randrange(SHAPE["vocab_size"]) for _ in range(128)]})
                 for _ in range(seqs)]
         (work / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
-        files.append(f"{name}={work / f'{name}.jsonl'}")
+        grams[name] = work / f"grams_{name}"
+        cmd = [sys.executable, __file__, "--collect-grams", str(path), str(work / f"{name}.jsonl"),
+               str(grams[name])]
+        result[f"calibrate_{name}"] = {**measure(cmd), "sequences": seqs, "tokens": seqs * 128}
     for tag, extra in (("k2", ["--groups", "2"]), ("budget0.5", ["--budget", "0.5"])):
         cmd = [sys.executable, "-m", "chmc", "build", "--base", str(base), "--experts",
                *(f"{n}={p}" for n, p in experts.items()), *extra, "--clustering", "output-error",
                "--method", "regmean", "--out", str(work / tag), "--force"]
-        for f in files:
-            cmd += ["--calibration", f]
-        result[f"chmc_{tag}_regmean_calibrated"] = {
-            **measure(cmd), "calibration_sequences": seqs, "tokens_per_sequence": 128}
+        for name, folder in grams.items():
+            cmd += ["--calibration", f"{name}={folder}"]
+        key = f"merge_{tag}_output_error_regmean"
+        result[key] = measure(cmd)
         ratio = json.loads((work / tag / "chmc.json").read_text())["accounting"]["ratio"]
-        result[f"chmc_{tag}_regmean_calibrated"]["ratio"] = round(ratio, 4)  # type: ignore[index]
+        result[key]["ratio"] = round(ratio, 4)  # type: ignore[index]
         shutil.rmtree(work / tag)
+
+
+def collect_one(expert: str, prompts: str, out: str) -> None:
+    """One expert's calibration as `chmc build` runs it: its prompts, Grams of every merged
+    tensor, on the build's threads."""
+    import torch
+    from chmc.compiler.calibration import collect_grams, read_sequences
+    from chmc.compiler.checkpoints import Checkpoint
+    from chmc.compiler.merge import build_threads, plan_tasks
+
+    torch.set_num_threads(build_threads())
+    merged = {t.name for t in plan_tasks(Checkpoint(expert), 2, None) if t.kind == "merged"}
+    collect_grams(expert, read_sequences(Path(prompts), Path(expert)), out, merged, progress=False)
 
 
 def mergekit_command(base: Path, experts: dict[str, Path], work: Path) -> list[str] | None:
@@ -143,12 +166,18 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=0, metavar="S",
                         help="also calibrated builds, S sequences of 128 tokens per expert")
     parser.add_argument("--calibration-only", action="store_true")
+    parser.add_argument("--collect-grams", nargs=3, metavar=("EXPERT", "PROMPTS", "OUT"),
+                        help=argparse.SUPPRESS)  # one calibration phase, run as a child
     args = parser.parse_args()
+    if args.collect_grams:
+        collect_one(*args.collect_grams)
+        return
     t0 = time.perf_counter()
     base, experts = make_family(args.cache)
     result: dict[str, object] = {
         "setup": {**SHAPE, "dtype": "float16", "experts": N_EXPERTS, "params": _param_count(),
-                  "family_ready_s": round(time.perf_counter() - t0, 1), "cpus": os.cpu_count()},
+                  "family_ready_s": round(time.perf_counter() - t0, 1), "cpus": os.cpu_count(),
+                  "chmc_threads": os.environ.get("CHMC_THREADS", "default (every core)")},
     }
     with tempfile.TemporaryDirectory(prefix="chmc-bench-") as tmp:
         work = Path(tmp)
