@@ -212,8 +212,8 @@ def trim_top_k(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator], b
 
     A selection on a copy of |d_n| (numpy's introselect: O(numel), no sort) finds the k-th
     largest, the threshold t_n; blocks then keep |d| >= t_n with one hardshrink per expert. When
-    t_n also occurs below the cut (ties, common in fp16 deltas), per-row tie counts locate the
-    last tie to keep; past it only |d| > t_n is kept.
+    t_n also occurs below the cut (ties, common in fp16 deltas), the flat positions of the ties
+    give the last one to keep; past it only |d| > t_n is kept.
     """
     import torch
 
@@ -250,18 +250,20 @@ def _threshold(delta: torch.Tensor, density: float) -> tuple[float, float, tuple
     if density >= 1:
         return -math.inf, -math.inf, (out, 0)
     k = max(1, int(density * delta.numel()))
-    mag = delta.abs().numpy()  # [out, in]
-    part = np.partition(mag.reshape(-1), mag.size - k)  # the k largest last
+    # |d| as int32 bit patterns: non-negative floats order like them, and numpy's integer select
+    # runs twice as fast as its float one
+    bits = delta.abs().numpy().reshape(-1).view(np.int32)  # [out * in]
+    part = np.partition(bits, bits.size - k)  # a copy, the k largest last
     t = part[-k]
-    lambdas = float(np.nextafter(t, np.float32(-1))), float(t)
     need = k - int(np.count_nonzero(part[-k:] > t))  # entries equal to t to keep, in flat order
     del part
-    counts = np.count_nonzero(mag == t, axis=1).cumsum()  # [out]: entries equal to t up to a row
-    if counts[-1] == need:  # all of them: exactly k entries are >= t
+    ties = np.flatnonzero(bits == t)  # flat positions of the entries equal to t
+    t_float = np.int32(t).view(np.float32)
+    lambdas = float(np.nextafter(t_float, np.float32(-1))), float(t_float)
+    if len(ties) == need:  # all of them: exactly k entries are >= t
         return (*lambdas, (out, 0))
-    row = int(np.searchsorted(counts, need))  # the row holding the need-th
-    before = int(counts[row - 1]) if row else 0
-    return (*lambdas, (row, int(np.flatnonzero(mag[row] == t)[need - before - 1])))
+    row, col = divmod(int(ties[need - 1]), delta.shape[1])
+    return (*lambdas, (row, col))
 
 
 def dare_drop(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator], blocks: Blocks,
