@@ -497,8 +497,9 @@ def copy_singletons(plan: BuildPlan, task: TensorTask, bank: torch.Tensor, label
         flat.index_copy_(0, g * out + empty, flat.index_select(0, empty))
 
 
-def row_blocks(rows: int, row_elements: int, chunk: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
-    step = max(1, chunk // max(1, row_elements))
+def row_blocks(rows: int, row_elements: int, chunk: int | None = None) -> list[tuple[int, int]]:
+    """[a, b) row ranges of about `chunk` (default CHUNK_ELEMENTS) values each."""
+    step = max(1, (chunk or CHUNK_ELEMENTS) // max(1, row_elements))
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
