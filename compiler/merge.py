@@ -11,6 +11,8 @@ Per merged tensor [out, in]: deltas d_n = expert_n - base in fp32 [N, out, in]; 
 from the clustering on the raw deltas; the method's per-tensor sparsification; per group the
 merged delta; bank[k, c] = base[c] + merged[k, c]. A group with one member stores that expert's
 row exactly, and bank slots unused by a row copy group 0, so the bank is always [K, out, in].
+Experts (loading, TIES thresholds) and row blocks (grouping, merging) are independent work items,
+spread over Python threads (`worker_map`); results do not depend on threads or block sizes.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ if TYPE_CHECKING:
 
 MAX_EXPERTS = 256  # index tables are uint8
 Map = Callable[[Callable[[Any], Any], Any], list]  # (fn, items) -> [fn(item)], maybe on threads
-CHUNK_ELEMENTS = 1 << 20  # rows per block: about this many fp32 values per expert stack (small
-# enough that a 1024 x 1024 tensor of 4 experts gives the worker threads 4 blocks)
+CHUNK_ELEMENTS = 1 << 22  # rows per block: about this many fp32 values per expert stack; plain
+# merging (no per-block Gram factors) uses a quarter, so that the worker threads share even a
+# 1024 x 1024 tensor of 4 experts
 
 
 @dataclass(frozen=True)
@@ -361,12 +364,12 @@ def merge_tensor(plan: BuildPlan, task: TensorTask, pmap: Map = serial_map
         plan.scratch = None
         plan.scratch = torch.empty(size)  # over 32 MB: fresh pages from the kernel; keep it
     deltas = load_deltas(plan, task, base, pmap, plan.scratch[:size])  # [N, out, in], raw
-    blocks = row_blocks(task.shape[0], n * task.shape[1])
     calib = tensor_solver(plan, task)
-    # grouping's cost is mostly per call (small [R, N, N] ops): 4x larger blocks
-    big = row_blocks(task.shape[0], n * task.shape[1], 4 * CHUNK_ELEMENTS)
-    if plan.method.calibrated:  # regmean reads each subset's [in, in] factor once per block
-        blocks = big
+    # grouping's cost is mostly per call (small [R, N, N] ops), and regmean reads each subset's
+    # [in, in] factor once per block: both on whole chunks; plain merging on quarter chunks
+    big = row_blocks(task.shape[0], n * task.shape[1])
+    blocks = big if plan.method.calibrated else row_blocks(
+        task.shape[0], n * task.shape[1], CHUNK_ELEMENTS // 4)
     labels, delta_sq = group_all_rows(plan, deltas, big, k, calib, pmap)
     sizes = torch.nn.functional.one_hot(labels, k).sum(1)  # [out, K]: members per group
     shared = (sizes.gather(1, labels) > 1).float()  # [out, N]: 1 where expert n's row is merged
