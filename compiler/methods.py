@@ -257,13 +257,18 @@ def _threshold(delta: torch.Tensor, density: float) -> tuple[float, float, tuple
     t = part[-k]
     need = k - int(np.count_nonzero(part[-k:] > t))  # entries equal to t to keep, in flat order
     del part
-    ties = np.flatnonzero(bits == t)  # flat positions of the entries equal to t
     t_float = np.int32(t).view(np.float32)
     lambdas = float(np.nextafter(t_float, np.float32(-1))), float(t_float)
-    if len(ties) == need:  # all of them: exactly k entries are >= t
+    eq = (bits == t).reshape(delta.shape)  # [out, in]: the entries equal to t
+    step = -(-out // 64)  # counted in 64 chunks of rows: then positions in one chunk only
+    counts = np.cumsum([np.count_nonzero(eq[a : a + step]) for a in range(0, out, step)])
+    if counts[-1] == need:  # all of them: exactly k entries are >= t
         return (*lambdas, (out, 0))
-    row, col = divmod(int(ties[need - 1]), delta.shape[1])
-    return (*lambdas, (row, col))
+    c = int(np.searchsorted(counts, need))  # the chunk holding the need-th
+    before = int(counts[c - 1]) if c else 0
+    row, col = divmod(int(np.flatnonzero(eq[c * step : (c + 1) * step])[need - before - 1]),
+                      delta.shape[1])
+    return (*lambdas, (c * step + row, col))
 
 
 def dare_drop(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator], blocks: Blocks,

@@ -213,12 +213,13 @@ def test_trim_keeps_exactly_top_k_with_ties(density):
     from chmc.compiler.methods import get_method, trim_top_k
 
     gen = torch.Generator().manual_seed(11)
-    deltas = torch.randint(-40, 41, (3, 300, 70), generator=gen).float() / 64  # many ties
+    deltas = torch.randint(-40, 41, (4, 300, 70), generator=gen).float() / 64  # many ties
     deltas[1] = torch.randn(300, 70, generator=gen)  # no ties
-    densities = {"a": density, "b": density, "c": 1.0}
-    params = get_method("ties").resolve({"density": densities}, ["a", "b", "c"])
+    deltas[3, :, ::2] = 0  # half exact zeros: at density > 0.5 the cut falls among them
+    densities = {"a": density, "b": density, "c": 1.0, "d": density}
+    params = get_method("ties").resolve({"density": densities}, list(densities))
     blocks = [(a, min(a + 37, 300)) for a in range(0, 300, 37)]  # several blocks
-    apply = trim_top_k(deltas, params, [gen] * 3, blocks)
+    apply = trim_top_k(deltas, params, [gen] * 4, blocks)
     got = torch.cat([apply(deltas[:, a:b], i) for i, (a, b) in enumerate(blocks)], dim=1).numpy()
     for e, d in enumerate(densities.values()):
         want = ref_trim(deltas[e].double().numpy(), d)
