@@ -278,22 +278,23 @@ def dare_drop(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator], bl
     import torch
 
     n, _, inp = deltas.shape
-    masks: list[list[torch.Tensor] | None] = []  # per expert, per block [R, in] bool
-    scales = torch.ones(n, 1, 1)
-    for e in range(n):
+
+    def drop(e: int) -> tuple[list[torch.Tensor] | None, float]:
+        """Expert e's masks per block [R, in] (None: keeps all) and L1 rescale."""
         density = p.expert(e)["density"]
         if density >= 1:
-            masks.append(None)
-            continue
+            return None, 1.0
         m = [torch.rand((b - a, inp), generator=gens[e]) < density for a, b in blocks]
         d = deltas[e]
         l1 = sum(float(d[a:b].abs().sum(dtype=torch.float64)) for a, b in blocks)
         kept = sum(float((d[a:b] * mb).abs().sum(dtype=torch.float64))
                    for (a, b), mb in zip(blocks, m))
-        scales[e] = l1 / kept if kept > 0 else 1.0
-        masks.append(m)
+        return m, l1 / kept if kept > 0 else 1.0
+
+    masks, factors = zip(*pmap(drop, range(n)))
     if all(m is None for m in masks):
         return lambda x, i: x
+    scales = torch.tensor(factors, dtype=torch.float32)[:, None, None]  # [N, 1, 1]
 
     def apply(x: torch.Tensor, i: int) -> torch.Tensor:
         a, b = blocks[i]
