@@ -16,7 +16,8 @@ With --calibration S, the calibrated build is measured phase by phase: each expe
 Gram folders (output-error grouping, regmean merging) at K=2 and at --budget 0.5. A calibrated
 build from prompt files costs the sum of its experts' calibrations plus its merge. The load
 average (os.getloadavg, as `uptime` shows it) is recorded around each phase; CHMC_THREADS applies.
---calibration-only skips the TIES and mergekit runs.
+--calibration-only skips the TIES and mergekit runs; --end-to-end replaces the phases by one K=2
+build from the prompt files, calibration included (it should cost about their sum).
 
   python3 benchmarks/compile_benchmark.py [--skip-mergekit] [--calibration 256 [--calibration-only]]
 """
@@ -104,32 +105,46 @@ def chmc_build(base: Path, experts: dict[str, Path], out: Path, groups: int) -> 
 
 
 def calibrated_builds(base: Path, experts: dict[str, Path], work: Path, seqs: int,
-                      result: dict[str, object]) -> None:
+                      result: dict[str, object], end_to_end: bool = False) -> None:
     """Per expert calibration from random-token prompts, then K=2 and budget 0.5 merges with
-    output-error grouping and regmean from the Gram folders, each phase its own process."""
+    output-error grouping and regmean from the Gram folders, each phase its own process; with
+    end_to_end, instead one K=2 `chmc build` from the prompt files (calibration included)."""
     import random
 
     rng = random.Random(0)
-    grams = {}
-    for name, path in experts.items():
+    prompts = {}
+    for name in experts:
         rows = [json.dumps({"input_ids": [rng.randrange(SHAPE["vocab_size"]) for _ in range(128)]})
                 for _ in range(seqs)]
-        (work / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
-        grams[name] = work / f"grams_{name}"
-        cmd = [sys.executable, __file__, "--collect-grams", str(path), str(work / f"{name}.jsonl"),
+        prompts[name] = work / f"{name}.jsonl"
+        prompts[name].write_text("\n".join(rows) + "\n")
+    size = {"sequences": seqs, "tokens": seqs * 128}
+    if end_to_end:
+        result["build_k2_output_error_regmean_from_prompts"] = {
+            **calibrated_build(base, experts, prompts, ["--groups", "2"], work / "k2"), **size}
+        return
+    grams = {name: work / f"grams_{name}" for name in experts}
+    for name, path in experts.items():
+        cmd = [sys.executable, __file__, "--collect-grams", str(path), str(prompts[name]),
                str(grams[name])]
-        result[f"calibrate_{name}"] = {**measure(cmd), "sequences": seqs, "tokens": seqs * 128}
+        result[f"calibrate_{name}"] = {**measure(cmd), **size}
     for tag, extra in (("k2", ["--groups", "2"]), ("budget0.5", ["--budget", "0.5"])):
-        cmd = [sys.executable, "-m", "chmc", "build", "--base", str(base), "--experts",
-               *(f"{n}={p}" for n, p in experts.items()), *extra, "--clustering", "output-error",
-               "--method", "regmean", "--out", str(work / tag), "--force"]
-        for name, folder in grams.items():
-            cmd += ["--calibration", f"{name}={folder}"]
-        key = f"merge_{tag}_output_error_regmean"
-        result[key] = measure(cmd)
-        ratio = json.loads((work / tag / "chmc.json").read_text())["accounting"]["ratio"]
-        result[key]["ratio"] = round(ratio, 4)  # type: ignore[index]
-        shutil.rmtree(work / tag)
+        result[f"merge_{tag}_output_error_regmean"] = calibrated_build(
+            base, experts, grams, extra, work / tag)
+
+
+def calibrated_build(base: Path, experts: dict[str, Path], calibration: dict[str, Path],
+                     extra: list[str], out: Path) -> dict[str, Any]:
+    """One output-error/regmean `chmc build` (calibration: prompt files or Gram folders)."""
+    cmd = [sys.executable, "-m", "chmc", "build", "--base", str(base), "--experts",
+           *(f"{n}={p}" for n, p in experts.items()), *extra, "--clustering", "output-error",
+           "--method", "regmean", "--out", str(out), "--force"]
+    for name, source in calibration.items():
+        cmd += ["--calibration", f"{name}={source}"]
+    measured = measure(cmd)
+    measured["ratio"] = round(json.loads((out / "chmc.json").read_text())["accounting"]["ratio"], 4)
+    shutil.rmtree(out)
+    return measured
 
 
 def collect_one(expert: str, prompts: str, out: str) -> None:
@@ -166,6 +181,9 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=0, metavar="S",
                         help="also calibrated builds, S sequences of 128 tokens per expert")
     parser.add_argument("--calibration-only", action="store_true")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="with --calibration: one K=2 build from the prompt files instead of "
+                             "the per-phase runs")
     parser.add_argument("--collect-grams", nargs=3, metavar=("EXPERT", "PROMPTS", "OUT"),
                         help=argparse.SUPPRESS)  # one calibration phase, run as a child
     args = parser.parse_args()
@@ -182,7 +200,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="chmc-bench-") as tmp:
         work = Path(tmp)
         if args.calibration:
-            calibrated_builds(base, experts, work, args.calibration, result)
+            calibrated_builds(base, experts, work, args.calibration, result, args.end_to_end)
         if args.calibration_only:
             print(json.dumps(result, indent=1))
             return
