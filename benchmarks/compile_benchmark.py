@@ -18,6 +18,9 @@ build from prompt files costs the sum of its experts' calibrations plus its merg
 average (os.getloadavg, as `uptime` shows it) is recorded around each phase; CHMC_THREADS applies.
 --calibration-only skips the TIES and mergekit runs; --end-to-end replaces the phases by one K=2
 build from the prompt files, calibration included (it should cost about their sum).
+Measured at 256 sequences (2-core machine shared with other jobs, load 1.8-2.4, CHMC_THREADS=1):
+calibration 107-119 s and 1.55-1.62 GB per expert, K=2 merge 123 s / 1.88 GB, budget-0.5 merge
+184 s / 1.93 GB; one K=2 build from the prompt files 542 s / 2.19 GB (uncalibrated TIES K=2: 16 s).
 
   python3 benchmarks/compile_benchmark.py [--skip-mergekit] [--calibration 256 [--calibration-only]]
 """
