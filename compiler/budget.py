@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING
 from chmc.errors import ChmcError
 
 if TYPE_CHECKING:
+    import torch
+    from chmc.compiler.grouping import RowBatch
     from chmc.compiler.merge import BuildPlan, TensorTask
+    from chmc.compiler.regmean import GramSolver
 
 
 def error_curve(plan: BuildPlan, task: TensorTask) -> list[float]:
@@ -26,7 +29,7 @@ def error_curve(plan: BuildPlan, task: TensorTask) -> list[float]:
     import torch
     from chmc.compiler.grouping import RowBatch
     from chmc.compiler.merge import load_deltas, row_blocks, tensor_solver
-    from chmc.compiler.regmean import GramSolver, best_partitions
+    from chmc.compiler.regmean import GramSolver
 
     deltas = load_deltas(plan, task)  # [N, out, in]
     n = deltas.shape[0]
@@ -35,10 +38,27 @@ def error_curve(plan: BuildPlan, task: TensorTask) -> list[float]:
     total = 0.0
     for a, b in row_blocks(task.shape[0], n * task.shape[1]):
         batch = RowBatch(deltas[:, a:b], plan.params.weights(), calib=solver)
-        _, errors, row_total = best_partitions(solver, batch, n)
+        errors, row_total = errors_by_k(solver, batch)
         curve += errors.double().sum(0)
         total += float(row_total.double().sum())
     return (curve / total).tolist() if total > 0 else [0.0] * n
+
+
+def errors_by_k(solver: GramSolver, batch: RowBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the output error of the grouping the build would choose at each K = 1..N, and
+    of merging nothing: -> [R, N], [R]. Exhaustive up to MAX_SUBSET_EXPERTS experts; above, the
+    output-error clustering's heuristic at each K, scored by its exact error."""
+    import torch
+    from chmc.compiler.grouping import output_error_clustering
+    from chmc.compiler.regmean import MAX_SUBSET_EXPERTS, best_partitions
+
+    if solver.n <= MAX_SUBSET_EXPERTS:
+        _, errors, total = best_partitions(solver, batch, solver.n)
+        return errors, total
+    e = solver.weighted(batch.deltas)  # [N, R, in]
+    errors = torch.stack([solver.partition_error(batch, output_error_clustering(batch, k), e)
+                          for k in range(1, solver.n + 1)], 1)
+    return errors.clamp_min(0), solver.total(batch, e)
 
 
 def params_at(tasks: list[TensorTask], n: int, ks: dict[str, int] | None = None) -> int:

@@ -148,12 +148,8 @@ def check_calibration(calibration: dict[str, str | Path] | None, names: list[str
                       method: MergeMethod, budget: float | None) -> dict[str, Path] | None:
     """Every expert or none has calibration (.jsonl prompts or a Gram folder); methods and
     clusterings that need it get it; the budget is a fraction in (0, 1]."""
-    from chmc.compiler.regmean import check_subset_count
-
     if budget is not None and not 0 < budget <= 1:
         raise ChmcError(f"--budget must be a fraction of the ensemble in (0, 1], got {budget}")
-    if budget is not None:  # output-error grouping has a heuristic above the exhaustive limit
-        check_subset_count(len(names))
     if not calibration:
         need = "method 'regmean'" if method.calibrated else (
             "clustering 'output-error'" if clustering == "output-error" else None)

@@ -214,9 +214,3 @@ def best_partitions(solver: GramSolver, batch: RowBatch,
     total = solver.total(batch, e)  # [R]
     errors = torch.stack([total - score[:, blocks <= j].max(1).values for j in range(1, k + 1)], 1)
     return parts[score.argmax(1)], errors.clamp_min(0), total
-
-
-def check_subset_count(n: int) -> None:
-    if n > MAX_SUBSET_EXPERTS:
-        raise ChmcError(f"--budget enumerates subsets of experts: at most {MAX_SUBSET_EXPERTS} "
-                        f"experts, got {n}")

@@ -351,3 +351,25 @@ def test_output_error_heuristic_above_the_exhaustive_limit():
             merged = np.linalg.solve(damped[m].sum(0), sum(damped[i] @ deltas[i, r] for i in m))
             want += sum((merged - deltas[i, r]) @ damped[i] @ (merged - deltas[i, r]) for i in m)
         assert float(heuristic_err[r]) == pytest.approx(want, rel=1e-4)
+
+
+def test_budget_above_the_exhaustive_limit(tmp_path):
+    """Nine experts (past the 8 whose partitions are enumerated): the budget scores each K with
+    the output-error heuristic, stays within the budget and reconstructs experts from banks."""
+    from chmc.compiler.artifact import Artifact, read_manifest
+    from chmc.compiler.merge import build
+    from chmc.compiler.regmean import MAX_SUBSET_EXPERTS
+    from chmc.models.tiny.random_family import make_random_family
+
+    base, experts = make_random_family(tmp_path / "family", n_experts=MAX_SUBSET_EXPERTS + 1,
+                                       layers=1, hidden=16, intermediate=32, seed=3)
+    path = build(base, experts, tmp_path / "art", groups=len(experts), budget=0.4, progress=False)
+    manifest = read_manifest(path)
+    ks = {n: e["groups"] for n, e in manifest["tensors"].items() if e["kind"] == "merged"}
+    assert manifest["accounting"]["ratio"] <= 0.4
+    assert 1 < max(ks.values()) <= len(experts), ks  # the budget bought more than K=1 somewhere
+    curves = manifest["budget"]["curves"]
+    assert all(len(c) == len(experts) and c[-1] <= 1e-6 for c in curves.values())  # K=N exact
+    art = Artifact(path)
+    for name, k in ks.items():
+        assert int(art.stored(f"{name}.index").max()) < k == art.stored(f"{name}.bank").shape[0]
