@@ -49,12 +49,11 @@ class TorchBackend:
 
     def __init__(self, path: Path, kind: str, device: str = "cpu", dtype: str | None = None,
                  merged: bool | None = None):
+        import torch
         from chmc.compiler.artifact import read_manifest
         from chmc.compiler.export import _generation_ids
         from chmc.models.spec import decoder_config
         from chmc.runtime import read_export_manifest
-
-        import torch
 
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ChmcError(f"--device {device}: torch sees no CUDA device here "
@@ -90,15 +89,25 @@ class TorchBackend:
         return self._models[expert]
 
     def start(self, expert_ids: np.ndarray) -> Any:
+        if (np.asarray(expert_ids) < 0).any() and "router" not in self.manifest:
+            from chmc.compiler.router import no_router
+
+            raise no_router(self.source)
         if self.decoder is None:
             return TorchState(self, expert_ids)
-        from chmc.compiler.router import no_router, route_prompts
         from chmc.runtime.torch_merged import MergedState
 
-        if (np.asarray(expert_ids) < 0).any() and "router" not in self.manifest:
-            raise no_router(self.source)
-        return MergedState(self.decoder, expert_ids,
-                           lambda ids, mask: route_prompts(self.source, ids, mask))
+        return MergedState(self.decoder, expert_ids, self.route)
+
+    def route(self, expert_ids: np.ndarray, input_ids: np.ndarray,
+              attention_mask: np.ndarray) -> np.ndarray:
+        """expert_ids [B] with the -1 rows routed on their prompts (compiler.router)."""
+        if not (expert_ids < 0).any():
+            return expert_ids
+        from chmc.compiler.router import route_prompts
+
+        return np.where(expert_ids < 0, route_prompts(self.source, input_ids, attention_mask),
+                        expert_ids)
 
 
 class TorchState:
@@ -107,20 +116,11 @@ class TorchState:
     def __init__(self, backend: TorchBackend, expert_ids: np.ndarray):
         self.b = backend
         self.expert_ids = np.asarray(expert_ids, dtype=np.int64)  # [B]; -1: routed at step 1
-        if (self.expert_ids < 0).any() and "router" not in backend.manifest:
-            from chmc.compiler.router import no_router
-
-            raise no_router(backend.source)
         self.groups: dict[Any, list[int]] = {}
 
     def _group(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
-        """Route the -1 rows on their prompts (compiler.router.route), then group rows by expert."""
-        from chmc.compiler.router import route_prompts
-
-        ids = self.expert_ids
-        if (ids < 0).any():
-            ids = np.where(ids < 0, route_prompts(self.b.source, input_ids, attention_mask), ids)
-            self.expert_ids = ids
+        """Route the -1 rows on their prompts, then group rows by expert."""
+        ids = self.expert_ids = self.b.route(self.expert_ids, input_ids, attention_mask)
         keys = ids.tolist() if self.b.is_artifact else [None] * len(ids)
         for row, e in enumerate(keys):
             self.groups.setdefault(e, []).append(row)

@@ -87,7 +87,7 @@ class MergedDecoder:
 
     def lm_head(self, h: torch.Tensor, expert_id: torch.Tensor) -> torch.Tensor:
         spec = self.spec
-        if self.cfg.tie_word_embeddings or f"{spec.lm_head}" not in self.banks:
+        if self.cfg.tie_word_embeddings or spec.lm_head not in self.banks:
             bank, index = self.banks[spec.embed]
             return self.op(h.contiguous(), bank, index, expert_id)
         return self.linear(h, spec.lm_head.removesuffix(".weight"), expert_id)
@@ -164,6 +164,7 @@ class MergedState:
     """One generation: a static KV cache for the batch and, on CUDA, the captured decode graph."""
 
     def __init__(self, decoder: MergedDecoder, expert_ids: np.ndarray, route: Any):
+        """`route(expert_ids, input_ids, attention_mask)` resolves -1 rows at the first step."""
         self.d, self.route = decoder, route
         self.expert_ids = np.asarray(expert_ids, dtype=np.int64)  # [B]; -1: routed at step 1
         self.cache: list[torch.Tensor] = []
@@ -183,9 +184,8 @@ class MergedState:
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              position_ids: np.ndarray) -> np.ndarray:
         d = self.d
-        if self.capacity == 0 and (self.expert_ids < 0).any():
-            self.expert_ids = np.where(self.expert_ids < 0,
-                                       self.route(input_ids, attention_mask), self.expert_ids)
+        if self.capacity == 0:
+            self.expert_ids = self.route(self.expert_ids, input_ids, attention_mask)
         batch, seq = input_ids.shape
         total = attention_mask.shape[1]
         self._grow(total)
@@ -194,12 +194,12 @@ class MergedState:
         host = {"ids": input_ids, "positions": position_ids, "mask": mask,
                 "slots": np.arange(total - seq, total), "expert_id": self.expert_ids}
         if d.device.type != "cuda" or seq != 1:
-            args = {k: torch.from_numpy(np.ascontiguousarray(v)).to(d.device) for k, v in host.items()}
+            args = {k: _tensor(v, d.device) for k, v in host.items()}
             return d.forward(**args, cache=self.cache).cpu().numpy()
         if self.graph is None:
             self._capture(host)
         for k, v in host.items():
-            self.static[k].copy_(torch.from_numpy(np.ascontiguousarray(v)))
+            self.static[k].copy_(_tensor(v))
         self.graph.replay()
         d.replays += 1
         return self.logits.cpu().numpy()
@@ -208,10 +208,14 @@ class MergedState:
         """Warm up once eagerly (Triton autotuning, allocations), then capture the decode step.
         The warm-up writes this step's keys and values; the replay rewrites the same ones."""
         d = self.d
-        self.static = {k: torch.from_numpy(np.ascontiguousarray(v)).to(d.device)
-                       for k, v in host.items()}
+        self.static = {k: _tensor(v, d.device) for k, v in host.items()}
         d.forward(**self.static, cache=self.cache)
         torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = d.forward(**self.static, cache=self.cache)
+
+
+def _tensor(a: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t if device is None else t.to(device)
