@@ -34,13 +34,11 @@ def session_for(folder: Path, export: dict[str, Any], providers: list[str] | Non
     if providers is None:
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     if export.get("linear") == "plugin":
-        from chmc.plugins.channel_gather_matmul.onnxruntime_op import plugin_session_model
+        from chmc.plugins.channel_gather_matmul.onnxruntime_op import register
 
-        model: Any = plugin_session_model(folder, opts)
-    else:
-        model = str(folder / "model.onnx")
+        register(opts)
     try:
-        return ort.InferenceSession(model, opts, providers=providers)
+        return ort.InferenceSession(str(folder / "model.onnx"), opts, providers=providers)
     except Exception as e:  # noqa: BLE001  ORT raises its own exception types
         raise ChmcError(f"{folder / 'model.onnx'}: ONNX Runtime cannot load it ({e})") from None
 

@@ -111,8 +111,6 @@ def test_every_linear_form_routes_alike(routed: dict[str, Path], linear: str, tm
     from chmc.compiler.export import export
     from chmc.runtime import load
 
-    if linear == "plugin":
-        pytest.importorskip("onnxruntime_extensions")
     prompts, _ = _prompts(2)
     experts: list[str | int] = ["auto", 2, "auto", "expert_0", "auto", "auto"]
     encoded = [encode(p) for p in prompts]

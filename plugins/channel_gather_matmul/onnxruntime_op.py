@@ -1,53 +1,54 @@
-"""The plugin form on ONNX Runtime (CPU): `chmc::ChannelGatherMatMul` as an onnxruntime-extensions
-Python op running the NumPy reference. It verifies the graph TensorRT consumes; it is not fast.
+"""The plugin form on ONNX Runtime (CPU): `chmc::ChannelGatherMatMul` as a native custom-op
+library (ort_kernel.c), registered on the session so the exported graph runs as it is.
 
-onnxruntime-extensions serves Python ops from its own domain, so the session loads a copy of
-model.onnx (graph only, a few MB at most) whose plugin nodes are moved into that domain; the
-weights stay in the export folder's model.onnx.data.
+The library is compiled on first use with the machine's C compiler (as Triton and
+torch.utils.cpp_extension build their stubs), cached by the hash of its source and flags under
+$CHMC_CACHE/ort_kernel/, and written to a temporary name then renamed, so concurrent first uses
+never load a half-written file. It needs no ONNX Runtime headers and links nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
-from chmc.errors import MissingDependencyError
+from chmc.errors import ChmcError, MissingDependencyError
 
 PLUGIN_DOMAIN, PLUGIN_OP = "chmc", "ChannelGatherMatMul"
-_registered = False
+SOURCE = Path(__file__).with_name("ort_kernel.c")
+CFLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall"]
 
 
-def register() -> str:
-    """Register the Python op once per process; returns the extensions library path."""
-    global _registered
-    try:
-        from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
-    except ImportError:
-        raise MissingDependencyError("the plugin form on ONNX Runtime needs "
-                                     "`pip install onnxruntime-extensions`") from None
-    if not _registered:
-        from chmc.plugins.channel_gather_matmul.reference import channel_gather_matmul
-
-        dt = PyCustomOpDef
-        onnx_op(op_type=PLUGIN_OP, inputs=[dt.dt_float, dt.dt_float, dt.dt_int32, dt.dt_int64],
-                outputs=[dt.dt_float], attrs={"plugin_namespace": dt.dt_string})(
-            lambda x, bank, index, expert_id, **_: channel_gather_matmul(x, bank, index, expert_id))
-        _registered = True
-    return str(get_library_path())
+def _cache_root() -> Path:
+    return Path(os.environ.get("CHMC_CACHE") or Path.home() / ".cache" / "chmc")
 
 
-def plugin_session_model(folder: Path, opts: Any) -> bytes:
-    """The graph, plugin nodes moved to the extensions' domain, for InferenceSession(bytes, opts);
-    `opts` gets the op library and the folder that holds model.onnx.data."""
-    import onnx
-    from onnxruntime_extensions import default_opset_domain
+def library_path() -> Path:
+    """The compiled library, built once per source version."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    lib = _cache_root() / "ort_kernel" / f"chmc_ort_kernel-{digest}.so"
+    if lib.exists():
+        return lib
+    if not cc:
+        raise MissingDependencyError("the plugin form on ONNX Runtime compiles its CPU kernel "
+                                     f"({SOURCE.name}) with a C compiler: install gcc or set CC")
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
+    res = subprocess.run([cc, *CFLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True,
+                         text=True)
+    if res.returncode:
+        tmp.unlink(missing_ok=True)
+        first = (res.stderr.strip().splitlines() or ["no output"])[0]
+        raise ChmcError(f"{SOURCE}: {cc} failed to compile the ONNX Runtime kernel ({first})")
+    os.replace(tmp, lib)
+    return lib
 
-    opts.register_custom_ops_library(register())
-    opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                  str(folder.resolve()))
-    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    for node in model.graph.node:
-        if node.domain == PLUGIN_DOMAIN:
-            node.domain = default_opset_domain()
-    model.opset_import.append(onnx.helper.make_opsetid(default_opset_domain(), 1))
-    return bytes(model.SerializeToString())
+
+def register(opts: Any) -> None:
+    """Give an onnxruntime.SessionOptions the chmc::ChannelGatherMatMul CPU kernel."""
+    opts.register_custom_ops_library(str(library_path()))

@@ -1,0 +1,428 @@
+/* chmc::ChannelGatherMatMul for ONNX Runtime's CPU provider: a custom-op library.
+
+       y[b, s, c] = sum_i x[b, s, i] * bank[index[expert_id[b], c], c, i]
+
+   x [B, S, in] float, bank [K, out, in] float, index [N, out] int32, expert_id [B] int64.
+
+   Why native: standard ONNX ops cannot read an expert's weight rows in place. Gather copies
+   W_e on every call (2.5x dense at batch-1 decode); computing every bank then selecting reads
+   K x the bytes. Here every output channel's row is read straight from its group's bank
+   through the index table, so a step reads the bytes a dense model reads.
+
+   Two paths, picked per call:
+   - few rows (decode): per channel, each distinct bank row the batch needs is read once and
+     dotted with every row that uses it (at most K bank rows per channel, whatever the batch);
+   - many rows (prefill): per expert, a GEMM whose B panel is packed from the expert's rows by
+     pointer (32 channels at a time), with a 12 x 32 AVX-512 register tile.
+   Work is split over ONNX Runtime's own intra-op threads (KernelContext_ParallelFor), so the
+   op never competes with the session's thread pool.
+
+   No ONNX Runtime headers are needed (they are not on PyPI): the library uses a dozen slots of
+   the OrtApi function table, which is append-only; their positions are listed below. */
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- the slice of ONNX Runtime's C ABI used here ------------------------------------------ */
+
+typedef struct OrtStatus OrtStatus;
+typedef void (*ApiFn)(void); /* a slot; GCC lets it cast to any function type */
+typedef struct {
+    const ApiFn *(*GetApi)(uint32_t version);
+    const char *(*GetVersionString)(void);
+} OrtApiBase;
+
+enum { ORT_API_VERSION_USED = 17 }; /* ONNX Runtime >= 1.17: KernelContext_ParallelFor */
+enum { OP_VERSION = 16 };           /* OrtCustomOp fields up to KernelComputeV2 */
+enum {                              /* positions in OrtApi (onnxruntime_c_api.h order) */
+    API_CreateStatus = 0,
+    API_CreateCustomOpDomain = 26,
+    API_CustomOpDomain_Add = 27,
+    API_AddCustomOpDomain = 28,
+    API_GetTensorMutableData = 51,
+    API_GetDimensionsCount = 61,
+    API_GetDimensions = 62,
+    API_GetTensorTypeAndShape = 65,
+    API_KernelContext_GetInput = 90,
+    API_KernelContext_GetOutput = 91,
+    API_ReleaseTensorTypeAndShapeInfo = 99,
+    API_KernelContext_ParallelFor = 274,
+};
+enum { ORT_INVALID_ARGUMENT = 2, ORT_RUNTIME_EXCEPTION = 6 };
+enum { TYPE_FLOAT = 1, TYPE_INT32 = 6, TYPE_INT64 = 7 };
+
+static const ApiFn *api;
+#define CALL(slot, type) ((type)api[slot])
+#define RETURN_IF_ERROR(expr)          \
+    do {                               \
+        OrtStatus *status_ = (expr);   \
+        if (status_) return status_;   \
+    } while (0)
+
+static OrtStatus *fail(int code, const char *msg) {
+    return CALL(API_CreateStatus, OrtStatus * (*)(int, const char *))(code, msg);
+}
+
+/* A tensor input or output: its data and dims. */
+typedef struct {
+    void *data;
+    int64_t dims[4];
+    size_t rank;
+} Tensor;
+
+static OrtStatus *describe(const void *value, Tensor *t) {
+    void *info = NULL;
+    RETURN_IF_ERROR(CALL(API_GetTensorMutableData, OrtStatus * (*)(const void *, void **))(
+        value, &t->data));
+    RETURN_IF_ERROR(CALL(API_GetTensorTypeAndShape, OrtStatus * (*)(const void *, void **))(
+        value, &info));
+    OrtStatus *s = CALL(API_GetDimensionsCount, OrtStatus * (*)(const void *, size_t *))(
+        info, &t->rank);
+    if (!s && t->rank > 4) s = fail(ORT_INVALID_ARGUMENT, "ChannelGatherMatMul: rank above 4");
+    if (!s)
+        s = CALL(API_GetDimensions, OrtStatus * (*)(const void *, int64_t *, size_t))(
+            info, t->dims, t->rank);
+    CALL(API_ReleaseTensorTypeAndShapeInfo, void (*)(void *))(info);
+    return s;
+}
+
+/* ---- the work of one call -------------------------------------------------------------------- */
+
+enum { TILE_ROWS = 12, TILE_COLS = 32, GEMV_CHANNELS = 64, GEMV_MAX_ROWS = 16 };
+
+typedef struct {
+    const float *x, *bank;
+    const int32_t *index;
+    float *y;
+    int64_t in, out, groups;
+    /* rows of the problem: x row r is x + row_x[r] * in, y row r is y + row_x[r] * out */
+    int64_t n_rows;
+    const int64_t *row_x;    /* [n_rows] */
+    const int64_t *row_exp;  /* [n_rows] expert of each row */
+    /* GEMM over one expert's rows */
+    int64_t expert;
+} Work;
+
+static inline const float *bank_row(const Work *w, int64_t expert, int64_t c) {
+    return w->bank + ((int64_t)w->index[expert * w->out + c] * w->out + c) * w->in;
+}
+
+/* Portable fallback (any x86-64): plain loops, same results up to summation order. */
+static void dot_rows_generic(const float *wrow, const float *const *xs, float *const *ys,
+                             int n, int64_t in, int64_t c) {
+    for (int j = 0; j < n; j++) {
+        float acc = 0.f;
+        for (int64_t k = 0; k < in; k++) acc += wrow[k] * xs[j][k];
+        ys[j][c] = acc;
+    }
+}
+
+__attribute__((target("avx512f,fma"))) static void dot_rows_avx512(
+    const float *wrow, const float *const *xs, float *const *ys, int n, int64_t in, int64_t c) {
+    for (int j0 = 0; j0 < n; j0 += 4) { /* four rows at a time; wrow stays in L1 */
+        int m = n - j0 < 4 ? n - j0 : 4;
+        const float *x0 = xs[j0], *x1 = xs[j0 + (m > 1)], *x2 = xs[j0 + (m > 2 ? 2 : 0)],
+                    *x3 = xs[j0 + (m > 3 ? 3 : 0)];
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        int64_t k = 0;
+        for (; k + 32 <= in; k += 32) {
+            __m512 w0 = _mm512_loadu_ps(wrow + k), w1 = _mm512_loadu_ps(wrow + k + 16);
+            a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x0 + k), a0);
+            b0 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x0 + k + 16), b0);
+            a1 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x1 + k), a1);
+            b1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x1 + k + 16), b1);
+            a2 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x2 + k), a2);
+            b2 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x2 + k + 16), b2);
+            a3 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x3 + k), a3);
+            b3 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x3 + k + 16), b3);
+        }
+        for (; k < in; k += 16) {
+            __mmask16 mask = in - k >= 16 ? 0xFFFF : (__mmask16)((1u << (in - k)) - 1);
+            __m512 w0 = _mm512_maskz_loadu_ps(mask, wrow + k);
+            a0 = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(mask, x0 + k), a0);
+            a1 = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(mask, x1 + k), a1);
+            a2 = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(mask, x2 + k), a2);
+            a3 = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(mask, x3 + k), a3);
+        }
+        float r[4] = {_mm512_reduce_add_ps(_mm512_add_ps(a0, b0)),
+                      _mm512_reduce_add_ps(_mm512_add_ps(a1, b1)),
+                      _mm512_reduce_add_ps(_mm512_add_ps(a2, b2)),
+                      _mm512_reduce_add_ps(_mm512_add_ps(a3, b3))};
+        for (int j = 0; j < m; j++) ys[j0 + j][c] = r[j];
+    }
+}
+
+static void (*dot_rows)(const float *, const float *const *, float *const *, int, int64_t,
+                        int64_t) = dot_rows_generic;
+
+/* Few rows: channels [c0, c0 + GEMV_CHANNELS); each distinct bank row read once. */
+static void gemv_task(void *arg, size_t task) {
+    const Work *w = arg;
+    const float *xs[GEMV_MAX_ROWS];
+    float *ys[GEMV_MAX_ROWS];
+    const float *xr[GEMV_MAX_ROWS];
+    float *yr[GEMV_MAX_ROWS];
+    int32_t g[GEMV_MAX_ROWS];
+    int n = (int)w->n_rows;
+    for (int r = 0; r < n; r++) {
+        xr[r] = w->x + w->row_x[r] * w->in;
+        yr[r] = w->y + w->row_x[r] * w->out;
+    }
+    int64_t c0 = (int64_t)task * GEMV_CHANNELS;
+    int64_t c1 = c0 + GEMV_CHANNELS < w->out ? c0 + GEMV_CHANNELS : w->out;
+    for (int64_t c = c0; c < c1; c++) {
+        for (int r = 0; r < n; r++) g[r] = w->index[w->row_exp[r] * w->out + c];
+        uint32_t done = 0;
+        for (int r = 0; r < n; r++) {
+            if (done >> r & 1) continue;
+            int m = 0;
+            for (int q = r; q < n; q++)
+                if (!(done >> q & 1) && g[q] == g[r]) {
+                    xs[m] = xr[q], ys[m++] = yr[q];
+                    done |= 1u << q;
+                }
+            dot_rows(w->bank + ((int64_t)g[r] * w->out + c) * w->in, xs, ys, m, w->in, c);
+        }
+    }
+}
+
+/* Many rows of one expert: channels [c0, c0 + 32), all of the expert's rows. */
+static void gemm_generic(const Work *w, const float *panel, const float *const *xr,
+                         float *const *yr, int64_t n_rows, int64_t c0, int nc) {
+    for (int64_t r = 0; r < n_rows; r++)
+        for (int j = 0; j < nc; j++) {
+            float acc = 0.f;
+            for (int64_t k = 0; k < w->in; k++) acc += xr[r][k] * panel[k * TILE_COLS + j];
+            yr[r][c0 + j] = acc;
+        }
+}
+
+__attribute__((target("avx512f,fma"))) static void gemm_avx512(
+    const Work *w, const float *panel, const float *const *xr, float *const *yr, int64_t n_rows,
+    int64_t c0, int nc) {
+    __mmask16 m0 = nc >= 16 ? 0xFFFF : (__mmask16)((1u << nc) - 1);
+    __mmask16 m1 = nc >= 32 ? 0xFFFF : nc <= 16 ? 0 : (__mmask16)((1u << (nc - 16)) - 1);
+    for (int64_t r0 = 0; r0 < n_rows; r0 += TILE_ROWS) {
+        int mr = n_rows - r0 < TILE_ROWS ? (int)(n_rows - r0) : TILE_ROWS;
+        const float *a[TILE_ROWS];
+        for (int i = 0; i < TILE_ROWS; i++) a[i] = xr[r0 + (i < mr ? i : 0)];
+        __m512 acc[TILE_ROWS][2];
+#pragma GCC unroll 12
+        for (int i = 0; i < TILE_ROWS; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < w->in; k++) {
+            __m512 b0 = _mm512_load_ps(panel + k * TILE_COLS);
+            __m512 b1 = _mm512_load_ps(panel + k * TILE_COLS + 16);
+#pragma GCC unroll 12
+            for (int i = 0; i < TILE_ROWS; i++) {
+                __m512 av = _mm512_set1_ps(a[i][k]);
+                acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
+            }
+        }
+        for (int i = 0; i < mr; i++) {
+            _mm512_mask_storeu_ps(yr[r0 + i] + c0, m0, acc[i][0]);
+            _mm512_mask_storeu_ps(yr[r0 + i] + c0 + 16, m1, acc[i][1]);
+        }
+    }
+}
+
+static void (*gemm)(const Work *, const float *, const float *const *, float *const *, int64_t,
+                    int64_t, int) = gemm_generic;
+
+/* GEMM task: pack 32 of the expert's weight rows (by pointer) into panel [in, 32], then tile. */
+typedef struct {
+    const Work *w;
+    const float *const *xr;
+    float *const *yr;
+    int status; /* nonzero: a task could not allocate its panel */
+} GemmArgs;
+
+static void gemm_task(void *arg, size_t task) {
+    GemmArgs *g = arg;
+    const Work *w = g->w;
+    int64_t c0 = (int64_t)task * TILE_COLS;
+    int nc = w->out - c0 < TILE_COLS ? (int)(w->out - c0) : TILE_COLS;
+    float *panel = aligned_alloc(64, (size_t)w->in * TILE_COLS * sizeof(float));
+    if (!panel) {
+        g->status = 1;
+        return;
+    }
+    for (int j = 0; j < TILE_COLS; j++) {
+        const float *src = bank_row(w, w->expert, c0 + (j < nc ? j : 0));
+        for (int64_t k = 0; k < w->in; k++) panel[k * TILE_COLS + j] = src[k];
+    }
+    gemm(w, panel, g->xr, g->yr, w->n_rows, c0, nc);
+    free(panel);
+}
+
+typedef OrtStatus *(*ParallelForFn)(const void *, void (*)(void *, size_t), size_t, size_t,
+                                    void *);
+
+static OrtStatus *compute(void *kernel, void *ctx) {
+    (void)kernel;
+    const void *v[4];
+    Tensor x, bank, index, expert;
+    for (size_t i = 0; i < 4; i++)
+        RETURN_IF_ERROR(CALL(API_KernelContext_GetInput,
+                             OrtStatus * (*)(const void *, size_t, const void **))(ctx, i, &v[i]));
+    RETURN_IF_ERROR(describe(v[0], &x));
+    RETURN_IF_ERROR(describe(v[1], &bank));
+    RETURN_IF_ERROR(describe(v[2], &index));
+    RETURN_IF_ERROR(describe(v[3], &expert));
+    char msg[256];
+    if (x.rank != 3 || bank.rank != 3 || index.rank != 2 || expert.rank != 1 ||
+        x.dims[2] != bank.dims[2] || index.dims[1] != bank.dims[1] || x.dims[0] != expert.dims[0]) {
+        snprintf(msg, sizeof msg,
+                 "ChannelGatherMatMul: x, bank, index, expert_id shapes disagree (ranks %zu %zu "
+                 "%zu %zu; want x [B,S,in], bank [K,out,in], index [N,out], expert_id [B])",
+                 x.rank, bank.rank, index.rank, expert.rank);
+        return fail(ORT_INVALID_ARGUMENT, msg);
+    }
+    int64_t B = x.dims[0], S = x.dims[1], in = x.dims[2];
+    int64_t K = bank.dims[0], out = bank.dims[1], N = index.dims[0];
+    const int64_t *eid = expert.data;
+    const int32_t *idx = index.data;
+    for (int64_t b = 0; b < B; b++)
+        if (eid[b] < 0 || eid[b] >= N) {
+            snprintf(msg, sizeof msg, "ChannelGatherMatMul: expert_id %lld out of range [0, %lld)",
+                     (long long)eid[b], (long long)N);
+            return fail(ORT_INVALID_ARGUMENT, msg);
+        }
+    for (int64_t i = 0; i < N * out; i++)
+        if (idx[i] < 0 || idx[i] >= K) {
+            snprintf(msg, sizeof msg, "ChannelGatherMatMul: index %d out of range [0, %lld)",
+                     idx[i], (long long)K);
+            return fail(ORT_INVALID_ARGUMENT, msg);
+        }
+    int64_t dims[3] = {B, S, out};
+    void *yv = NULL;
+    float *y = NULL;
+    RETURN_IF_ERROR(CALL(API_KernelContext_GetOutput,
+                         OrtStatus * (*)(void *, size_t, const int64_t *, size_t, void **))(
+        ctx, 0, dims, 3, &yv));
+    RETURN_IF_ERROR(CALL(API_GetTensorMutableData, OrtStatus * (*)(const void *, void **))(
+        yv, (void **)&y));
+    int64_t n_rows = B * S;
+    if (n_rows == 0 || out == 0) return NULL;
+    if (in == 0) {
+        memset(y, 0, (size_t)(n_rows * out) * sizeof(float));
+        return NULL;
+    }
+    ParallelForFn parallel_for = CALL(API_KernelContext_ParallelFor, ParallelForFn);
+    int64_t *rows = malloc((size_t)n_rows * 2 * sizeof(int64_t));
+    const float **xr = malloc((size_t)n_rows * sizeof(float *));
+    float **yr = malloc((size_t)n_rows * sizeof(float *));
+    OrtStatus *s = NULL;
+    if (!rows || !xr || !yr) {
+        s = fail(ORT_RUNTIME_EXCEPTION, "ChannelGatherMatMul: out of memory");
+        goto done;
+    }
+    Work w = {x.data, bank.data, idx, y, in, out, K, 0, rows, rows + n_rows, 0};
+    if (n_rows <= GEMV_MAX_ROWS) { /* decode: every row in one pass over the channels */
+        for (int64_t r = 0; r < n_rows; r++) rows[r] = r, rows[n_rows + r] = eid[r / S];
+        w.n_rows = n_rows;
+        s = parallel_for(ctx, gemv_task, (size_t)((out + GEMV_CHANNELS - 1) / GEMV_CHANNELS), 0,
+                         &w);
+        goto done;
+    }
+    for (int64_t e = 0; e < N && !s; e++) { /* prefill: one GEMM per expert present */
+        int64_t m = 0;
+        for (int64_t b = 0; b < B; b++)
+            if (eid[b] == e)
+                for (int64_t t = 0; t < S; t++) {
+                    xr[m] = (const float *)x.data + (b * S + t) * in;
+                    yr[m++] = y + (b * S + t) * out;
+                }
+        if (!m) continue;
+        w.n_rows = m, w.expert = e;
+        GemmArgs g = {&w, xr, yr, 0};
+        s = parallel_for(ctx, gemm_task, (size_t)((out + TILE_COLS - 1) / TILE_COLS), 0, &g);
+        if (!s && g.status) s = fail(ORT_RUNTIME_EXCEPTION, "ChannelGatherMatMul: out of memory");
+    }
+done:
+    free(rows), free(xr), free(yr);
+    return s;
+}
+
+/* ---- the op's schema ------------------------------------------------------------------------- */
+
+typedef struct OrtCustomOp {
+    uint32_t version;
+    void *(*CreateKernel)(const struct OrtCustomOp *, const void *, const void *);
+    const char *(*GetName)(const struct OrtCustomOp *);
+    const char *(*GetExecutionProviderType)(const struct OrtCustomOp *);
+    int (*GetInputType)(const struct OrtCustomOp *, size_t);
+    size_t (*GetInputTypeCount)(const struct OrtCustomOp *);
+    int (*GetOutputType)(const struct OrtCustomOp *, size_t);
+    size_t (*GetOutputTypeCount)(const struct OrtCustomOp *);
+    void (*KernelCompute)(void *, void *);
+    void (*KernelDestroy)(void *);
+    int (*GetInputCharacteristic)(const struct OrtCustomOp *, size_t);
+    int (*GetOutputCharacteristic)(const struct OrtCustomOp *, size_t);
+    int (*GetInputMemoryType)(const struct OrtCustomOp *, size_t);
+    int (*GetVariadicInputMinArity)(const struct OrtCustomOp *);
+    int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp *);
+    int (*GetVariadicOutputMinArity)(const struct OrtCustomOp *);
+    int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp *);
+    OrtStatus *(*CreateKernelV2)(const struct OrtCustomOp *, const void *, const void *, void **);
+    OrtStatus *(*KernelComputeV2)(void *, void *);
+} OrtCustomOp;
+
+static const char *op_name(const OrtCustomOp *op) { return (void)op, "ChannelGatherMatMul"; }
+static const char *op_provider(const OrtCustomOp *op) { return (void)op, NULL; } /* CPU */
+static int input_type(const OrtCustomOp *op, size_t i) {
+    static const int types[4] = {TYPE_FLOAT, TYPE_FLOAT, TYPE_INT32, TYPE_INT64};
+    return (void)op, i < 4 ? types[i] : 0;
+}
+static size_t input_count(const OrtCustomOp *op) { return (void)op, 4; }
+static int output_type(const OrtCustomOp *op, size_t i) { return (void)op, (void)i, TYPE_FLOAT; }
+static size_t output_count(const OrtCustomOp *op) { return (void)op, 1; }
+static int zero_at(const OrtCustomOp *op, size_t i) { return (void)op, (void)i, 0; } /* required; default memory */
+static int one(const OrtCustomOp *op) { return (void)op, 1; }
+static void destroy_kernel(void *kernel) { (void)kernel; }
+static OrtStatus *create_kernel(const OrtCustomOp *op, const void *api_, const void *info,
+                                void **kernel) {
+    (void)op, (void)api_, (void)info;
+    *kernel = (void *)&api; /* stateless: any non-null pointer */
+    return NULL;
+}
+
+static const OrtCustomOp channel_gather_matmul_op = {
+    .version = OP_VERSION,
+    .GetName = op_name,
+    .GetExecutionProviderType = op_provider,
+    .GetInputType = input_type,
+    .GetInputTypeCount = input_count,
+    .GetOutputType = output_type,
+    .GetOutputTypeCount = output_count,
+    .KernelDestroy = destroy_kernel,
+    .GetInputCharacteristic = zero_at,
+    .GetOutputCharacteristic = zero_at,
+    .GetInputMemoryType = zero_at,
+    .GetVariadicInputMinArity = one,
+    .GetVariadicInputHomogeneity = one,
+    .GetVariadicOutputMinArity = one,
+    .GetVariadicOutputHomogeneity = one,
+    .CreateKernelV2 = create_kernel,
+    .KernelComputeV2 = compute,
+};
+
+/* ONNX Runtime calls this when a session registers the library (register_custom_ops_library). */
+__attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(void *options,
+                                                                    const OrtApiBase *base) {
+    api = base->GetApi(ORT_API_VERSION_USED);
+    if (!api) return NULL; /* an ONNX Runtime older than 1.17 cannot report an error here */
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"))
+        dot_rows = dot_rows_avx512, gemm = gemm_avx512;
+    void *domain = NULL;
+    RETURN_IF_ERROR(CALL(API_CreateCustomOpDomain, OrtStatus * (*)(const char *, void **))(
+        "chmc", &domain));
+    RETURN_IF_ERROR(CALL(API_CustomOpDomain_Add, OrtStatus * (*)(void *, const OrtCustomOp *))(
+        domain, &channel_gather_matmul_op));
+    /* the domain must outlive every session: it is kept for the life of the process */
+    return CALL(API_AddCustomOpDomain, OrtStatus * (*)(void *, void *))(options, domain);
+}
