@@ -91,7 +91,8 @@ static OrtStatus *describe(const void *value, Tensor *t) {
 
 /* ---- the work of one call -------------------------------------------------------------------- */
 
-enum { TILE_ROWS = 12, TILE_COLS = 32, GEMV_CHANNELS = 64, GEMV_MAX_ROWS = 16 };
+enum { TILE_ROWS = 12, TILE_COLS = 32, KC = 256, GEMV_CHANNELS = 64, GEMV_MAX_ROWS = 16,
+       PREFETCH_AHEAD = 2 };
 
 typedef struct {
     const float *x, *bank;
@@ -122,6 +123,24 @@ static void dot_rows_generic(const float *wrow, const float *const *xs, float *c
 
 __attribute__((target("avx512f,fma"))) static void dot_rows_avx512(
     const float *wrow, const float *const *xs, float *const *ys, int n, int64_t in, int64_t c) {
+    if (n == 1) { /* batch-1 decode: four independent sums over one row */
+        const float *x = xs[0];
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t k = 0;
+        for (; k + 64 <= in; k += 64) {
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wrow + k), _mm512_loadu_ps(x + k), a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wrow + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(wrow + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(wrow + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+        }
+        for (; k < in; k += 16) {
+            __mmask16 mask = in - k >= 16 ? 0xFFFF : (__mmask16)((1u << (in - k)) - 1);
+            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, wrow + k),
+                                 _mm512_maskz_loadu_ps(mask, x + k), a0);
+        }
+        ys[0][c] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+        return;
+    }
     for (int j0 = 0; j0 < n; j0 += 4) { /* four rows at a time; wrow stays in L1 */
         int m = n - j0 < 4 ? n - j0 : 4;
         const float *x0 = xs[j0], *x1 = xs[j0 + (m > 1)], *x2 = xs[j0 + (m > 2 ? 2 : 0)],
@@ -175,6 +194,18 @@ static void gemv_task(void *arg, size_t task) {
     int64_t c0 = (int64_t)task * GEMV_CHANNELS;
     int64_t c1 = c0 + GEMV_CHANNELS < w->out ? c0 + GEMV_CHANNELS : w->out;
     for (int64_t c = c0; c < c1; c++) {
+        if (c + PREFETCH_AHEAD < c1) /* neighbouring channels' rows sit in different banks, so
+                                         the hardware prefetcher restarts at each: fetch ahead */
+        {
+            uint64_t fetched = 0; /* groups already asked for (each bank row once) */
+            for (int r = 0; r < n; r++) {
+                int32_t gn = w->index[w->row_exp[r] * w->out + c + PREFETCH_AHEAD];
+                if (gn < 64 && (fetched >> gn & 1)) continue;
+                if (gn < 64) fetched |= 1ull << gn;
+                const char *next = (const char *)(w->bank + (gn * w->out + c + PREFETCH_AHEAD) * w->in);
+                for (int64_t k = 0; k < w->in * 4; k += 64) _mm_prefetch(next + k, _MM_HINT_T2);
+            }
+        }
         for (int r = 0; r < n; r++) g[r] = w->index[w->row_exp[r] * w->out + c];
         uint32_t done = 0;
         for (int r = 0; r < n; r++) {
@@ -190,30 +221,36 @@ static void gemv_task(void *arg, size_t task) {
     }
 }
 
-/* Many rows of one expert: channels [c0, c0 + 32), all of the expert's rows. */
-static void gemm_generic(const Work *w, const float *panel, const float *const *xr,
-                         float *const *yr, int64_t n_rows, int64_t c0, int nc) {
+/* Many rows of one expert: channels [c0, c0 + nc) over inputs [k0, k0 + kc) from a packed panel
+   [kc, 32]; `accumulate` adds to y (later input blocks) instead of overwriting it. */
+static void gemm_generic(const float *panel, const float *const *xr, float *const *yr,
+                         int64_t n_rows, int64_t c0, int nc, int64_t k0, int64_t kc,
+                         int accumulate) {
     for (int64_t r = 0; r < n_rows; r++)
         for (int j = 0; j < nc; j++) {
-            float acc = 0.f;
-            for (int64_t k = 0; k < w->in; k++) acc += xr[r][k] * panel[k * TILE_COLS + j];
+            float acc = accumulate ? yr[r][c0 + j] : 0.f;
+            for (int64_t k = 0; k < kc; k++) acc += xr[r][k0 + k] * panel[k * TILE_COLS + j];
             yr[r][c0 + j] = acc;
         }
 }
 
 __attribute__((target("avx512f,fma"))) static void gemm_avx512(
-    const Work *w, const float *panel, const float *const *xr, float *const *yr, int64_t n_rows,
-    int64_t c0, int nc) {
+    const float *panel, const float *const *xr, float *const *yr, int64_t n_rows, int64_t c0,
+    int nc, int64_t k0, int64_t kc, int accumulate) {
     __mmask16 m0 = nc >= 16 ? 0xFFFF : (__mmask16)((1u << nc) - 1);
     __mmask16 m1 = nc >= 32 ? 0xFFFF : nc <= 16 ? 0 : (__mmask16)((1u << (nc - 16)) - 1);
     for (int64_t r0 = 0; r0 < n_rows; r0 += TILE_ROWS) {
         int mr = n_rows - r0 < TILE_ROWS ? (int)(n_rows - r0) : TILE_ROWS;
         const float *a[TILE_ROWS];
-        for (int i = 0; i < TILE_ROWS; i++) a[i] = xr[r0 + (i < mr ? i : 0)];
+        for (int i = 0; i < TILE_ROWS; i++) a[i] = xr[r0 + (i < mr ? i : 0)] + k0;
         __m512 acc[TILE_ROWS][2];
 #pragma GCC unroll 12
-        for (int i = 0; i < TILE_ROWS; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < w->in; k++) {
+        for (int i = 0; i < TILE_ROWS; i++) {
+            float *y = yr[r0 + (i < mr ? i : 0)] + c0;
+            acc[i][0] = accumulate ? _mm512_maskz_loadu_ps(m0, y) : _mm512_setzero_ps();
+            acc[i][1] = accumulate ? _mm512_maskz_loadu_ps(m1, y + 16) : _mm512_setzero_ps();
+        }
+        for (int64_t k = 0; k < kc; k++) {
             __m512 b0 = _mm512_load_ps(panel + k * TILE_COLS);
             __m512 b1 = _mm512_load_ps(panel + k * TILE_COLS + 16);
 #pragma GCC unroll 12
@@ -230,10 +267,11 @@ __attribute__((target("avx512f,fma"))) static void gemm_avx512(
     }
 }
 
-static void (*gemm)(const Work *, const float *, const float *const *, float *const *, int64_t,
-                    int64_t, int) = gemm_generic;
+static void (*gemm)(const float *, const float *const *, float *const *, int64_t, int64_t, int,
+                    int64_t, int64_t, int) = gemm_generic;
 
-/* GEMM task: pack 32 of the expert's weight rows (by pointer) into panel [in, 32], then tile. */
+/* GEMM task: for each block of KC inputs, pack 32 of the expert's weight rows (read in place
+   through the index table) into an L1-sized panel [KC, 32], then run every row tile on it. */
 typedef struct {
     const Work *w;
     const float *const *xr;
@@ -246,18 +284,25 @@ static void gemm_task(void *arg, size_t task) {
     const Work *w = g->w;
     int64_t c0 = (int64_t)task * TILE_COLS;
     int nc = w->out - c0 < TILE_COLS ? (int)(w->out - c0) : TILE_COLS;
-    float *panel = aligned_alloc(64, (size_t)w->in * TILE_COLS * sizeof(float));
+    float *panel = aligned_alloc(64, (size_t)KC * TILE_COLS * sizeof(float));
     if (!panel) {
         g->status = 1;
         return;
     }
-    for (int j = 0; j < TILE_COLS; j++) {
-        const float *src = bank_row(w, w->expert, c0 + (j < nc ? j : 0));
-        for (int64_t k = 0; k < w->in; k++) panel[k * TILE_COLS + j] = src[k];
+    const float *src[TILE_COLS];
+    for (int j = 0; j < TILE_COLS; j++) src[j] = bank_row(w, w->expert, c0 + (j < nc ? j : 0));
+    for (int64_t k0 = 0; k0 < w->in; k0 += KC) {
+        int64_t kc = w->in - k0 < KC ? w->in - k0 : KC;
+        for (int j = 0; j < TILE_COLS; j++)
+            for (int64_t k = 0; k < kc; k++) panel[k * TILE_COLS + j] = src[j][k0 + k];
+        gemm(panel, g->xr, g->yr, w->n_rows, c0, nc, k0, kc, k0 > 0);
     }
-    gemm(w, panel, g->xr, g->yr, w->n_rows, c0, nc);
     free(panel);
 }
+
+/* ParallelFor runs everything on the calling thread when num_batch is 0; batches of a few
+   tasks each let the pool balance them dynamically. */
+static size_t batches(size_t tasks) { return tasks < 64 ? tasks : 64; }
 
 typedef OrtStatus *(*ParallelForFn)(const void *, void (*)(void *, size_t), size_t, size_t,
                                     void *);
@@ -325,8 +370,8 @@ static OrtStatus *compute(void *kernel, void *ctx) {
     if (n_rows <= GEMV_MAX_ROWS) { /* decode: every row in one pass over the channels */
         for (int64_t r = 0; r < n_rows; r++) rows[r] = r, rows[n_rows + r] = eid[r / S];
         w.n_rows = n_rows;
-        s = parallel_for(ctx, gemv_task, (size_t)((out + GEMV_CHANNELS - 1) / GEMV_CHANNELS), 0,
-                         &w);
+        size_t tasks = (size_t)((out + GEMV_CHANNELS - 1) / GEMV_CHANNELS);
+        s = parallel_for(ctx, gemv_task, tasks, batches(tasks), &w);
         goto done;
     }
     for (int64_t e = 0; e < N && !s; e++) { /* prefill: one GEMM per expert present */
@@ -340,7 +385,8 @@ static OrtStatus *compute(void *kernel, void *ctx) {
         if (!m) continue;
         w.n_rows = m, w.expert = e;
         GemmArgs g = {&w, xr, yr, 0};
-        s = parallel_for(ctx, gemm_task, (size_t)((out + TILE_COLS - 1) / TILE_COLS), 0, &g);
+        size_t tasks = (size_t)((out + TILE_COLS - 1) / TILE_COLS);
+        s = parallel_for(ctx, gemm_task, tasks, batches(tasks), &g);
         if (!s && g.status) s = fail(ORT_RUNTIME_EXCEPTION, "ChannelGatherMatMul: out of memory");
     }
 done:
