@@ -12,8 +12,8 @@
    Two paths, picked per call:
    - few rows (decode): per channel, each distinct bank row the batch needs is read once and
      dotted with every row that uses it (at most K bank rows per channel, whatever the batch);
-   - many rows (prefill): per expert, a GEMM whose B panel is packed from the expert's rows by
-     pointer (32 channels at a time), with a 12 x 32 AVX-512 register tile.
+   - many rows (prefill): per expert, a GEMM in AVX-512 register tiles of 12 channels x 32 rows,
+     the channels' weight rows broadcast straight from the banks, x packed once per call.
    Work is split over ONNX Runtime's own intra-op threads (KernelContext_ParallelFor), so the
    op never competes with the session's thread pool.
 
@@ -91,8 +91,7 @@ static OrtStatus *describe(const void *value, Tensor *t) {
 
 /* ---- the work of one call -------------------------------------------------------------------- */
 
-enum { TILE_ROWS = 12, TILE_COLS = 32, KC = 256, GEMV_CHANNELS = 64, GEMV_MAX_ROWS = 16,
-       PREFETCH_AHEAD = 2 };
+enum { TILE_CH = 12, TILE_ROWS = 32, GEMV_CHANNELS = 64, GEMV_MAX_ROWS = 16, PREFETCH_AHEAD = 2 };
 
 typedef struct {
     const float *x, *bank;
@@ -221,83 +220,78 @@ static void gemv_task(void *arg, size_t task) {
     }
 }
 
-/* Many rows of one expert: channels [c0, c0 + nc) over inputs [k0, k0 + kc) from a packed panel
-   [kc, 32]; `accumulate` adds to y (later input blocks) instead of overwriting it. */
-static void gemm_generic(const float *panel, const float *const *xr, float *const *yr,
-                         int64_t n_rows, int64_t c0, int nc, int64_t k0, int64_t kc,
-                         int accumulate) {
-    for (int64_t r = 0; r < n_rows; r++)
-        for (int j = 0; j < nc; j++) {
-            float acc = accumulate ? yr[r][c0 + j] : 0.f;
-            for (int64_t k = 0; k < kc; k++) acc += xr[r][k0 + k] * panel[k * TILE_COLS + j];
-            yr[r][c0 + j] = acc;
+/* Many rows of one expert (prefill): tiles of 12 channels x 32 rows. The 12 channels' weight
+   rows are read in place through the index table and broadcast; x's rows are packed once per call
+   into panels xt [in, 32] (rows beyond the last are zeros), so no weight is ever copied. */
+static void gemm_generic(const Work *w, const float *xt, float *const *yr, int64_t n_rows,
+                         int64_t c0, int nc) {
+    for (int i = 0; i < nc; i++) {
+        const float *wrow = bank_row(w, w->expert, c0 + i);
+        for (int64_t r = 0; r < n_rows; r++) {
+            const float *p = xt + (r / TILE_ROWS) * w->in * TILE_ROWS + r % TILE_ROWS;
+            float acc = 0.f;
+            for (int64_t k = 0; k < w->in; k++) acc += wrow[k] * p[k * TILE_ROWS];
+            yr[r][c0 + i] = acc;
         }
+    }
 }
 
 __attribute__((target("avx512f,fma"))) static void gemm_avx512(
-    const float *panel, const float *const *xr, float *const *yr, int64_t n_rows, int64_t c0,
-    int nc, int64_t k0, int64_t kc, int accumulate) {
-    __mmask16 m0 = nc >= 16 ? 0xFFFF : (__mmask16)((1u << nc) - 1);
-    __mmask16 m1 = nc >= 32 ? 0xFFFF : nc <= 16 ? 0 : (__mmask16)((1u << (nc - 16)) - 1);
+    const Work *w, const float *xt, float *const *yr, int64_t n_rows, int64_t c0, int nc) {
+    const float *a[TILE_CH];
+    for (int i = 0; i < TILE_CH; i++) a[i] = bank_row(w, w->expert, c0 + (i < nc ? i : 0));
     for (int64_t r0 = 0; r0 < n_rows; r0 += TILE_ROWS) {
-        int mr = n_rows - r0 < TILE_ROWS ? (int)(n_rows - r0) : TILE_ROWS;
-        const float *a[TILE_ROWS];
-        for (int i = 0; i < TILE_ROWS; i++) a[i] = xr[r0 + (i < mr ? i : 0)] + k0;
-        __m512 acc[TILE_ROWS][2];
+        const float *p = xt + r0 * w->in; /* this tile's panel [in, 32] */
+        __m512 acc[TILE_CH][2];
 #pragma GCC unroll 12
-        for (int i = 0; i < TILE_ROWS; i++) {
-            float *y = yr[r0 + (i < mr ? i : 0)] + c0;
-            acc[i][0] = accumulate ? _mm512_maskz_loadu_ps(m0, y) : _mm512_setzero_ps();
-            acc[i][1] = accumulate ? _mm512_maskz_loadu_ps(m1, y + 16) : _mm512_setzero_ps();
-        }
-        for (int64_t k = 0; k < kc; k++) {
-            __m512 b0 = _mm512_load_ps(panel + k * TILE_COLS);
-            __m512 b1 = _mm512_load_ps(panel + k * TILE_COLS + 16);
+        for (int i = 0; i < TILE_CH; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < w->in; k++) {
+            __m512 b0 = _mm512_load_ps(p + k * TILE_ROWS);
+            __m512 b1 = _mm512_load_ps(p + k * TILE_ROWS + 16);
 #pragma GCC unroll 12
-            for (int i = 0; i < TILE_ROWS; i++) {
+            for (int i = 0; i < TILE_CH; i++) {
                 __m512 av = _mm512_set1_ps(a[i][k]);
                 acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
                 acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
             }
         }
-        for (int i = 0; i < mr; i++) {
-            _mm512_mask_storeu_ps(yr[r0 + i] + c0, m0, acc[i][0]);
-            _mm512_mask_storeu_ps(yr[r0 + i] + c0 + 16, m1, acc[i][1]);
+        int mr = n_rows - r0 < TILE_ROWS ? (int)(n_rows - r0) : TILE_ROWS;
+        float tile[TILE_ROWS] __attribute__((aligned(64)));
+        for (int i = 0; i < nc; i++) { /* the tile is y^T: write it back column by column */
+            _mm512_store_ps(tile, acc[i][0]);
+            _mm512_store_ps(tile + 16, acc[i][1]);
+            for (int j = 0; j < mr; j++) yr[r0 + j][c0 + i] = tile[j];
         }
     }
 }
 
-static void (*gemm)(const float *, const float *const *, float *const *, int64_t, int64_t, int,
-                    int64_t, int64_t, int) = gemm_generic;
+static void (*gemm)(const Work *, const float *, float *const *, int64_t, int64_t, int) =
+    gemm_generic;
 
-/* GEMM task: for each block of KC inputs, pack 32 of the expert's weight rows (read in place
-   through the index table) into an L1-sized panel [KC, 32], then run every row tile on it. */
 typedef struct {
     const Work *w;
-    const float *const *xr;
+    const float *xt;
     float *const *yr;
-    int status; /* nonzero: a task could not allocate its panel */
 } GemmArgs;
 
 static void gemm_task(void *arg, size_t task) {
-    GemmArgs *g = arg;
-    const Work *w = g->w;
-    int64_t c0 = (int64_t)task * TILE_COLS;
-    int nc = w->out - c0 < TILE_COLS ? (int)(w->out - c0) : TILE_COLS;
-    float *panel = aligned_alloc(64, (size_t)KC * TILE_COLS * sizeof(float));
-    if (!panel) {
-        g->status = 1;
-        return;
+    const GemmArgs *g = arg;
+    int64_t c0 = (int64_t)task * TILE_CH;
+    int nc = g->w->out - c0 < TILE_CH ? (int)(g->w->out - c0) : TILE_CH;
+    gemm(g->w, g->xt, g->yr, g->w->n_rows, c0, nc);
+}
+
+/* x's rows (by pointer) into panels [in, 32] per 32 rows, zero-padded: one pass over x. */
+static void pack_rows(const float *const *xr, int64_t n_rows, int64_t in, float *xt) {
+    for (int64_t r0 = 0; r0 < n_rows; r0 += TILE_ROWS) {
+        float *p = xt + r0 * in;
+        for (int j = 0; j < TILE_ROWS; j++) {
+            if (r0 + j < n_rows)
+                for (int64_t k = 0; k < in; k++) p[k * TILE_ROWS + j] = xr[r0 + j][k];
+            else
+                for (int64_t k = 0; k < in; k++) p[k * TILE_ROWS + j] = 0.f;
+        }
     }
-    const float *src[TILE_COLS];
-    for (int j = 0; j < TILE_COLS; j++) src[j] = bank_row(w, w->expert, c0 + (j < nc ? j : 0));
-    for (int64_t k0 = 0; k0 < w->in; k0 += KC) {
-        int64_t kc = w->in - k0 < KC ? w->in - k0 : KC;
-        for (int j = 0; j < TILE_COLS; j++)
-            for (int64_t k = 0; k < kc; k++) panel[k * TILE_COLS + j] = src[j][k0 + k];
-        gemm(panel, g->xr, g->yr, w->n_rows, c0, nc, k0, kc, k0 > 0);
-    }
-    free(panel);
 }
 
 /* ParallelFor runs everything on the calling thread when num_batch is 0; batches of a few
@@ -383,11 +377,18 @@ static OrtStatus *compute(void *kernel, void *ctx) {
                     yr[m++] = y + (b * S + t) * out;
                 }
         if (!m) continue;
+        int64_t padded = (m + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
+        float *xt = aligned_alloc(64, (size_t)(padded * in) * sizeof(float));
+        if (!xt) {
+            s = fail(ORT_RUNTIME_EXCEPTION, "ChannelGatherMatMul: out of memory");
+            break;
+        }
+        pack_rows(xr, m, in, xt);
         w.n_rows = m, w.expert = e;
-        GemmArgs g = {&w, xr, yr, 0};
-        size_t tasks = (size_t)((out + TILE_COLS - 1) / TILE_COLS);
+        GemmArgs g = {&w, xt, yr};
+        size_t tasks = (size_t)((out + TILE_CH - 1) / TILE_CH);
         s = parallel_for(ctx, gemm_task, tasks, batches(tasks), &g);
-        if (!s && g.status) s = fail(ORT_RUNTIME_EXCEPTION, "ChannelGatherMatMul: out of memory");
+        free(xt);
     }
 done:
     free(rows), free(xr), free(yr);
