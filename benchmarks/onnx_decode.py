@@ -57,7 +57,8 @@ def measure(graphs: dict[str, Path], n_experts: int, args: argparse.Namespace) -
     from chmc.runtime import read_export_manifest
     from chmc.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
-    backends = {name: OnnxRuntimeBackend(f, read_export_manifest(f)["export"], threads=args.threads)
+    backends = {name: OnnxRuntimeBackend(f, read_export_manifest(f)["export"], threads=args.threads,
+                                         spinning=False)  # idle pools would steal the cores
                 for name, f in graphs.items()}
     rng = np.random.default_rng(0)
     times: dict[str, dict[str, list[float]]] = {name: {} for name in graphs}
@@ -137,7 +138,7 @@ def main() -> None:
                           ("threads", 2), ("prefill", 128), ("context", 32),
                           ("decode-steps", 24), ("repeat", 5)):
         p.add_argument(f"--{name}", type=int, default=default)
-    p.add_argument("--forms", default="gather,select")
+    p.add_argument("--forms", default="gather,select,plugin")
     p.add_argument("--workdir", default=None, help="Keep the models here (default: temp).")
     p.add_argument("--export-memory", action="store_true",
                    help="Only measure export peak RSS on the 0.17B compile-benchmark family.")

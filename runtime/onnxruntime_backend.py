@@ -24,12 +24,16 @@ def _ort() -> Any:
 
 
 def session_for(folder: Path, export: dict[str, Any], providers: list[str] | None = None,
-                threads: int | None = None) -> Any:
-    """An InferenceSession on folder/model.onnx (plugin-form graphs get the custom op)."""
+                threads: int | None = None, spinning: bool = True) -> Any:
+    """An InferenceSession on folder/model.onnx (plugin-form graphs get the custom op).
+    `spinning=False` stops idle pool threads from busy-waiting, so several sessions timed in
+    turn on a few cores do not slow each other down (benchmarks)."""
     ort = _ort()
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     available = ort.get_available_providers()
     if providers is None:
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
@@ -48,7 +52,7 @@ class OnnxRuntimeBackend:
 
     def __init__(self, folder: str | Path, export: dict[str, Any],
                  providers: list[str] | None = None, threads: int | None = None,
-                 session: Any = None):
+                 session: Any = None, spinning: bool = True):
         """`session`: anything with InferenceSession's run(output_names, feed) -> list of arrays
         (the TensorRT runner), used instead of an ONNX Runtime session."""
         self.folder, self.export = Path(folder), export
@@ -57,7 +61,7 @@ class OnnxRuntimeBackend:
             raise NotSupportedError(f"not supported: dtype {dtype} on the ONNX Runtime backend "
                                     "(export with --dtype float32 or float16)")
         self.np_dtype = _NP_DTYPES[dtype]
-        self.session = session or session_for(self.folder, export, providers, threads)
+        self.session = session or session_for(self.folder, export, providers, threads, spinning)
         self.merged = any(i["name"] == "expert_id" for i in export["inputs"])
         self.reports_expert = any(o["name"] == "expert_id_used" for o in export["outputs"])
         self.layers = int(export["num_layers"])

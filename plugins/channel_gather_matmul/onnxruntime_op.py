@@ -39,7 +39,7 @@ def library_path() -> Path:
                                      f"({SOURCE.name}) with a C compiler: install gcc or set CC")
     lib.parent.mkdir(parents=True, exist_ok=True)
     tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
-    res = subprocess.run([cc, *CFLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True,
+    res = subprocess.run([cc, *CFLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, check=False,
                          text=True)
     if res.returncode:
         tmp.unlink(missing_ok=True)
