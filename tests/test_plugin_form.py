@@ -41,7 +41,7 @@ def test_references_match_the_definition():
         channel_gather_matmul(x[:1], bank, index, np.array([5]))
 
 
-def run_native_op(x, bank, index, expert_id):
+def run_native_op(x, bank, index, expert_id, portable=False):
     """One chmc::ChannelGatherMatMul node in ONNX Runtime with the native kernel; bank and
     index are initializers, as in an exported graph."""
     from chmc.plugins.channel_gather_matmul.onnxruntime_op import register
@@ -59,30 +59,32 @@ def run_native_op(x, bank, index, expert_id):
                                                     helper.make_opsetid("chmc", 1)])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
-    register(opts)
+    register(opts, portable)
     session = ort.InferenceSession(model.SerializeToString(), opts,
                                    providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x, "expert_id": expert_id})[0]
 
 
+@pytest.mark.parametrize("portable", [False, True], ids=["dispatched", "portable-c"])
 @pytest.mark.parametrize("batch,seq,inp,out,groups,experts", [
     (1, 1, 512, 256, 2, 4),    # batch-1 decode
     (8, 1, 67, 100, 2, 4),     # mixed decode, odd in/out
     (16, 1, 40, 33, 3, 5),     # the largest batch the per-channel path takes
     (3, 5, 7, 45, 1, 2),       # 15 rows over 2 experts; in below one vector
-    (1, 128, 96, 80, 2, 4),    # prefill: tiles of 12 rows x 32 channels, tails on both
+    (1, 130, 96, 80, 2, 4),    # prefill: tiles of 6 channels x 64 rows, tails on both
     (3, 25, 130, 64, 2, 4),    # prefill with mixed experts, in not a multiple of 16
     (2, 17, 33, 31, 4, 4),     # K = N, out below one tile
 ])
-def test_native_op_matches_the_definition(batch, seq, inp, out, groups, experts):
-    """Both paths (per-channel for <= 16 rows, per-expert GEMM above), every tail: 1e-4 of max."""
+def test_native_op_matches_the_definition(batch, seq, inp, out, groups, experts, portable):
+    """Both paths (per-channel for <= 16 rows, per-expert GEMM above), every tail, with the
+    kernels this CPU dispatches to (AVX-512 where present) and the plain C fallback: 1e-5 of max."""
     rng = np.random.default_rng(batch * 1000 + seq)
     x = rng.standard_normal((batch, seq, inp)).astype(np.float32)
     bank = rng.standard_normal((groups, out, inp)).astype(np.float32)
     index = rng.integers(0, groups, (experts, out)).astype(np.int32)
     expert_id = rng.integers(0, experts, batch).astype(np.int64)
     ref = brute_force(x, bank, index, expert_id)
-    got = run_native_op(x, bank, index, expert_id)
+    got = run_native_op(x, bank, index, expert_id, portable)
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
 
@@ -93,6 +95,20 @@ def test_native_op_rejects_an_expert_out_of_range():
     index = np.zeros((3, 4), np.int32)
     with pytest.raises(Exception, match=r"ChannelGatherMatMul: expert_id 3 out of range \[0, 3\)"):
         run_native_op(x, bank, index, np.array([0, 3], np.int64))
+
+
+def test_native_op_compile_failure_is_one_clear_error(tmp_path, monkeypatch):
+    """A compiler that fails leaves no library behind and names the source and the compiler."""
+    from chmc.errors import ChmcError
+    from chmc.plugins.channel_gather_matmul.onnxruntime_op import library_path
+
+    monkeypatch.setenv("CHMC_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    with pytest.raises(ChmcError, match=r"ort_kernel\.c: false failed to compile"):
+        library_path()
+    assert not list(tmp_path.rglob("*.so*"))
+    monkeypatch.delenv("CC")
+    assert library_path().stat().st_size > 0  # the machine's compiler builds it
 
 
 @pytest.fixture(scope="module")

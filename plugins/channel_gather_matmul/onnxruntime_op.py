@@ -27,10 +27,12 @@ def _cache_root() -> Path:
     return Path(os.environ.get("CHMC_CACHE") or Path.home() / ".cache" / "chmc")
 
 
-def library_path() -> Path:
-    """The compiled library, built once per source version."""
+def library_path(portable: bool = False) -> Path:
+    """The compiled library, built once per source version. `portable`: plain C only, the path
+    CPUs without AVX-512 take (tests check it on machines that have AVX-512)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    flags = CFLAGS + ["-DCHMC_PORTABLE"] * portable
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     lib = _cache_root() / "ort_kernel" / f"chmc_ort_kernel-{digest}.so"
     if lib.exists():
         return lib
@@ -39,7 +41,7 @@ def library_path() -> Path:
                                      f"({SOURCE.name}) with a C compiler: install gcc or set CC")
     lib.parent.mkdir(parents=True, exist_ok=True)
     tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
-    res = subprocess.run([cc, *CFLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, check=False,
+    res = subprocess.run([cc, *flags, "-o", str(tmp), str(SOURCE)], capture_output=True, check=False,
                          text=True)
     if res.returncode:
         tmp.unlink(missing_ok=True)
@@ -49,6 +51,6 @@ def library_path() -> Path:
     return lib
 
 
-def register(opts: Any) -> None:
+def register(opts: Any, portable: bool = False) -> None:
     """Give an onnxruntime.SessionOptions the chmc::ChannelGatherMatMul CPU kernel."""
-    opts.register_custom_ops_library(str(library_path()))
+    opts.register_custom_ops_library(str(library_path(portable)))

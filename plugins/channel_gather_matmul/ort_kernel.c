@@ -12,7 +12,7 @@
    Two paths, picked per call:
    - few rows (decode): per channel, each distinct bank row the batch needs is read once and
      dotted with every row that uses it (at most K bank rows per channel, whatever the batch);
-   - many rows (prefill): per expert, a GEMM in AVX-512 register tiles of 12 channels x 32 rows,
+   - many rows (prefill): per expert, a GEMM in AVX-512 register tiles of 6 channels x 64 rows,
      the channels' weight rows broadcast straight from the banks, x packed once per call.
    Work is split over ONNX Runtime's own intra-op threads (KernelContext_ParallelFor), so the
    op never competes with the session's thread pool.
@@ -20,11 +20,17 @@
    No ONNX Runtime headers are needed (they are not on PyPI): the library uses a dozen slots of
    the OrtApi function table, which is append-only; their positions are listed below. */
 
-#include <immintrin.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* AVX-512 kernels on x86-64 (chosen at load time when the CPU has them); plain C everywhere else,
+   and with -DCHMC_PORTABLE (how the tests check the fallback on an AVX-512 machine). */
+#if defined(__x86_64__) && !defined(CHMC_PORTABLE)
+#define CHMC_AVX512 1
+#include <immintrin.h>
+#endif
 
 /* ---- the slice of ONNX Runtime's C ABI used here ------------------------------------------ */
 
@@ -91,7 +97,8 @@ static OrtStatus *describe(const void *value, Tensor *t) {
 
 /* ---- the work of one call -------------------------------------------------------------------- */
 
-enum { TILE_CH = 12, TILE_ROWS = 32, GEMV_CHANNELS = 64, GEMV_MAX_ROWS = 16, PREFETCH_AHEAD = 2 };
+enum { TILE_CH = 6, TILE_VECS = 4, TILE_ROWS = 16 * TILE_VECS, TASK_CH = 8 * TILE_CH,
+       GEMV_CHANNELS = 64, GEMV_MAX_ROWS = 16, PREFETCH_AHEAD = 2 };
 
 typedef struct {
     const float *x, *bank;
@@ -120,6 +127,7 @@ static void dot_rows_generic(const float *wrow, const float *const *xs, float *c
     }
 }
 
+#ifdef CHMC_AVX512
 __attribute__((target("avx512f,fma"))) static void dot_rows_avx512(
     const float *wrow, const float *const *xs, float *const *ys, int n, int64_t in, int64_t c) {
     if (n == 1) { /* batch-1 decode: four independent sums over one row */
@@ -174,6 +182,8 @@ __attribute__((target("avx512f,fma"))) static void dot_rows_avx512(
     }
 }
 
+#endif
+
 static void (*dot_rows)(const float *, const float *const *, float *const *, int, int64_t,
                         int64_t) = dot_rows_generic;
 
@@ -202,7 +212,7 @@ static void gemv_task(void *arg, size_t task) {
                 if (gn < 64 && (fetched >> gn & 1)) continue;
                 if (gn < 64) fetched |= 1ull << gn;
                 const char *next = (const char *)(w->bank + (gn * w->out + c + PREFETCH_AHEAD) * w->in);
-                for (int64_t k = 0; k < w->in * 4; k += 64) _mm_prefetch(next + k, _MM_HINT_T2);
+                for (int64_t k = 0; k < w->in * 4; k += 64) __builtin_prefetch(next + k, 0, 1);
             }
         }
         for (int r = 0; r < n; r++) g[r] = w->index[w->row_exp[r] * w->out + c];
@@ -220,77 +230,158 @@ static void gemv_task(void *arg, size_t task) {
     }
 }
 
-/* Many rows of one expert (prefill): tiles of 12 channels x 32 rows. The 12 channels' weight
-   rows are read in place through the index table and broadcast; x's rows are packed once per call
-   into panels xt [in, 32] (rows beyond the last are zeros), so no weight is ever copied. */
-static void gemm_generic(const Work *w, const float *xt, float *const *yr, int64_t n_rows,
-                         int64_t c0, int nc) {
+/* Many rows of one expert (prefill): tiles of 6 channels x 64 rows (24 accumulators; fewer loads
+   per FMA and fewer row pointers than 12 x 32, measured 8-13% faster). The channels' weight rows
+   are read in place through the index table and broadcast; x's rows are packed once per call
+   into panels xt [in, 64] (rows beyond the last are zeros), so no weight is ever copied.
+   A tile is y^T: it goes to a per-task buffer yt [48 channels, rows] with vector stores, and
+   the task writes y's rows 48 contiguous channels at a time (scalar stores straight into y's
+   rows, a page apart, cost a quarter of the time). */
+static void gemm_generic(const Work *w, const float *xt, float *yt, int64_t ld, int64_t c0,
+                         int nc) {
     for (int i = 0; i < nc; i++) {
         const float *wrow = bank_row(w, w->expert, c0 + i);
-        for (int64_t r = 0; r < n_rows; r++) {
+        for (int64_t r = 0; r < ld; r++) {
             const float *p = xt + (r / TILE_ROWS) * w->in * TILE_ROWS + r % TILE_ROWS;
             float acc = 0.f;
             for (int64_t k = 0; k < w->in; k++) acc += wrow[k] * p[k * TILE_ROWS];
-            yr[r][c0 + i] = acc;
+            yt[i * ld + r] = acc;
         }
     }
 }
 
+#ifdef CHMC_AVX512
 __attribute__((target("avx512f,fma"))) static void gemm_avx512(
-    const Work *w, const float *xt, float *const *yr, int64_t n_rows, int64_t c0, int nc) {
+    const Work *w, const float *xt, float *yt, int64_t ld, int64_t c0, int nc) {
     const float *a[TILE_CH];
     for (int i = 0; i < TILE_CH; i++) a[i] = bank_row(w, w->expert, c0 + (i < nc ? i : 0));
-    for (int64_t r0 = 0; r0 < n_rows; r0 += TILE_ROWS) {
-        const float *p = xt + r0 * w->in; /* this tile's panel [in, 32] */
-        __m512 acc[TILE_CH][2];
-#pragma GCC unroll 12
-        for (int i = 0; i < TILE_CH; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int64_t r0 = 0; r0 < ld; r0 += TILE_ROWS) {
+        const float *p = xt + r0 * w->in; /* this tile's panel [in, TILE_ROWS] */
+        __m512 acc[TILE_CH][TILE_VECS];
+#pragma GCC unroll 8
+        for (int i = 0; i < TILE_CH; i++)
+#pragma GCC unroll 4
+            for (int v = 0; v < TILE_VECS; v++) acc[i][v] = _mm512_setzero_ps();
         for (int64_t k = 0; k < w->in; k++) {
-            __m512 b0 = _mm512_load_ps(p + k * TILE_ROWS);
-            __m512 b1 = _mm512_load_ps(p + k * TILE_ROWS + 16);
-#pragma GCC unroll 12
+            __m512 b[TILE_VECS];
+#pragma GCC unroll 4
+            for (int v = 0; v < TILE_VECS; v++) b[v] = _mm512_load_ps(p + k * TILE_ROWS + 16 * v);
+#pragma GCC unroll 8
             for (int i = 0; i < TILE_CH; i++) {
                 __m512 av = _mm512_set1_ps(a[i][k]);
-                acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
-                acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
+#pragma GCC unroll 4
+                for (int v = 0; v < TILE_VECS; v++) acc[i][v] = _mm512_fmadd_ps(av, b[v], acc[i][v]);
             }
         }
-        int mr = n_rows - r0 < TILE_ROWS ? (int)(n_rows - r0) : TILE_ROWS;
-        float tile[TILE_ROWS] __attribute__((aligned(64)));
-        for (int i = 0; i < nc; i++) { /* the tile is y^T: write it back column by column */
-            _mm512_store_ps(tile, acc[i][0]);
-            _mm512_store_ps(tile + 16, acc[i][1]);
-            for (int j = 0; j < mr; j++) yr[r0 + j][c0 + i] = tile[j];
+        for (int i = 0; i < nc; i++)
+            for (int v = 0; v < TILE_VECS; v++)
+                _mm512_store_ps(yt + i * ld + r0 + 16 * v, acc[i][v]);
+    }
+}
+#endif
+
+static void (*gemm)(const Work *, const float *, float *, int64_t, int64_t, int) = gemm_generic;
+
+/* yt [ncs, ld] (channel-major) into y's rows: y[r][c0 + i] = yt[i][r]. */
+static void write_rows_generic(const float *yt, int64_t ld, float *const *yr, int64_t n_rows,
+                               int64_t c0, int ncs) {
+    for (int64_t r = 0; r < n_rows; r++)
+        for (int i = 0; i < ncs; i++) yr[r][c0 + i] = yt[i * ld + r];
+}
+
+#ifdef CHMC_AVX512
+/* The same in 16 x 16 blocks transposed in registers: one masked vector store per row. */
+__attribute__((target("avx512f"))) static void write_rows_avx512(
+    const float *yt, int64_t ld, float *const *yr, int64_t n_rows, int64_t c0, int ncs) {
+    for (int i0 = 0; i0 < ncs; i0 += 16) {
+        int nci = ncs - i0 < 16 ? ncs - i0 : 16;
+        __mmask16 mask = (__mmask16)((1u << nci) - 1);
+        for (int64_t r0 = 0; r0 < n_rows; r0 += 16) {
+            __m512 a[16], t[16];
+            for (int i = 0; i < 16; i++) a[i] = _mm512_load_ps(yt + (i0 + (i < nci ? i : 0)) * ld + r0);
+            for (int k = 0; k < 16; k += 2) { /* pairs of channels, per 128-bit lane */
+                t[k] = _mm512_unpacklo_ps(a[k], a[k + 1]);
+                t[k + 1] = _mm512_unpackhi_ps(a[k], a[k + 1]);
+            }
+            for (int k = 0; k < 16; k += 4) { /* a[k + m] lane L: column 4L + m, channels k..k+3 */
+                a[k] = _mm512_shuffle_ps(t[k], t[k + 2], 0x44);
+                a[k + 1] = _mm512_shuffle_ps(t[k], t[k + 2], 0xEE);
+                a[k + 2] = _mm512_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+                a[k + 3] = _mm512_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+            }
+            for (int m = 0; m < 4; m++) { /* gather each column's four lanes */
+                __m512 v0 = _mm512_shuffle_f32x4(a[m], a[4 + m], 0x88);
+                __m512 v1 = _mm512_shuffle_f32x4(a[m], a[4 + m], 0xDD);
+                __m512 w0 = _mm512_shuffle_f32x4(a[8 + m], a[12 + m], 0x88);
+                __m512 w1 = _mm512_shuffle_f32x4(a[8 + m], a[12 + m], 0xDD);
+                t[m] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+                t[8 + m] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+                t[4 + m] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+                t[12 + m] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+            }
+            int nr = n_rows - r0 < 16 ? (int)(n_rows - r0) : 16;
+            for (int j = 0; j < nr; j++) _mm512_mask_storeu_ps(yr[r0 + j] + c0 + i0, mask, t[j]);
         }
     }
 }
+#endif
 
-static void (*gemm)(const Work *, const float *, float *const *, int64_t, int64_t, int) =
-    gemm_generic;
+static void (*write_rows)(const float *, int64_t, float *const *, int64_t, int64_t, int) =
+    write_rows_generic;
+
+/* A per-thread buffer reused across calls (slot 0: x's panels on the calling thread, slot 1: a
+   task's yt): a fresh allocation this size is mmap'd and page-faulted on every call. */
+static float *scratch(int slot, size_t floats) {
+    static __thread float *buf[2];
+    static __thread size_t cap[2];
+    if (floats > cap[slot]) {
+        free(buf[slot]);
+        buf[slot] = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+        cap[slot] = buf[slot] ? floats : 0;
+    }
+    return buf[slot];
+}
 
 typedef struct {
     const Work *w;
     const float *xt;
     float *const *yr;
+    int64_t ld; /* rows, padded to TILE_ROWS */
+    int status; /* nonzero: a task could not allocate its buffer */
 } GemmArgs;
 
 static void gemm_task(void *arg, size_t task) {
-    const GemmArgs *g = arg;
-    int64_t c0 = (int64_t)task * TILE_CH;
-    int nc = g->w->out - c0 < TILE_CH ? (int)(g->w->out - c0) : TILE_CH;
-    gemm(g->w, g->xt, g->yr, g->w->n_rows, c0, nc);
+    GemmArgs *g = arg;
+    const Work *w = g->w;
+    int64_t c0 = (int64_t)task * TASK_CH;
+    int ncs = w->out - c0 < TASK_CH ? (int)(w->out - c0) : TASK_CH;
+    float *yt = scratch(1, (size_t)(TASK_CH * g->ld));
+    if (!yt) {
+        g->status = 1;
+        return;
+    }
+    for (int t = 0; t < ncs; t += TILE_CH)
+        gemm(w, g->xt, yt + t * g->ld, g->ld, c0 + t, ncs - t < TILE_CH ? ncs - t : TILE_CH);
+    write_rows(yt, g->ld, g->yr, w->n_rows, c0, ncs);
 }
 
-/* x's rows (by pointer) into panels [in, 32] per 32 rows, zero-padded: one pass over x. */
-static void pack_rows(const float *const *xr, int64_t n_rows, int64_t in, float *xt) {
-    for (int64_t r0 = 0; r0 < n_rows; r0 += TILE_ROWS) {
-        float *p = xt + r0 * in;
-        for (int j = 0; j < TILE_ROWS; j++) {
-            if (r0 + j < n_rows)
-                for (int64_t k = 0; k < in; k++) p[k * TILE_ROWS + j] = xr[r0 + j][k];
-            else
-                for (int64_t k = 0; k < in; k++) p[k * TILE_ROWS + j] = 0.f;
-        }
+/* x's rows (by pointer) into panels [in, TILE_ROWS], one task per TILE_ROWS rows, zero-padded. */
+typedef struct {
+    const float *const *xr;
+    int64_t n_rows, in;
+    float *xt;
+} PackArgs;
+
+static void pack_task(void *arg, size_t task) {
+    const PackArgs *a = arg;
+    int64_t r0 = (int64_t)task * TILE_ROWS;
+    const float *rows[TILE_ROWS];
+    int nr = a->n_rows - r0 < TILE_ROWS ? (int)(a->n_rows - r0) : TILE_ROWS;
+    for (int j = 0; j < nr; j++) rows[j] = a->xr[r0 + j];
+    float *p = a->xt + r0 * a->in;
+    for (int64_t k = 0; k < a->in; k++, p += TILE_ROWS) { /* panel rows written in order */
+        for (int j = 0; j < nr; j++) p[j] = rows[j][k];
+        for (int j = nr; j < TILE_ROWS; j++) p[j] = 0.f;
     }
 }
 
@@ -378,17 +469,20 @@ static OrtStatus *compute(void *kernel, void *ctx) {
                 }
         if (!m) continue;
         int64_t padded = (m + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
-        float *xt = aligned_alloc(64, (size_t)(padded * in) * sizeof(float));
+        float *xt = scratch(0, (size_t)(padded * in));
         if (!xt) {
             s = fail(ORT_RUNTIME_EXCEPTION, "ChannelGatherMatMul: out of memory");
             break;
         }
-        pack_rows(xr, m, in, xt);
+        PackArgs pack = {xr, m, in, xt};
+        s = parallel_for(ctx, pack_task, (size_t)(padded / TILE_ROWS),
+                         batches((size_t)(padded / TILE_ROWS)), &pack);
+        if (s) break;
         w.n_rows = m, w.expert = e;
-        GemmArgs g = {&w, xt, yr};
-        size_t tasks = (size_t)((out + TILE_CH - 1) / TILE_CH);
+        GemmArgs g = {&w, xt, yr, padded, 0};
+        size_t tasks = (size_t)((out + TASK_CH - 1) / TASK_CH);
         s = parallel_for(ctx, gemm_task, tasks, batches(tasks), &g);
-        free(xt);
+        if (!s && g.status) s = fail(ORT_RUNTIME_EXCEPTION, "ChannelGatherMatMul: out of memory");
     }
 done:
     free(rows), free(xr), free(yr);
@@ -463,8 +557,10 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(void *option
                                                                     const OrtApiBase *base) {
     api = base->GetApi(ORT_API_VERSION_USED);
     if (!api) return NULL; /* an ONNX Runtime older than 1.17 cannot report an error here */
+#ifdef CHMC_AVX512
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"))
-        dot_rows = dot_rows_avx512, gemm = gemm_avx512;
+        dot_rows = dot_rows_avx512, gemm = gemm_avx512, write_rows = write_rows_avx512;
+#endif
     void *domain = NULL;
     RETURN_IF_ERROR(CALL(API_CreateCustomOpDomain, OrtStatus * (*)(const char *, void **))(
         "chmc", &domain));
