@@ -70,6 +70,7 @@ def run_native_op(x, bank, index, expert_id, portable=False):
     (1, 1, 512, 256, 2, 4),    # batch-1 decode
     (8, 1, 67, 100, 2, 4),     # mixed decode, odd in/out
     (16, 1, 40, 33, 3, 5),     # the largest batch the per-channel path takes
+    (8, 1, 64, 50, 2, 1),      # eight rows of one expert: one multi-row dot per channel
     (3, 5, 7, 45, 1, 2),       # 15 rows over 2 experts; in below one vector
     (1, 130, 96, 80, 2, 4),    # prefill: tiles of 6 channels x 64 rows, tails on both
     (3, 25, 130, 64, 2, 4),    # prefill with mixed experts, in not a multiple of 16

@@ -187,45 +187,55 @@ __attribute__((target("avx512f,fma"))) static void dot_rows_avx512(
 static void (*dot_rows)(const float *, const float *const *, float *const *, int, int64_t,
                         int64_t) = dot_rows_generic;
 
-/* Few rows: channels [c0, c0 + GEMV_CHANNELS); each distinct bank row read once. */
+/* Few rows: channels [c0, c0 + GEMV_CHANNELS); each distinct bank row read once. Rows are
+   grouped by expert once per task, so a channel costs one index lookup per distinct expert (a
+   batch of one expert, the common case, goes straight to one multi-row dot). */
 static void gemv_task(void *arg, size_t task) {
     const Work *w = arg;
-    const float *xs[GEMV_MAX_ROWS];
-    float *ys[GEMV_MAX_ROWS];
-    const float *xr[GEMV_MAX_ROWS];
-    float *yr[GEMV_MAX_ROWS];
-    int32_t g[GEMV_MAX_ROWS];
-    int n = (int)w->n_rows;
-    for (int r = 0; r < n; r++) {
-        xr[r] = w->x + w->row_x[r] * w->in;
-        yr[r] = w->y + w->row_x[r] * w->out;
+    const float *xr[GEMV_MAX_ROWS], *xs[GEMV_MAX_ROWS];
+    float *yr[GEMV_MAX_ROWS], *ys[GEMV_MAX_ROWS];
+    int64_t experts[GEMV_MAX_ROWS];
+    int start[GEMV_MAX_ROWS + 1], ne = 0, n = 0;
+    for (int r0 = 0; r0 < (int)w->n_rows; r0++) { /* rows sorted by expert */
+        int seen = 0;
+        for (int d = 0; d < ne; d++) seen |= experts[d] == w->row_exp[r0];
+        if (seen) continue;
+        experts[ne] = w->row_exp[r0];
+        start[ne++] = n;
+        for (int r = r0; r < (int)w->n_rows; r++)
+            if (w->row_exp[r] == w->row_exp[r0]) {
+                xr[n] = w->x + w->row_x[r] * w->in;
+                yr[n++] = w->y + w->row_x[r] * w->out;
+            }
     }
+    start[ne] = n;
     int64_t c0 = (int64_t)task * GEMV_CHANNELS;
     int64_t c1 = c0 + GEMV_CHANNELS < w->out ? c0 + GEMV_CHANNELS : w->out;
     for (int64_t c = c0; c < c1; c++) {
-        if (c + PREFETCH_AHEAD < c1) /* neighbouring channels' rows sit in different banks, so
-                                         the hardware prefetcher restarts at each: fetch ahead */
-        {
-            uint64_t fetched = 0; /* groups already asked for (each bank row once) */
-            for (int r = 0; r < n; r++) {
-                int32_t gn = w->index[w->row_exp[r] * w->out + c + PREFETCH_AHEAD];
+        if (c + PREFETCH_AHEAD < c1) { /* neighbouring channels' rows sit in different banks, so
+                                          the hardware prefetcher restarts at each: fetch ahead */
+            uint64_t fetched = 0;      /* groups already asked for (each bank row once) */
+            for (int d = 0; d < ne; d++) {
+                int32_t gn = w->index[experts[d] * w->out + c + PREFETCH_AHEAD];
                 if (gn < 64 && (fetched >> gn & 1)) continue;
                 if (gn < 64) fetched |= 1ull << gn;
                 const char *next = (const char *)(w->bank + (gn * w->out + c + PREFETCH_AHEAD) * w->in);
                 for (int64_t k = 0; k < w->in * 4; k += 64) __builtin_prefetch(next + k, 0, 1);
             }
         }
-        for (int r = 0; r < n; r++) g[r] = w->index[w->row_exp[r] * w->out + c];
+        int32_t g[GEMV_MAX_ROWS];
+        for (int d = 0; d < ne; d++) g[d] = w->index[experts[d] * w->out + c];
         uint32_t done = 0;
-        for (int r = 0; r < n; r++) {
-            if (done >> r & 1) continue;
+        for (int d = 0; d < ne; d++) {
+            if (done >> d & 1) continue;
+            const float *row = w->bank + ((int64_t)g[d] * w->out + c) * w->in;
             int m = 0;
-            for (int q = r; q < n; q++)
-                if (!(done >> q & 1) && g[q] == g[r]) {
-                    xs[m] = xr[q], ys[m++] = yr[q];
-                    done |= 1u << q;
+            for (int e = d; e < ne; e++)
+                if (!(done >> e & 1) && g[e] == g[d]) {
+                    done |= 1u << e;
+                    for (int r = start[e]; r < start[e + 1]; r++) xs[m] = xr[r], ys[m++] = yr[r];
                 }
-            dot_rows(w->bank + ((int64_t)g[r] * w->out + c) * w->in, xs, ys, m, w->in, c);
+            dot_rows(row, xs, ys, m, w->in, c);
         }
     }
 }
