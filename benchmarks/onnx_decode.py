@@ -6,8 +6,8 @@
 Builds a random-delta family (N experts), channel-merges it at K groups, exports the merged
 artifact in each --forms and the base dense, then measures per graph: prefill time (batch 1,
 --prefill tokens), decode tokens/s at batch 1, at batch 8 with rows of mixed experts and with
-rows of one expert, and the
-resident memory one session adds (in a fresh process). The ensemble is N dense sessions.
+rows of one expert, and the resident memory one session adds (in a fresh process). The ensemble
+is N dense sessions: its memory is N x dense, its mixed batch N steps of 8 / N rows.
 """
 
 from __future__ import annotations
@@ -84,6 +84,19 @@ def measure(graphs: dict[str, Path], n_experts: int, args: argparse.Namespace) -
                 start = time.perf_counter()
                 state.step(token, mask, np.full((batch, 1), args.context + t))
                 times[name].setdefault(case, []).append(time.perf_counter() - start)
+    if "dense" in backends:  # the ensemble's mixed batch: N dense models, 8 / N rows each in turn
+        per = max(1, 8 // n_experts)
+        ctx = rng.integers(0, args.vocab, (per, args.context))
+        ensemble = [backends["dense"].start(np.zeros(per, np.int64)) for _ in range(n_experts)]
+        for state in ensemble:
+            state.step(ctx, np.ones_like(ctx), np.tile(np.arange(args.context), (per, 1)))
+        for t in range(args.decode_steps):
+            token = rng.integers(0, args.vocab, (per, 1))
+            mask = np.ones((per, args.context + t + 1), np.int64)
+            start = time.perf_counter()
+            for state in ensemble:
+                state.step(token, mask, np.full((per, 1), args.context + t))
+            times["dense"].setdefault("b8_ensemble", []).append(time.perf_counter() - start)
     out: dict[str, Any] = {}
     for name, folder in graphs.items():
         tn = times[name]
@@ -95,6 +108,9 @@ def measure(graphs: dict[str, Path], n_experts: int, args: argparse.Namespace) -
             "decode_b8_tokens_per_s": round(8 / statistics.median(tn["b8"]), 2),
             "decode_b8_one_expert_tokens_per_s": round(8 / statistics.median(tn["b8_one"]), 2),
             "session_rss_mb": round(json.loads(res.stdout) / 2**20, 1)}
+        if "b8_ensemble" in tn:
+            out[name]["decode_b8_ensemble_tokens_per_s"] = round(
+                per * n_experts / statistics.median(tn["b8_ensemble"]), 2)
     return out
 
 
@@ -178,6 +194,8 @@ def main() -> None:
                                         / r["decode_b8_tokens_per_s"], 3),
                 "decode_b8_one_expert_time": round(dense["decode_b8_one_expert_tokens_per_s"]
                                                    / r["decode_b8_one_expert_tokens_per_s"], 3),
+                "decode_b8_time_vs_ensemble": round(dense["decode_b8_ensemble_tokens_per_s"]
+                                                    / r["decode_b8_tokens_per_s"], 3),
                 "rss_vs_ensemble": round(r["session_rss_mb"]
                                          / (args.experts * dense["session_rss_mb"]), 3),
             }
