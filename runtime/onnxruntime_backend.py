@@ -40,6 +40,12 @@ def session_for(folder: Path, export: dict[str, Any], providers: list[str] | Non
     if export.get("linear") == "plugin":
         from chmc.plugins.channel_gather_matmul.onnxruntime_op import register
 
+        if export["dtype"] != "float32":
+            raise NotSupportedError(
+                f"{folder}: not supported: a {export['dtype']} plugin-form graph on ONNX Runtime "
+                "(its chmc::ChannelGatherMatMul CPU kernel is float32; export with --dtype "
+                "float32, or build a TensorRT engine from this graph)")
+
         register(opts)
     try:
         return ort.InferenceSession(str(folder / "model.onnx"), opts, providers=providers)

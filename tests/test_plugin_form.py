@@ -165,3 +165,15 @@ def test_plugin_form_generates_through_the_runtime(plugin_export, onnx_family):
     prompts, experts = ["1+2=", "ab"], ["expert_1", "expert_2"]
     assert load(plugin_export).generate(prompts, experts, max_new_tokens=6) == \
         load(onnx_family["k2_onnx"]).generate(prompts, experts, max_new_tokens=6)
+
+
+def test_half_precision_plugin_graph_on_onnxruntime_is_a_clear_error(onnx_family, chmc_cli,
+                                                                     tmp_path):
+    """The CPU kernel is float32: a float16 plugin graph (TensorRT's input) is refused by name."""
+    from chmc.compiler.export import export
+
+    folder = export(onnx_family["k2"], tmp_path / "fp16", linear="plugin", dtype="float16")
+    res = chmc_cli("run", str(folder), "--expert", "expert_0", "1+2=", cwd=tmp_path)
+    assert res.returncode != 0
+    assert "not supported: a float16 plugin-form graph on ONNX Runtime" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
