@@ -263,8 +263,10 @@ static void gemm_generic(const Work *w, const float *xt, float *yt, int64_t ld, 
 #ifdef CHMC_AVX512
 __attribute__((target("avx512f,fma"))) static void gemm_avx512(
     const Work *w, const float *xt, float *yt, int64_t ld, int64_t c0, int nc) {
-    const float *a[TILE_CH];
+    const float *a[TILE_CH], *next[TILE_CH];
     for (int i = 0; i < TILE_CH; i++) a[i] = bank_row(w, w->expert, c0 + (i < nc ? i : 0));
+    for (int i = 0; i < TILE_CH; i++) /* the next tile's rows, fetched while this one computes */
+        next[i] = bank_row(w, w->expert, c0 + TILE_CH + i < w->out ? c0 + TILE_CH + i : c0);
     for (int64_t r0 = 0; r0 < ld; r0 += TILE_ROWS) {
         const float *p = xt + r0 * w->in; /* this tile's panel [in, TILE_ROWS] */
         __m512 acc[TILE_CH][TILE_VECS];
@@ -273,6 +275,8 @@ __attribute__((target("avx512f,fma"))) static void gemm_avx512(
 #pragma GCC unroll 4
             for (int v = 0; v < TILE_VECS; v++) acc[i][v] = _mm512_setzero_ps();
         for (int64_t k = 0; k < w->in; k++) {
+            if (r0 == 0 && (k & 15) == 0)
+                for (int i = 0; i < TILE_CH; i++) __builtin_prefetch(next[i] + k, 0, 2);
             __m512 b[TILE_VECS];
 #pragma GCC unroll 4
             for (int v = 0; v < TILE_VECS; v++) b[v] = _mm512_load_ps(p + k * TILE_ROWS + 16 * v);
@@ -300,6 +304,32 @@ static void write_rows_generic(const float *yt, int64_t ld, float *const *yr, in
 }
 
 #ifdef CHMC_AVX512
+/* a[i][j] -> a[j][i] for a 16 x 16 block held in 16 registers. */
+__attribute__((target("avx512f"))) static inline void transpose16(__m512 a[16]) {
+    __m512 t[16];
+    for (int k = 0; k < 16; k += 2) { /* pairs of rows, per 128-bit lane */
+        t[k] = _mm512_unpacklo_ps(a[k], a[k + 1]);
+        t[k + 1] = _mm512_unpackhi_ps(a[k], a[k + 1]);
+    }
+    for (int k = 0; k < 16; k += 4) { /* a[k + m] lane L: column 4L + m of rows k..k+3 */
+        a[k] = _mm512_shuffle_ps(t[k], t[k + 2], 0x44);
+        a[k + 1] = _mm512_shuffle_ps(t[k], t[k + 2], 0xEE);
+        a[k + 2] = _mm512_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+        a[k + 3] = _mm512_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+    }
+    for (int m = 0; m < 4; m++) { /* each column's four lanes together */
+        __m512 v0 = _mm512_shuffle_f32x4(a[m], a[4 + m], 0x88);
+        __m512 v1 = _mm512_shuffle_f32x4(a[m], a[4 + m], 0xDD);
+        __m512 w0 = _mm512_shuffle_f32x4(a[8 + m], a[12 + m], 0x88);
+        __m512 w1 = _mm512_shuffle_f32x4(a[8 + m], a[12 + m], 0xDD);
+        t[m] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+        t[8 + m] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+        t[4 + m] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+        t[12 + m] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+    }
+    for (int k = 0; k < 16; k++) a[k] = t[k];
+}
+
 /* The same in 16 x 16 blocks transposed in registers: one masked vector store per row. */
 __attribute__((target("avx512f"))) static void write_rows_avx512(
     const float *yt, int64_t ld, float *const *yr, int64_t n_rows, int64_t c0, int ncs) {
@@ -307,32 +337,29 @@ __attribute__((target("avx512f"))) static void write_rows_avx512(
         int nci = ncs - i0 < 16 ? ncs - i0 : 16;
         __mmask16 mask = (__mmask16)((1u << nci) - 1);
         for (int64_t r0 = 0; r0 < n_rows; r0 += 16) {
-            __m512 a[16], t[16];
+            __m512 a[16];
             for (int i = 0; i < 16; i++) a[i] = _mm512_load_ps(yt + (i0 + (i < nci ? i : 0)) * ld + r0);
-            for (int k = 0; k < 16; k += 2) { /* pairs of channels, per 128-bit lane */
-                t[k] = _mm512_unpacklo_ps(a[k], a[k + 1]);
-                t[k + 1] = _mm512_unpackhi_ps(a[k], a[k + 1]);
-            }
-            for (int k = 0; k < 16; k += 4) { /* a[k + m] lane L: column 4L + m, channels k..k+3 */
-                a[k] = _mm512_shuffle_ps(t[k], t[k + 2], 0x44);
-                a[k + 1] = _mm512_shuffle_ps(t[k], t[k + 2], 0xEE);
-                a[k + 2] = _mm512_shuffle_ps(t[k + 1], t[k + 3], 0x44);
-                a[k + 3] = _mm512_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
-            }
-            for (int m = 0; m < 4; m++) { /* gather each column's four lanes */
-                __m512 v0 = _mm512_shuffle_f32x4(a[m], a[4 + m], 0x88);
-                __m512 v1 = _mm512_shuffle_f32x4(a[m], a[4 + m], 0xDD);
-                __m512 w0 = _mm512_shuffle_f32x4(a[8 + m], a[12 + m], 0x88);
-                __m512 w1 = _mm512_shuffle_f32x4(a[8 + m], a[12 + m], 0xDD);
-                t[m] = _mm512_shuffle_f32x4(v0, w0, 0x88);
-                t[8 + m] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
-                t[4 + m] = _mm512_shuffle_f32x4(v1, w1, 0x88);
-                t[12 + m] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
-            }
+            transpose16(a);
             int nr = n_rows - r0 < 16 ? (int)(n_rows - r0) : 16;
-            for (int j = 0; j < nr; j++) _mm512_mask_storeu_ps(yr[r0 + j] + c0 + i0, mask, t[j]);
+            for (int j = 0; j < nr; j++) _mm512_mask_storeu_ps(yr[r0 + j] + c0 + i0, mask, a[j]);
         }
     }
+}
+
+/* x's rows into a panel [in, TILE_ROWS] by 16 x 16 blocks (rows past the last are zeros). */
+__attribute__((target("avx512f"))) static void pack_avx512(const float *const *rows, int nr,
+                                                           int64_t in, float *p) {
+    for (int j0 = 0; j0 < TILE_ROWS; j0 += 16)
+        for (int64_t k0 = 0; k0 < in; k0 += 16) {
+            int nk = in - k0 < 16 ? (int)(in - k0) : 16;
+            __mmask16 mask = (__mmask16)((1u << nk) - 1);
+            __m512 a[16];
+            for (int j = 0; j < 16; j++)
+                a[j] = j0 + j < nr ? _mm512_maskz_loadu_ps(mask, rows[j0 + j] + k0)
+                                   : _mm512_setzero_ps();
+            transpose16(a);
+            for (int k = 0; k < nk; k++) _mm512_store_ps(p + (k0 + k) * TILE_ROWS + j0, a[k]);
+        }
 }
 #endif
 
@@ -370,6 +397,8 @@ static void gemm_task(void *arg, size_t task) {
         g->status = 1;
         return;
     }
+    for (int64_t r = 0; r < w->n_rows; r++) /* y's lines arrive while the tiles compute */
+        for (int i = 0; i < ncs; i += 16) __builtin_prefetch(g->yr[r] + c0 + i, 1, 3);
     for (int t = 0; t < ncs; t += TILE_CH)
         gemm(w, g->xt, yt + t * g->ld, g->ld, c0 + t, ncs - t < TILE_CH ? ncs - t : TILE_CH);
     write_rows(yt, g->ld, g->yr, w->n_rows, c0, ncs);
@@ -382,17 +411,20 @@ typedef struct {
     float *xt;
 } PackArgs;
 
-static void pack_task(void *arg, size_t task) {
-    const PackArgs *a = arg;
-    int64_t r0 = (int64_t)task * TILE_ROWS;
-    const float *rows[TILE_ROWS];
-    int nr = a->n_rows - r0 < TILE_ROWS ? (int)(a->n_rows - r0) : TILE_ROWS;
-    for (int j = 0; j < nr; j++) rows[j] = a->xr[r0 + j];
-    float *p = a->xt + r0 * a->in;
-    for (int64_t k = 0; k < a->in; k++, p += TILE_ROWS) { /* panel rows written in order */
+static void pack_generic(const float *const *rows, int nr, int64_t in, float *p) {
+    for (int64_t k = 0; k < in; k++, p += TILE_ROWS) { /* panel rows written in order */
         for (int j = 0; j < nr; j++) p[j] = rows[j][k];
         for (int j = nr; j < TILE_ROWS; j++) p[j] = 0.f;
     }
+}
+
+static void (*pack)(const float *const *, int, int64_t, float *) = pack_generic;
+
+static void pack_task(void *arg, size_t task) {
+    const PackArgs *a = arg;
+    int64_t r0 = (int64_t)task * TILE_ROWS;
+    int nr = a->n_rows - r0 < TILE_ROWS ? (int)(a->n_rows - r0) : TILE_ROWS;
+    pack(a->xr + r0, nr, a->in, a->xt + r0 * a->in);
 }
 
 /* ParallelFor runs everything on the calling thread when num_batch is 0; batches of a few
@@ -484,9 +516,9 @@ static OrtStatus *compute(void *kernel, void *ctx) {
             s = fail(ORT_RUNTIME_EXCEPTION, "ChannelGatherMatMul: out of memory");
             break;
         }
-        PackArgs pack = {xr, m, in, xt};
+        PackArgs packing = {xr, m, in, xt};
         s = parallel_for(ctx, pack_task, (size_t)(padded / TILE_ROWS),
-                         batches((size_t)(padded / TILE_ROWS)), &pack);
+                         batches((size_t)(padded / TILE_ROWS)), &packing);
         if (s) break;
         w.n_rows = m, w.expert = e;
         GemmArgs g = {&w, xt, yr, padded, 0};
@@ -569,7 +601,8 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(void *option
     if (!api) return NULL; /* an ONNX Runtime older than 1.17 cannot report an error here */
 #ifdef CHMC_AVX512
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"))
-        dot_rows = dot_rows_avx512, gemm = gemm_avx512, write_rows = write_rows_avx512;
+        dot_rows = dot_rows_avx512, gemm = gemm_avx512, write_rows = write_rows_avx512,
+        pack = pack_avx512;
 #endif
     void *domain = NULL;
     RETURN_IF_ERROR(CALL(API_CreateCustomOpDomain, OrtStatus * (*)(const char *, void **))(
