@@ -104,7 +104,7 @@ typedef struct {
     const float *x, *bank;
     const int32_t *index;
     float *y;
-    int64_t in, out, groups;
+    int64_t in, out;
     /* rows of the problem: x row r is x + row_x[r] * in, y row r is y + row_x[r] * out */
     int64_t n_rows;
     const int64_t *row_x;    /* [n_rows] */
@@ -117,7 +117,7 @@ static inline const float *bank_row(const Work *w, int64_t expert, int64_t c) {
     return w->bank + ((int64_t)w->index[expert * w->out + c] * w->out + c) * w->in;
 }
 
-/* Portable fallback (any x86-64): plain loops, same results up to summation order. */
+/* Portable fallback (any CPU): plain loops, same results up to summation order. */
 static void dot_rows_generic(const float *wrow, const float *const *xs, float *const *ys,
                              int n, int64_t in, int64_t c) {
     for (int j = 0; j < n; j++) {
@@ -503,7 +503,7 @@ static OrtStatus *compute(void *kernel, void *ctx) {
         s = fail(ORT_RUNTIME_EXCEPTION, "ChannelGatherMatMul: out of memory");
         goto done;
     }
-    Work w = {x.data, bank.data, idx, y, in, out, K, 0, rows, rows + n_rows, 0};
+    Work w = {x.data, bank.data, idx, y, in, out, 0, rows, rows + n_rows, 0};
     if (n_rows <= GEMV_MAX_ROWS) { /* decode: every row in one pass over the channels */
         for (int64_t r = 0; r < n_rows; r++) rows[r] = r, rows[n_rows + r] = eid[r / S];
         w.n_rows = n_rows;
