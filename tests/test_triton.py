@@ -410,8 +410,8 @@ def _listen_addresses(port: int) -> set[str]:
     return found
 
 
-def test_chmc_serve_binds_loopback_and_stops_on_ctrl_c(exported: Path,
-                                                       triton_env: dict[str, Any]) -> None:
+def test_chmc_serve_binds_loopback_and_stops_on_ctrl_c(exported: Path, triton_env: dict[str, Any],
+                                                       tmp_path: Path) -> None:
     """`chmc serve EXPORT` writes a temporary repository, serves it, and cleans up on Ctrl-C."""
     import select
     import signal
@@ -422,8 +422,12 @@ def test_chmc_serve_binds_loopback_and_stops_on_ctrl_c(exported: Path,
     port = free_port()
     cmd = [sys.executable, "-m", "chmc", "serve", str(exported), "--port", str(port),
            "--tritonserver", str(triton_env["executable"]), "--model", NAME]
-    proc = subprocess.Popen(cmd, env=triton_env["env"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    # stderr kept, and faulthandler on, so that a serve still alive after Ctrl-C can be made to
+    # print where it is stuck (SIGABRT) before the test fails (seen once in a full run)
+    stderr = (tmp_path / "serve.stderr").open("w")
+    proc = subprocess.Popen(cmd, env={**triton_env["env"], "PYTHONFAULTHANDLER": "1"},
+                            stdout=subprocess.PIPE, stderr=stderr, text=True,
+                            start_new_session=True)
     servers: list[int] = []
     try:
         assert proc.stdout is not None
@@ -436,7 +440,14 @@ def test_chmc_serve_binds_loopback_and_stops_on_ctrl_c(exported: Path,
         assert servers, "no tritonserver process for this port"
         assert _listen_addresses(port) == {"0100007F"}  # 127.0.0.1 only, no 0.0.0.0 or ::
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        out, _ = proc.communicate(timeout=60)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # faulthandler dumps every thread's stack
+            proc.wait(timeout=10)
+            tail = (tmp_path / "serve.stderr").read_text(errors="replace")[-3000:]
+            raise AssertionError(f"chmc serve still running 60 s after Ctrl-C; stderr:\n{tail}") \
+                from None
         assert proc.returncode == 0 and "stopping tritonserver" in out
         assert not [p for p in servers if Path(f"/proc/{p}").exists()], "tritonserver outlived serve"
         assert not _listen_addresses(port)
@@ -455,3 +466,4 @@ def test_chmc_serve_binds_loopback_and_stops_on_ctrl_c(exported: Path,
             except (ProcessLookupError, PermissionError):
                 pass
         proc.wait(timeout=10)
+        stderr.close()
