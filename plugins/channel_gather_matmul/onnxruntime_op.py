@@ -20,7 +20,8 @@ from chmc.errors import ChmcError, MissingDependencyError
 
 PLUGIN_DOMAIN, PLUGIN_OP = "chmc", "ChannelGatherMatMul"
 SOURCE = Path(__file__).with_name("ort_kernel.c")
-CFLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall"]
+CFLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-pthread",
+          "-Wl,-z,nodelete"]  # never unloaded: its per-thread buffers free themselves at exit
 
 
 def _cache_root() -> Path:

@@ -20,6 +20,7 @@
    No ONNX Runtime headers are needed (they are not on PyPI): the library uses a dozen slots of
    the OrtApi function table, which is append-only; their positions are listed below. */
 
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -377,16 +378,37 @@ static void (*write_rows)(const float *, int64_t, float *const *, int64_t, int64
     write_rows_generic;
 
 /* A per-thread buffer reused across calls (slot 0: x's panels on the calling thread, slot 1: a
-   task's yt): a fresh allocation this size is mmap'd and page-faulted on every call. */
+   task's yt): a fresh allocation this size is mmap'd and page-faulted on every call. Freed when
+   its thread ends (ONNX Runtime's pool threads end with their session); the library is linked
+   -z nodelete so that the destructor outlives any dlclose. */
+typedef struct {
+    float *buf[2];
+    size_t cap[2];
+} Scratch;
+
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+static void free_scratch(void *p) {
+    Scratch *s = p;
+    free(s->buf[0]), free(s->buf[1]), free(s);
+}
+
+static void make_scratch_key(void) { pthread_key_create(&scratch_key, free_scratch); }
+
 static float *scratch(int slot, size_t floats) {
-    static __thread float *buf[2];
-    static __thread size_t cap[2];
-    if (floats > cap[slot]) {
-        free(buf[slot]);
-        buf[slot] = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
-        cap[slot] = buf[slot] ? floats : 0;
+    pthread_once(&scratch_once, make_scratch_key);
+    Scratch *s = pthread_getspecific(scratch_key);
+    if (!s) {
+        if (!(s = calloc(1, sizeof *s))) return NULL;
+        pthread_setspecific(scratch_key, s);
     }
-    return buf[slot];
+    if (floats > s->cap[slot]) {
+        free(s->buf[slot]);
+        s->buf[slot] = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+        s->cap[slot] = s->buf[slot] ? floats : 0;
+    }
+    return s->buf[slot];
 }
 
 typedef struct {
