@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 from chmc.errors import ChmcError, MissingDependencyError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from typing_extensions import Self
 
 
@@ -156,6 +158,28 @@ class TritonServer:
         self.stop()
 
 
+@contextlib.contextmanager
+def _interrupted_by_signals() -> Iterator[None]:
+    """Ctrl-C (SIGINT) and `kill` (SIGTERM) both raise KeyboardInterrupt, so either stops the
+    server cleanly: a SIGINT that the parent left ignored (a background job of a script) would
+    otherwise do nothing, and a bare SIGTERM would orphan tritonserver in its own session."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signals need the main thread
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def serve(source: str | Path, *, port: int = 8000, host: str = "127.0.0.1",
           tritonserver: str | Path | None = None, models: list[str] | None = None) -> None:
     """Serve a repository (or an artifact/export, turned into a temporary repository) until Ctrl-C."""
@@ -171,7 +195,7 @@ def serve(source: str | Path, *, port: int = 8000, host: str = "127.0.0.1",
             repo = write_triton_repo(source, Path(tmp) / "repo")
         server = TritonServer(repo, port=port, host=host, grpc_port=port + 1, executable=executable,
                               models=models)
-        with server:
+        with _interrupted_by_signals(), server:
             print(f"serving {repo} at {server.url} (HTTP), {host}:{port + 1} (gRPC); Ctrl-C stops",
                   flush=True)
             try:

@@ -410,9 +410,12 @@ def _listen_addresses(port: int) -> set[str]:
     return found
 
 
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
 def test_chmc_serve_binds_loopback_and_stops_on_ctrl_c(exported: Path, triton_env: dict[str, Any],
-                                                       tmp_path: Path) -> None:
-    """`chmc serve EXPORT` writes a temporary repository, serves it, and cleans up on Ctrl-C."""
+                                                       tmp_path: Path, stop: str) -> None:
+    """`chmc serve EXPORT` writes a temporary repository, serves it, and cleans up on Ctrl-C
+    (SIGINT) or `kill` (SIGTERM), even when started with SIGINT ignored, as a background job of
+    a script is."""
     import select
     import signal
     import urllib.request
@@ -423,11 +426,13 @@ def test_chmc_serve_binds_loopback_and_stops_on_ctrl_c(exported: Path, triton_en
     cmd = [sys.executable, "-m", "chmc", "serve", str(exported), "--port", str(port),
            "--tritonserver", str(triton_env["executable"]), "--model", NAME]
     # stderr kept, and faulthandler on, so that a serve still alive after Ctrl-C can be made to
-    # print where it is stuck (SIGABRT) before the test fails (seen once in a full run)
+    # print where it is stuck (SIGABRT) before the test fails. SIGINT starts ignored: a script's
+    # background job inherits it so, and serve hung there in full runs until it reset it itself.
     stderr = (tmp_path / "serve.stderr").open("w")
     proc = subprocess.Popen(cmd, env={**triton_env["env"], "PYTHONFAULTHANDLER": "1"},
                             stdout=subprocess.PIPE, stderr=stderr, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     servers: list[int] = []
     try:
         assert proc.stdout is not None
@@ -439,14 +444,14 @@ def test_chmc_serve_binds_loopback_and_stops_on_ctrl_c(exported: Path, triton_en
         servers = _pids_with(f"--http-port={port}")
         assert servers, "no tritonserver process for this port"
         assert _listen_addresses(port) == {"0100007F"}  # 127.0.0.1 only, no 0.0.0.0 or ::
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        proc.send_signal(getattr(signal, stop))  # SIGINT: what Ctrl-C sends
         try:
             out, _ = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGABRT)  # faulthandler dumps every thread's stack
             proc.wait(timeout=10)
             tail = (tmp_path / "serve.stderr").read_text(errors="replace")[-3000:]
-            raise AssertionError(f"chmc serve still running 60 s after Ctrl-C; stderr:\n{tail}") \
+            raise AssertionError(f"chmc serve still running 60 s after {stop}; stderr:\n{tail}") \
                 from None
         assert proc.returncode == 0 and "stopping tritonserver" in out
         assert not [p for p in servers if Path(f"/proc/{p}").exists()], "tritonserver outlived serve"
