@@ -423,16 +423,17 @@ def test_chmc_serve_binds_loopback_and_stops_on_ctrl_c(exported: Path, triton_en
     from chmc.runtime.serve import free_port
 
     port = free_port()
-    cmd = [sys.executable, "-m", "chmc", "serve", str(exported), "--port", str(port),
-           "--tritonserver", str(triton_env["executable"]), "--model", NAME]
-    # stderr kept, and faulthandler on, so that a serve still alive after Ctrl-C can be made to
-    # print where it is stuck (SIGABRT) before the test fails. SIGINT starts ignored: a script's
-    # background job inherits it so, and serve hung there in full runs until it reset it itself.
+    # started with SIGINT ignored, as a script's background job is (serve hung there in full runs
+    # until it reset the signal itself): `trap '' INT` survives the exec
+    cmd = ["sh", "-c", "trap '' INT; exec \"$0\" \"$@\"", sys.executable, "-m", "chmc", "serve",
+           str(exported), "--port", str(port), "--tritonserver", str(triton_env["executable"]),
+           "--model", NAME]
+    # stderr kept, and faulthandler on, so that a serve still alive after the signal can be made
+    # to print where it is stuck (SIGABRT) before the test fails
     stderr = (tmp_path / "serve.stderr").open("w")
     proc = subprocess.Popen(cmd, env={**triton_env["env"], "PYTHONFAULTHANDLER": "1"},
                             stdout=subprocess.PIPE, stderr=stderr, text=True,
-                            start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+                            start_new_session=True)
     servers: list[int] = []
     try:
         assert proc.stdout is not None
