@@ -18,7 +18,6 @@ from typing import Any
 
 from chmc.errors import ChmcError, MissingDependencyError
 
-PLUGIN_DOMAIN, PLUGIN_OP = "chmc", "ChannelGatherMatMul"
 SOURCE = Path(__file__).with_name("ort_kernel.c")
 CFLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-pthread",
           "-Wl,-z,nodelete"]  # never unloaded: its per-thread buffers free themselves at exit
