@@ -91,10 +91,11 @@ def print_quality_table(title: str, rows: list[Row]) -> None:
 def run_demo(out: str | Path | None = None) -> list[Row]:
     """Family (cached) -> channel-merge (K=2; calibrated at half the ensemble) -> evaluate on the
     eval split -> table -> one ONNX graph answering every expert in one batch."""
+    from chmc.cache import cache_root
     from chmc.compiler.merge import build
-    from chmc.models.tiny.family import cache_dir, family
+    from chmc.models.tiny.family import family
 
-    work = Path(out) if out else cache_dir() / "demo"
+    work = Path(out) if out else cache_root() / "demo"
     work.mkdir(parents=True, exist_ok=True)
     fam = family("distinct")
     artifact = build(fam.base, fam.experts, work / "distinct-k2", groups=2, force=True)

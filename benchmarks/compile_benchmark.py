@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from chmc.cache import cache_root
+
 SHAPE: dict[str, Any] = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
          "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 32000}
 N_EXPERTS = 4
@@ -178,8 +180,7 @@ def mergekit_command(base: Path, experts: dict[str, Path], work: Path) -> list[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get(
-        "CHMC_CACHE", Path.home() / ".cache" / "chmc")) / "bench" / "compile_llama_0.17b")
+    parser.add_argument("--cache", type=Path, default=cache_root() / "bench" / "compile_llama_0.17b")
     parser.add_argument("--skip-mergekit", action="store_true")
     parser.add_argument("--calibration", type=int, default=0, metavar="S",
                         help="also calibrated builds, S sequences of 128 tokens per expert")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from chmc.cache import cache_root
 
 RSS_PROBE = """
 import json, sys, numpy as np
@@ -118,7 +119,6 @@ def export_memory(work: Path) -> dict[str, Any]:
     """Peak RSS of `chmc export --dtype float16` (a child process) on compile_benchmark's 0.17B
     family merged at K=2, against the artifact's size on disk (goal <= 1.5x)."""
     import importlib.util
-    import os
 
     from chmc.compiler.merge import build
 
@@ -127,7 +127,7 @@ def export_memory(work: Path) -> dict[str, Any]:
     assert spec and spec.loader
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    root = Path(os.environ.get("CHMC_CACHE", Path.home() / ".cache" / "chmc"))
+    root = cache_root()
     base, experts = bench.make_family(root / "bench" / "compile_llama_0.17b")
     artifact = build(base, experts, work / "artifact_0.17b", groups=2, progress=False, force=True)
     cmd = [sys.executable, "-m", "chmc", "export", str(artifact), "--out",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,8 @@ def read_export_manifest(folder: Path) -> dict[str, Any]:
 
 
 def cached_export(path: Path, linear: str = "gather", dtype: str = "float32") -> Path:
-    """Export an artifact/checkpoint once into $XDG_CACHE_HOME/chmc/onnx/<hash> and reuse it."""
+    """Export an artifact/checkpoint once into <cache>/onnx/<hash> (chmc.cache) and reuse it."""
+    from chmc.cache import cache_root
     from chmc.compiler.export import export
 
     key = hashlib.sha256()
@@ -58,7 +58,7 @@ def cached_export(path: Path, linear: str = "gather", dtype: str = "float32") ->
         if (path / name).is_file():
             key.update((path / name).read_bytes())
     key.update(f"{path.resolve()}|{linear}|{dtype}".encode())
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chmc" / "onnx"
+    root = cache_root() / "onnx"
     out = root / key.hexdigest()[:16]
     if not (out / "model.onnx").is_file():
         root.mkdir(parents=True, exist_ok=True)

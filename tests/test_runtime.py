@@ -140,9 +140,9 @@ def test_cli_check_passes_per_expert(onnx_family):
 def test_load_artifact_exports_once_into_cache(onnx_family, runner, tmp_path, monkeypatch):
     from chmc.runtime import load
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CHMC_CACHE", str(tmp_path))
     first = load(onnx_family["k2"])
-    cached = list((tmp_path / "chmc" / "onnx").iterdir())
+    cached = list((tmp_path / "onnx").iterdir())
     assert len(cached) == 1 and (cached[0] / "model.onnx").is_file()
     mtime = (cached[0] / "model.onnx.data").stat().st_mtime_ns
     load(onnx_family["k2"])  # reused, not exported again

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from chmc.cache import cache_root
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,7 @@ MAX_NEW = 8
 
 
 def _cache() -> Path:
-    root = Path(os.environ.get("CHMC_CACHE", Path.home() / ".cache" / "chmc")).expanduser()
+    root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     return root
 

@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from chmc.cache import cache_root
 from chmc.errors import ChmcError
 from chmc.models.tiny.tasks import ALL_TASKS, BASE_TASKS, Task, make_splits, write_jsonl
 from chmc.models.tiny.tokenizer import EOS_ID, PAD_ID, VOCAB, encode, save_tokenizer
@@ -92,8 +93,6 @@ class Family:
         return {t: {s: self.path / "tasks" / t / f"{s}.jsonl" for s in SPLITS} for t in self.recipe.tasks}
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("CHMC_CACHE") or Path.home() / ".cache" / "chmc")
 
 
 def get_recipe(name: str) -> Recipe:
@@ -117,7 +116,7 @@ def family(recipe: Recipe | str, out: str | Path | None = None, *, force: bool =
     from chmc.compiler.outputs import staged_output
 
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
-    out = Path(out) if out else cache_dir() / "families" / f"{recipe.name}-{recipe.digest()}"
+    out = Path(out) if out else cache_root() / "families" / f"{recipe.name}-{recipe.digest()}"
     if (out / "family.json").is_file() and not force:
         found = load_family(out)
         if found.recipe.digest() != recipe.digest():

@@ -16,15 +16,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from chmc.cache import cache_root
 from chmc.errors import ChmcError, MissingDependencyError
 
 SOURCE = Path(__file__).with_name("ort_kernel.c")
 CFLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall", "-pthread",
           "-Wl,-z,nodelete"]  # never unloaded: its per-thread buffers free themselves at exit
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("CHMC_CACHE") or Path.home() / ".cache" / "chmc")
 
 
 def library_path(portable: bool = False) -> Path:
@@ -33,7 +30,7 @@ def library_path(portable: bool = False) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     flags = CFLAGS + ["-DCHMC_PORTABLE"] * portable
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-    lib = _cache_root() / "ort_kernel" / f"chmc_ort_kernel-{digest}.so"
+    lib = cache_root() / "ort_kernel" / f"chmc_ort_kernel-{digest}.so"
     if lib.exists():
         return lib
     if not cc:
