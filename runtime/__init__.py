@@ -69,7 +69,8 @@ def cached_export(path: Path, linear: str = "gather", dtype: str = "float32") ->
 def load(path: str | Path, backend: str = "onnxruntime", **options: Any) -> Any:
     """A Runner for an export folder, an artifact or a plain checkpoint.
 
-    options: onnxruntime: providers, threads, linear/dtype (when exporting first);
+    options: onnxruntime: providers, threads, linear/dtype (when exporting first; linear "auto":
+    the plugin form where its native CPU kernel builds, else the gather form);
     torch: device, dtype, merged (one model reading the banks, experts per row; the default on
     CUDA, where it runs the Triton kernels and replays the decode step from a CUDA graph). tensorrt takes an engine folder (`chmc engine`) and needs a CUDA GPU.
     """
@@ -96,10 +97,11 @@ def load(path: str | Path, backend: str = "onnxruntime", **options: Any) -> Any:
 
         tb = TorchBackend(path, kind, **options)
         return Runner(tb, tb.manifest, TextTokenizer(tb.folder))
-    from chmc.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from chmc.runtime.onnxruntime_backend import OnnxRuntimeBackend, preferred_linear
 
     if kind != "export":
-        path = cached_export(path, options.pop("linear", "gather"), options.pop("dtype", "float32"))
+        linear, dtype = options.pop("linear", "auto"), options.pop("dtype", "float32")
+        path = cached_export(path, preferred_linear(dtype) if linear == "auto" else linear, dtype)
     manifest = read_export_manifest(path)
     return Runner(OnnxRuntimeBackend(path, manifest["export"], **options), manifest,
                   TextTokenizer(path))

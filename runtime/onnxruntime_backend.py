@@ -23,6 +23,21 @@ def _ort() -> Any:
     return onnxruntime
 
 
+def preferred_linear(dtype: str) -> str:
+    """The linear form to export for this ONNX Runtime: 'plugin' where its native CPU kernel
+    serves (float32, CPU-only ORT, a C compiler that builds it: about dense speed), else 'gather'
+    (portable, standard ops, 1.3-2.6x slower per step)."""
+    if dtype != "float32" or "CUDAExecutionProvider" in _ort().get_available_providers():
+        return "gather"
+    from chmc.plugins.channel_gather_matmul.onnxruntime_op import library_path
+
+    try:
+        library_path()
+    except ChmcError:  # no compiler, or it failed: the gather form needs none
+        return "gather"
+    return "plugin"
+
+
 def session_for(folder: Path, export: dict[str, Any], providers: list[str] | None = None,
                 threads: int | None = None, spinning: bool = True) -> Any:
     """An InferenceSession on folder/model.onnx (plugin-form graphs get the custom op).

@@ -149,3 +149,27 @@ def test_load_artifact_exports_once_into_cache(onnx_family, runner, tmp_path, mo
     assert (cached[0] / "model.onnx.data").stat().st_mtime_ns == mtime
     assert first.generate(["ab"], [1], max_new_tokens=5) == \
         runner.generate(["ab"], [1], max_new_tokens=5)
+
+
+@pytest.mark.parametrize("compiler", ["machine's", "failing"])
+def test_load_artifact_picks_the_native_plugin_form_when_it_builds(onnx_family, runner, compiler,
+                                                                   tmp_path, monkeypatch):
+    """`load(artifact)` exports the plugin form (native CPU kernel, about dense speed) when the
+    kernel compiles, and the portable gather form when it cannot; both generate the same tokens."""
+    import json
+    import shutil
+
+    from chmc.runtime import load
+
+    if compiler == "machine's" and not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("CHMC_CACHE", str(tmp_path))  # empty: no kernel built before
+    if compiler == "failing":
+        monkeypatch.setenv("CC", "false")
+    loaded = load(onnx_family["k2"])
+    (export,) = (tmp_path / "onnx").iterdir()
+    form = json.loads((export / "chmc.json").read_text())["export"]["linear"]
+    assert form == ("plugin" if compiler == "machine's" else "gather")
+    prompts, experts = ["ab", "12+3=", "xyz"], [1, 0, 2]
+    assert loaded.generate(prompts, experts, max_new_tokens=6) == \
+        runner.generate(prompts, experts, max_new_tokens=6)
