@@ -4,6 +4,8 @@ Layout written (`name` defaults to "chmc"):
   <name>_engine/config.pbtxt        the exported graph as it is: onnxruntime_onnx or tensorrt_plan,
   <name>_engine/1/model.onnx(.data) inputs/outputs exactly as the graph declares them (expert_id
                                     included), max_batch_size 0: the KV cache has its own batch dim
+<name>_engine/1/chmc_ort_kernel.so  plugin-form graphs only: the native chmc::ChannelGatherMatMul
+                                    kernel, named by `model_operations` with its absolute path
   <name>/config.pbtxt               text in, text out: Python backend with dynamic batching, so one
   <name>/1/model.py                 execute() gets requests for several experts and runs them as one
   <name>/1/chmc.json, tokenizer...  batch with per-row expert ids through chmc.runtime
@@ -24,12 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chmc.errors import ChmcError, MissingDependencyError
+from chmc.errors import ChmcError, MissingDependencyError, NotSupportedError
 
 ENGINES = ("onnx", "trt")
 PLATFORMS = {"onnx": "onnxruntime_onnx", "trt": "tensorrt_plan"}
 # engine.json (written by `chmc engine`) describes the plan's profiles for chmc.runtime.
 GRAPH_FILES = {"onnx": ("model.onnx", "model.onnx.data"), "trt": ("model.plan", "engine.json")}
+OP_LIBRARY = "chmc_ort_kernel.so"  # beside a plugin-form graph; Triton's ORT backend loads it
 # What the text model needs beside the graph: the runtime loads these from one folder.
 META_FILES = ("chmc.json", "tokenizer.json", "config.json", "generation_config.json",
               "tokenizer_config.json", "special_tokens_map.json")
@@ -74,14 +77,17 @@ def _tensor_entries(tensors: list[TensorIO]) -> str:
     return ",\n".join(items)
 
 
-def engine_config(name: str, inputs: list[TensorIO], outputs: list[TensorIO], engine: str = "onnx") -> str:
-    """config.pbtxt of the graph model: no batching by Triton (batch is the graph's first dim)."""
+def engine_config(name: str, inputs: list[TensorIO], outputs: list[TensorIO], engine: str = "onnx",
+                  op_library: str | None = None) -> str:
+    """config.pbtxt of the graph model: no batching by Triton (batch is the graph's first dim).
+    `op_library`: absolute path of a custom-op library the ONNX Runtime backend registers."""
     if engine not in PLATFORMS:
         raise ChmcError(f"engine {engine!r} is not one of {list(PLATFORMS)}")
+    ops = f'model_operations {{ op_library_filename: "{op_library}" }}\n' if op_library else ""
     return (
         f'name: "{name}"\nplatform: "{PLATFORMS[engine]}"\nmax_batch_size: 0\n'
         f"input [\n{_tensor_entries(inputs)}\n]\noutput [\n{_tensor_entries(outputs)}\n]\n"
-        "instance_group [ { kind: KIND_AUTO count: 1 } ]\n"
+        f"{ops}instance_group [ {{ kind: KIND_AUTO count: 1 }} ]\n"
     )
 
 
@@ -179,8 +185,11 @@ def write_triton_repo(source: str | Path, out: str | Path, *, engine: str = "onn
         _copy_files(export_dir, tmp, engine, name)
         inputs, outputs = graph_io(export_dir)
         backend = "onnxruntime" if engine == "onnx" else "tensorrt"
+        op_library = None
+        if engine == "onnx" and _place_op_library(export_dir, tmp / f"{name}_engine" / "1"):
+            op_library = str(Path(out).resolve() / f"{name}_engine" / "1" / OP_LIBRARY)
         configs = {
-            f"{name}_engine": engine_config(f"{name}_engine", inputs, outputs, engine),
+            f"{name}_engine": engine_config(f"{name}_engine", inputs, outputs, engine, op_library),
             name: text_model_config(name, f"../../{name}_engine/1", backend,
                                     options or TextModelOptions()),
         }
@@ -191,6 +200,25 @@ def write_triton_repo(source: str | Path, out: str | Path, *, engine: str = "onn
             except MissingDependencyError:
                 pass  # validation is a check, not a requirement for writing the repository
     return Path(out)
+
+
+def _place_op_library(export_dir: Path, graph_dir: Path) -> bool:
+    """Put the native kernel beside a plugin-form graph (Triton's ORT backend cannot run its node
+    otherwise); False for other forms."""
+    from chmc.runtime import read_export_manifest
+
+    export = read_export_manifest(export_dir)["export"]
+    if export.get("linear") != "plugin":
+        return False
+    if export.get("dtype") != "float32":
+        raise NotSupportedError(
+            f"{export_dir}: a {export.get('dtype')} plugin-form graph cannot be served by Triton's "
+            "ONNX Runtime backend (the chmc::ChannelGatherMatMul CPU kernel is float32): export "
+            "with --dtype float32, or build a TensorRT engine and use --engine trt")
+    from chmc.plugins.channel_gather_matmul.onnxruntime_op import library_path
+
+    shutil.copy2(library_path(), graph_dir / OP_LIBRARY)
+    return True
 
 
 def _copy_files(export_dir: Path, repo: Path, engine: str, name: str) -> None:

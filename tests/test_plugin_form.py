@@ -136,27 +136,51 @@ def test_plugin_graph_is_what_tensorrt_consumes(plugin_export, onnx_family):
     assert not [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
 
 
-def test_plugin_form_equals_gather_form(plugin_export, onnx_family):
-    """Prefill with a mixed-expert, left-padded batch, then decode steps with the cache: 1e-5."""
+def prefill_and_decode(folder, session=None):
+    """Logits of a mixed-expert, left-padded prefill then 3 decode steps with the cache."""
     import json
 
     from chmc.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
-    runs = []
-    for folder in (onnx_family["k2_onnx"], plugin_export):
-        export = json.loads((folder / "chmc.json").read_text())["export"]
-        state = OnnxRuntimeBackend(folder, export).start(np.array([2, 0, 1], np.int64))
-        ids = np.random.default_rng(5).integers(0, 46, (3, 6))
-        mask = np.ones((3, 6), np.int64)
-        mask[1, :2] = 0
-        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        logits = [state.step(ids, mask, pos)]
-        for t in range(3):
-            mask = np.concatenate([mask, np.ones((3, 1), np.int64)], axis=1)
-            pos = pos[:, -1:] + 1
-            logits.append(state.step(ids[:, t:t + 1], mask, pos))
-        runs.append(np.stack(logits))
-    np.testing.assert_allclose(runs[1], runs[0], atol=1e-5, rtol=0)
+    export = json.loads((folder / "chmc.json").read_text())["export"]
+    state = OnnxRuntimeBackend(folder, export, session=session).start(np.array([2, 0, 1], np.int64))
+    ids = np.random.default_rng(5).integers(0, 46, (3, 6))
+    mask = np.ones((3, 6), np.int64)
+    mask[1, :2] = 0
+    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    logits = [state.step(ids, mask, pos)]
+    for t in range(3):
+        mask = np.concatenate([mask, np.ones((3, 1), np.int64)], axis=1)
+        pos = pos[:, -1:] + 1
+        logits.append(state.step(ids[:, t:t + 1], mask, pos))
+    return np.stack(logits)
+
+
+def test_plugin_form_equals_gather_form(plugin_export, onnx_family):
+    np.testing.assert_allclose(prefill_and_decode(plugin_export),
+                               prefill_and_decode(onnx_family["k2_onnx"]), atol=1e-5, rtol=0)
+
+
+def test_triton_repository_of_a_plugin_graph_carries_its_kernel(plugin_export, onnx_family,
+                                                                tmp_path):
+    """Triton's ONNX Runtime backend registers `model_operations` libraries on the session; do
+    that with the repository's config and library, and the graph runs like the gather form."""
+    from chmc.compiler.triton_repo import parse_model_config, write_triton_repo
+
+    pytest.importorskip("tritonclient.grpc")
+    repo = write_triton_repo(plugin_export, tmp_path / "repo")
+    config = parse_model_config((repo / "chmc_engine" / "config.pbtxt").read_text())
+    (ops,) = config.model_operations.op_library_filename
+    assert ops == str((repo / "chmc_engine" / "1" / "chmc_ort_kernel.so").resolve())
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(ops)
+    session = ort.InferenceSession(str(repo / "chmc_engine" / "1" / "model.onnx"), opts,
+                                   providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(prefill_and_decode(plugin_export, session),
+                               prefill_and_decode(onnx_family["k2_onnx"]), atol=1e-5, rtol=0)
+    gather = parse_model_config((write_triton_repo(onnx_family["k2_onnx"], tmp_path / "g")
+                                 / "chmc_engine" / "config.pbtxt").read_text())
+    assert not gather.model_operations.op_library_filename  # standard ops need no library
 
 
 def test_plugin_form_generates_through_the_runtime(plugin_export, onnx_family):
@@ -176,4 +200,8 @@ def test_half_precision_plugin_graph_on_onnxruntime_is_a_clear_error(onnx_family
     res = chmc_cli("run", str(folder), "--expert", "expert_0", "1+2=", cwd=tmp_path)
     assert res.returncode != 0
     assert "not supported: a float16 plugin-form graph on ONNX Runtime" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    res = chmc_cli("triton", str(folder), "--out", str(tmp_path / "repo"), cwd=tmp_path)
+    assert res.returncode != 0 and not (tmp_path / "repo").exists()
+    assert "float16 plugin-form graph cannot be served by Triton's ONNX Runtime" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
