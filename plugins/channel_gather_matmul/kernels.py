@@ -9,6 +9,8 @@ uses and streams that row straight from `bank`. Three kernels, one per regime:
     bank[g] rows only where some row of the batch needs them (masked loads skip the rest), so a
     channel costs at most K row reads whatever the batch size, then applies them with tl.dot.
   - `_gemm_kernel`  (prefill, many rows): a gather-GEMM per batch entry (one expert per entry).
+    `_gemm_persistent_kernel` is the same GEMM scheduled persistently, with TMA loads of x: an
+    opt-in candidate (`variant=`) until a GPU benchmark shows it beats `_gemm_kernel`.
 fp32 accumulation; output in x's dtype. Every kernel takes (inputs, int32 scalars, output) in the
 order TensorRT's AOT plugins launch them (see tensorrt_plugin.py), with contiguous tensors.
 Under TRITON_INTERPRET=1 the kernels run on CPU tensors (tests), with one fixed config each.
@@ -16,6 +18,7 @@ Under TRITON_INTERPRET=1 the kernels run on CPU tensors (tests), with one fixed 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -26,6 +29,7 @@ import triton.language as tl
 
 Mode = Literal["auto", "decode", "mixed", "prefill"]
 MODES: tuple[str, ...] = ("auto", "decode", "mixed", "prefill")
+Variant = Literal["default", "persistent", "persistent_tma", "persistent_flat", "persistent_tma_flat"]
 PREFILL_MIN_ROWS = 16  # per batch entry; below this the batch is served by the mixed kernel
 
 
@@ -121,6 +125,56 @@ def _gemm_kernel(x, bank, index, expert_id, S, N_OUT, N_IN, y,
              mask=s_ok[:, None] & c_ok[None, :])
 
 
+@triton.jit
+def _gemm_persistent_kernel(x, bank, index, expert_id, S, N_OUT, N_IN, B, y,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            F32_DOT: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
+                            X_TMA: tl.constexpr, FLATTEN: tl.constexpr):
+    """`_gemm_kernel`'s math, scheduled like a Hopper GEMM: one program per SM walks the tiles
+    (no launch tail), GROUP_M row tiles share each weight tile while it is in L2, and X_TMA loads
+    x tiles with the TMA unit (W's rows are gathered, so they stay pointer loads: Hopper's TMA
+    has no row gather). FLATTEN fuses the tile and K loops into one pipelined loop, so the next
+    tile's loads overlap this one's epilogue; Triton 3.6 then stages W through registers instead
+    of cp.async (seen in sm_90 PTX), so the benchmark times both. No warp specialization: on
+    sm_90 `tl.range(warp_specialize=True)` compiles to the same code for this loop."""
+    # grid: (min(NUM_SMS, tiles),); tile t = (b, pid_m, pid_n), b-major, grouped within b
+    tiles_m = tl.cdiv(S, BLOCK_M)
+    tiles_n = tl.cdiv(N_OUT, BLOCK_N)
+    per_b = tiles_m * tiles_n
+    per_group = GROUP_M * tiles_n
+    if X_TMA:  # x viewed as [B * S, in]; a tile running past its entry's rows is never stored
+        x_desc = tl.make_tensor_descriptor(x, shape=[B * S, N_IN], strides=[N_IN, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+    for t in tl.range(tl.program_id(0), B * per_b, NUM_SMS, flatten=FLATTEN):
+        b = t // per_b
+        r = t % per_b
+        first_m = (r // per_group) * GROUP_M
+        group_m = min(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + r % group_m
+        pid_n = (r % per_group) // group_m
+        e = tl.load(expert_id + b)
+        s = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+        rows = b.to(tl.int64) * S + s  # [BM] rows of the flattened batch
+        c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+        c_ok = c < N_OUT
+        g = tl.load(index + e * N_OUT + c, mask=c_ok, other=0).to(tl.int64)  # [BN]
+        w_rows = bank + (g * N_OUT + c) * N_IN  # [BN]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, N_IN, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)  # [BK]
+            k_ok = k < N_IN
+            if X_TMA:
+                a = x_desc.load([b * S + pid_m * BLOCK_M, k0])  # [BM, BK], zero past the edges
+            else:
+                a = tl.load(x + rows[:, None] * N_IN + k[None, :],
+                            mask=(s < S)[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+            w = tl.load(w_rows[:, None] + k[None, :], mask=c_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # [BN, BK]
+            acc = _dot_t(a, w, acc, F32_DOT)
+        tl.store(y + rows[:, None] * N_OUT + c[None, :], acc.to(y.dtype.element_ty),
+                 mask=(s < S)[:, None] & c_ok[None, :])
+
+
 @dataclass(frozen=True)
 class Launch:
     """Block sizes and launch options of one kernel; also what the TensorRT AOT plugin compiles."""
@@ -156,6 +210,17 @@ CANDIDATES: dict[str, list[Launch]] = {
                  (256, 128, 32, 8, 5), (128, 256, 32, 8, 5)]],
 }
 KERNELS: dict[str, Any] = {"decode": _gemv_kernel, "mixed": _mixed_kernel, "prefill": _gemm_kernel}
+# Prefill kernels: "default" is `_gemm_kernel` (also the one TensorRT embeds: the others need
+# Triton's global scratch for their TMA descriptors); the rest are `_gemm_persistent_kernel` with
+# these flags, candidates until a GPU benchmark (benchmarks/gpu_kernels.py) names a winner.
+PREFILL_VARIANTS: dict[str, dict[str, bool]] = {
+    "default": {},
+    "persistent": {"X_TMA": False, "FLATTEN": False},
+    "persistent_tma": {"X_TMA": True, "FLATTEN": False},
+    "persistent_flat": {"X_TMA": False, "FLATTEN": True},
+    "persistent_tma_flat": {"X_TMA": True, "FLATTEN": True},
+}
+GROUP_M = 8  # row tiles that take turns on one weight tile (L2 reuse)
 _TUNED: dict[str, Any] = {}
 
 
@@ -187,12 +252,15 @@ def grid(mode: str, launch: Launch, batch: int, seq: int, n_out: int) -> tuple[i
 
 
 def _tuned_kernel(mode: str) -> Any:
-    """triton.autotune over CANDIDATES, built on first use (CUDA only)."""
+    """triton.autotune over CANDIDATES, built on first use (CUDA only); mode "persistent" is
+    `_gemm_persistent_kernel` over the prefill candidates, tuned per flag set."""
     if mode not in _TUNED:
-        configs = [triton.Config(_meta(mode, c), num_warps=c.num_warps, num_stages=c.num_stages)
-                   for c in CANDIDATES[mode]]
-        _TUNED[mode] = triton.autotune(configs=configs, key=["N_OUT", "N_IN", "BLOCK_M"]
-                                       if mode == "mixed" else ["N_OUT", "N_IN"])(KERNELS[mode])
+        kind = "prefill" if mode == "persistent" else mode
+        configs = [triton.Config(_meta(kind, c), num_warps=c.num_warps, num_stages=c.num_stages)
+                   for c in CANDIDATES[kind]]
+        key = {"mixed": ["BLOCK_M"], "persistent": ["X_TMA", "FLATTEN"]}.get(mode, [])
+        fn = _gemm_persistent_kernel if mode == "persistent" else KERNELS[mode]
+        _TUNED[mode] = triton.autotune(configs=configs, key=["N_OUT", "N_IN", *key])(fn)
     return _TUNED[mode]
 
 
@@ -225,20 +293,71 @@ def fixed_launch(kind: str, rows: int, launch: Launch | None = None) -> Launch:
     return launch
 
 
+@functools.lru_cache
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Triton's global scratch (device-side TMA descriptors live there), from torch's caching
+    allocator, so launches inside CUDA-graph capture take it from the graph's pool."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Give Triton an allocator when none is set (per context; never at import)."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
+def x_tma_ok(x: torch.Tensor) -> bool:
+    """Whether the TMA can load x [B, S, in]: 16-byte aligned base and row stride."""
+    return x.data_ptr() % 16 == 0 and x.shape[2] * x.element_size() % 16 == 0
+
+
+def _prefill_persistent(args: tuple[Any, ...], variant: str, fixed: dict[str, int],
+                        chosen: Launch, tune: bool) -> None:
+    """Launch `_gemm_persistent_kernel`: one program per SM (3 under the interpreter, so each
+    walks several tiles). Where the TMA cannot load x (`x_tma_ok`) it takes pointer loads."""
+    x, seq, n_out, batch = args[0], args[4], args[5], args[7]
+    flags = dict(PREFILL_VARIANTS[variant])
+    flags["X_TMA"] &= x_tma_ok(x)
+    if flags["X_TMA"] and not interpreting():
+        _ensure_allocator()
+    sms = 3 if interpreting() else _sm_count(x.device.index or torch.cuda.current_device())
+    consts = {**fixed, **flags, "GROUP_M": GROUP_M, "NUM_SMS": sms}
+
+    def programs(meta: dict[str, int]) -> tuple[int]:
+        tiles = batch * triton.cdiv(seq, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"])
+        return (min(sms, tiles),)
+
+    if tune:
+        _tuned_kernel("persistent")[programs](*args, **consts)
+        return
+    meta = _meta("prefill", chosen)
+    _gemm_persistent_kernel[programs(meta)](*args, **meta, **consts, num_warps=chosen.num_warps,
+                                            num_stages=chosen.num_stages)
+
+
 def channel_gather_matmul(x: torch.Tensor, bank: torch.Tensor, index: torch.Tensor,
                           expert_id: torch.Tensor, *, mode: Mode = "auto", tuned: bool = True,
                           launch: Launch | None = None, out: torch.Tensor | None = None,
-                          ) -> torch.Tensor:
+                          variant: Variant = "default") -> torch.Tensor:
     """y [B, S, out] = x [B, S, in] @ (bank [K, out, in] rows picked by index [N, out] for expert_id [B])^T.
 
     `index` should already be int32 and contiguous (convert once at load time: a conversion here
     allocates on every call). `mode` forces a kernel; "auto" picks from B and S. `tuned` autotunes
     block sizes on CUDA (first call per (out, in); warm up before CUDA-graph capture); `launch`
-    fixes them instead.
+    fixes them instead. `variant` picks the prefill kernel (PREFILL_VARIANTS; other modes ignore
+    it).
     """
     _check(x, bank, index, expert_id)
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
+    if variant not in PREFILL_VARIANTS:
+        raise ValueError(f"variant {variant!r} is not one of {tuple(PREFILL_VARIANTS)}")
     batch, seq, n_in = x.shape
     n_groups, n_out, _ = bank.shape
     x, bank = x.contiguous(), bank.contiguous()
@@ -255,7 +374,11 @@ def channel_gather_matmul(x: torch.Tensor, bank: torch.Tensor, index: torch.Tens
         "F32_DOT": x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16)}
     if kind == "mixed":  # the batch size fixes BLOCK_M; autotuning picks only N and K blocks
         fixed["BLOCK_M"] = chosen.block_m
-    if tuned and launch is None and x.is_cuda and not interpreting():
+    tune = tuned and launch is None and x.is_cuda and not interpreting()
+    if kind == "prefill" and variant != "default":
+        _prefill_persistent((x, bank, index, expert_id, *scalars, batch, y), variant, fixed,
+                            chosen, tune)
+    elif tune:
         def tuned_grid(meta: dict[str, int]) -> tuple[int, int, int]:
             return grid(kind, Launch(meta.get("BLOCK_M", 1), meta["BLOCK_N"], meta["BLOCK_K"]),
                         batch, seq, n_out)
