@@ -108,6 +108,9 @@ def test_native_op_compile_failure_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ChmcError, match=r"ort_kernel\.c: false failed to compile"):
         library_path()
     assert not list(tmp_path.rglob("*.so*"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(ChmcError, match=r"ort_kernel\.c: cannot compile .*no-such-cc"):
+        library_path()
     monkeypatch.delenv("CC")
     assert library_path().stat().st_size > 0  # the machine's compiler builds it
 

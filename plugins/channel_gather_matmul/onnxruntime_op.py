@@ -36,10 +36,13 @@ def library_path(portable: bool = False) -> Path:
     if not cc:
         raise MissingDependencyError("the plugin form on ONNX Runtime compiles its CPU kernel "
                                      f"({SOURCE.name}) with a C compiler: install gcc or set CC")
-    lib.parent.mkdir(parents=True, exist_ok=True)
     tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
-    res = subprocess.run([cc, *flags, "-o", str(tmp), str(SOURCE)], capture_output=True, check=False,
-                         text=True)
+    try:
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        res = subprocess.run([cc, *flags, "-o", str(tmp), str(SOURCE)], capture_output=True,
+                             check=False, text=True)
+    except OSError as e:  # CC names no program, or the cache folder is not writable
+        raise ChmcError(f"{SOURCE}: cannot compile the ONNX Runtime kernel with {cc} ({e})") from None
     if res.returncode:
         tmp.unlink(missing_ok=True)
         first = (res.stderr.strip().splitlines() or ["no output"])[0]
