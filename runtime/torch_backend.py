@@ -144,7 +144,8 @@ class TorchState:
                     attention_mask=torch.from_numpy(attention_mask[rows]).to(dev),
                     position_ids=torch.from_numpy(position_ids[rows]).to(dev),
                     use_cache=True, **{self.cache_arg: self.caches[e]})
-            self.caches[e] = res.past_key_values
+            # transformers 5.x renamed the output `cache` too (past_key_values warns there)
+            self.caches[e] = res["cache"] if "cache" in res else res.past_key_values
             logits = res.logits[:, -1].float().cpu().numpy()  # [rows, V]
             if out is None:
                 out = np.empty((len(input_ids), logits.shape[-1]), dtype=np.float32)

@@ -149,3 +149,5 @@ def test_demo_prints_the_quality_table(distinct_family, tmp_path: Path, chmc_cli
     assert calibrated["accounting"]["ratio"] <= 0.5  # the calibrated row stays within its budget
     assert f"{100 * calibrated['accounting']['ratio']:.1f}%" in res.stdout
     assert calibrated["router"]["heldout_accuracy"] >= 0.99  # the demo's expert auto row
+    graph = json.loads((tmp_path / "distinct-budget0.5-onnx" / "chmc.json").read_text())["export"]
+    assert f"one ONNX graph ({graph['linear']} form)" in res.stdout
