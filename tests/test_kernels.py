@@ -185,6 +185,80 @@ def test_kernel_writes_into_out_and_is_capturable() -> None:
     torch.testing.assert_close(out, reference(x, bank, index, expert_id), rtol=1e-4, atol=1e-4)
 
 
+# (batch, seq, groups K, experts N, out, in, experts of the batch): odd out, tiles past S and
+# past `in`; in=40/48 lets 16-bit and fp32 x go through the TMA, in=33 falls back to pointer
+# loads; seq=150 makes 10 row tiles of 16 under the interpreter, two GROUP_M groups, one partial
+PERSISTENT_SMALL = [(2, 17, 3, 5, 70, 40, (4, 1)), (3, 20, 2, 4, 45, 33, (0, 3, 1)),
+                    (1, 40, 1, 1, 19, 24, (0,)), (2, 18, 4, 4, 33, 48, (2, 3)),
+                    (2, 150, 2, 3, 20, 24, (2, 0))]
+PERSISTENT_LARGE = [(2, 300, 2, 4, 1031, 520, (1, 3)), (3, 130, 4, 4, 257, 4099, (3, 0, 2)),
+                    (1, 2048, 1, 1, 512, 1024, (0,))]
+PERSISTENT = ["persistent", "persistent_tma", "persistent_flat", "persistent_tma_flat"]
+# every variant in bf16; fp16 and fp32 through one (each variant and dtype compiles anew on CUDA)
+PERSISTENT_CASES = [(v, d) for v in PERSISTENT for d in DTYPES
+                    if d == torch.bfloat16 or v == "persistent_tma"]
+
+
+def persistent_op(shape: tuple[Any, ...], dtype: Any, device: str) -> tuple[Any, ...]:
+    """random_op with the batch's experts fixed, so entries differ in expert."""
+    x, bank, index, _ = random_op(*shape[:6], dtype=dtype, device=device)
+    return x, bank, index, torch.tensor(shape[6], device=device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("variant", "dtype"), PERSISTENT_CASES, ids=str)
+@pytest.mark.parametrize("shape", PERSISTENT_SMALL + PERSISTENT_LARGE, ids=str)
+def test_persistent_prefill_matches_reference(shape: tuple[Any, ...], variant: str,
+                                              dtype: Any) -> None:
+    """The persistent prefill variants equal the reference (in=33 also checks the pointer-load
+    fallback of the TMA variant in every dtype). Under the interpreter: small tiles (several per
+    program, rows of one entry's last tile spilling into the next entry's), and only the flag
+    that changes semantics (X_TMA: the interpreter ignores loop flattening)."""
+    device = kernel_device()
+    if device == "cpu" and (shape in PERSISTENT_LARGE or variant.endswith("_flat")):
+        pytest.skip("large shapes and loop flattening are checked on CUDA only")
+    from chmc.plugins.channel_gather_matmul.kernels import Launch, channel_gather_matmul, x_tma_ok
+
+    x, bank, index, expert_id = persistent_op(shape, dtype, device)
+    if "tma" in variant:  # the TMA path is taken exactly where its alignment rules allow
+        assert x_tma_ok(x) == (shape[5] * x.element_size() % 16 == 0)
+    launch = Launch(16, 16, 16, 4, 2) if device == "cpu" else None
+    y = channel_gather_matmul(x, bank, index, expert_id, mode="prefill", variant=variant,
+                              tuned=False, launch=launch)
+    assert y.shape == (shape[0], shape[1], shape[4]) and y.dtype == dtype
+    assert_close_to_reference(y, x, bank, index, expert_id, f"{variant} {shape}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["persistent", "persistent_tma"])
+def test_persistent_candidates_and_capture(variant: str) -> None:
+    """Every prefill candidate launch is right with the persistent kernel; on CUDA it also
+    autotunes, and replays from a CUDA graph (the TMA descriptors' scratch is allocated during
+    capture) with new x and experts."""
+    device = kernel_device()
+    from chmc.plugins.channel_gather_matmul.kernels import CANDIDATES, channel_gather_matmul
+
+    shape = (2, 17, 3, 5, 70, 40, (4, 1))
+    x, bank, index, expert_id = persistent_op(shape, torch.bfloat16, device)
+    for launch in CANDIDATES["prefill"]:
+        y = channel_gather_matmul(x, bank, index, expert_id, mode="prefill", variant=variant,
+                                  launch=launch)
+        assert_close_to_reference(y, x, bank, index, expert_id, f"{variant} {launch}")
+    if device != "cuda":
+        return
+    x, bank, index, expert_id = persistent_op((2, 300, 2, 4, 1031, 520, (1, 3)),
+                                              torch.bfloat16, device)
+    out = channel_gather_matmul(x, bank, index, expert_id, mode="prefill", variant=variant)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        channel_gather_matmul(x, bank, index, expert_id, mode="prefill", variant=variant, out=out)
+    x.copy_(torch.randn_like(x))
+    expert_id.copy_(torch.tensor([2, 0], device=device))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_to_reference(out, x, bank, index, expert_id, f"{variant} graph replay")
+
+
 class GatherLinear(torch.nn.Module):
     """A merged Linear served by the kernel: W_e's rows read from the bank, never materialised."""
 
@@ -290,6 +364,41 @@ def test_aot_kernels_compile_to_ptx(dtype: str) -> None:
         assert "mma" in ptx or dtype == "float32"  # tensor cores for 16-bit inputs
         assert compiled.metadata.num_warps == AOT_LAUNCH[mode].num_warps
         assert 0 < compiled.metadata.shared <= PORTABLE_SHARED_BYTES  # no opt-in launch needed
+
+
+def test_persistent_kernel_compiles_to_tma_and_wgmma() -> None:
+    """sm_90 codegen of the persistent kernel (bf16, the benchmark's 128x128x64 tile): wgmma
+    tensor cores; x through the TMA (cp.async.bulk.tensor) exactly when X_TMA; W's gathered rows
+    through cp.async when the loops are not flattened (flattened, Triton 3.6 stages them through
+    registers, so that form is timed, not asserted)."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed (python3 -m pip install --no-deps triton)")
+    if INTERPRETING:
+        pytest.skip("under TRITON_INTERPRET=1 kernels are not compilable JIT functions")
+    import triton
+    from chmc.plugins.channel_gather_matmul.kernels import (
+        PREFILL_VARIANTS,
+        _gemm_persistent_kernel,
+    )
+    from chmc.plugins.channel_gather_matmul.tensorrt_plugin import kernel_signature
+    from triton.backends.compiler import GPUTarget
+
+    args = kernel_signature("prefill", "bfloat16")  # inputs, int32 scalars, y, constexprs
+    names = list(args)
+    names.insert(names.index("y"), "B")
+    signature = {n: args.get(n, "i32") for n in names}
+    for variant in ("persistent_tma", "persistent_flat"):  # TMA on/off, flattening off/on
+        consts = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "F32_DOT": False, "GROUP_M": 8,
+                  "NUM_SMS": 132, **PREFILL_VARIANTS[variant]}
+        hinted = [n for n, t in signature.items() if t.startswith("*")] + ["N_OUT", "N_IN"]
+        src = triton.compiler.ASTSource(
+            fn=_gemm_persistent_kernel, signature=signature | {n: "constexpr" for n in consts},
+            constexprs=consts, attrs={(names.index(n),): [["tt.divisibility", 16]] for n in hinted})
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                             options={"num_warps": 8, "num_stages": 3}).asm["ptx"]
+        assert "wgmma.mma_async" in ptx, variant
+        assert ("cp.async.bulk.tensor" in ptx) == consts["X_TMA"], variant
+        assert "cp.async.cg" in ptx or consts["FLATTEN"], f"{variant}: W loads not pipelined"
 
 
 def test_kernels_under_interpreter() -> None:
