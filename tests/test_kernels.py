@@ -201,8 +201,9 @@ PERSISTENT_CASES = [(v, d) for v in PERSISTENT for d in DTYPES
 
 def persistent_op(shape: tuple[Any, ...], dtype: Any, device: str) -> tuple[Any, ...]:
     """random_op with the batch's experts fixed, so entries differ in expert."""
-    x, bank, index, _ = random_op(*shape[:6], dtype=dtype, device=device)
-    return x, bank, index, torch.tensor(shape[6], device=device)
+    batch, seq, groups, experts, n_out, n_in, ids = shape
+    x, bank, index, _ = random_op(batch, seq, groups, experts, n_out, n_in, dtype, device)
+    return x, bank, index, torch.tensor(ids, device=device)
 
 
 @pytest.mark.gpu
