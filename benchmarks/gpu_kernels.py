@@ -9,6 +9,11 @@ split by expert) reuses the dense pool with a per-model layer offset, so every m
 tensors far beyond L2 per step, without holding 4 copies of the model.
 
     python3 benchmarks/gpu_kernels.py [--layers 32] [--iters 20] [--check] [--per-shape]
+                                      [--prefill-variants]
+
+--prefill-variants runs first: each prefill kernel variant (kernels.PREFILL_VARIANTS) with a few
+launches on each linear shape at 2048 tokens, vs cuBLAS and the autotuned default kernel, then
+the whole-model prefill step with each shape's fastest kernel ("prefill" -> "best_variant_ms").
 
 Prints one JSON object; exits 2 without CUDA, 1 with --check when a goal is missed.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +32,10 @@ LINEARS = {"q": (HIDDEN, HIDDEN), "k": (HIDDEN, HIDDEN), "v": (HIDDEN, HIDDEN),
            "o": (HIDDEN, HIDDEN), "gate": (INTER, HIDDEN), "up": (INTER, HIDDEN),
            "down": (HIDDEN, INTER)}  # name: (out, in)
 GOALS = {"decode": 1.03, "prefill": 1.10, "mixed": 2.0}
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tried per persistent variant; the largest takes
+# 3 x (128 + 256) x 64 x 2 B = 144 KiB of shared memory (228 KiB per SM on H100/H200)
+VARIANT_LAUNCHES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
+                    (256, 128, 64, 8, 3)]
 
 
 def timed(step: Callable[[], Any], iters: int) -> float:
@@ -84,13 +94,18 @@ def dense_step(w: dict[str, Any], x: dict[int, Any], offset: int = 0, rows: Any 
     return step
 
 
-def kernel_step(w: dict[str, Any], x: dict[int, Any], expert_id: Any, mode: str = "auto"):
+def kernel_step(w: dict[str, Any], x: dict[int, Any], expert_id: Any, mode: str = "auto",
+                choice: dict[tuple[int, int], tuple[str, Any]] | None = None):
+    """All layers' linears through the kernel; `choice` maps (out, in) to a prefill (variant,
+    launch), else the default kernel, autotuned."""
     from chmc.plugins.channel_gather_matmul.kernels import channel_gather_matmul
 
     def step() -> None:
         for bank, index in zip(w["banks"], w["index"]):
-            for n, (_, i) in LINEARS.items():
-                channel_gather_matmul(x[i], bank[n], index[n], expert_id, mode=mode)
+            for n, shape in LINEARS.items():
+                variant, launch = (choice or {}).get(shape, ("default", None))
+                channel_gather_matmul(x[shape[1]], bank[n], index[n], expert_id, mode=mode,
+                                      variant=variant, launch=launch)
     return step
 
 
@@ -185,6 +200,154 @@ def per_shape(iters: int, copies: int = 8) -> dict[str, Any]:
     return table
 
 
+def one_line(error: BaseException) -> str:
+    """A compiler's or launcher's error as one line: its first and last lines."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()] or [""]
+    text = lines[0] if len(lines) == 1 else f"{lines[0]} | {lines[-1]}"
+    return f"{type(error).__name__}: {text}"[:300]
+
+
+def prefill_variants(iters: int, copies: int = 8, seq: int = 2048,
+                     ) -> tuple[dict[str, Any], dict[tuple[int, int], tuple[str, Any]]]:
+    """Every prefill kernel (the default, autotuned; each persistent variant with each of
+    VARIANT_LAUNCHES) on each linear shape at `seq` tokens, K=2 banks, timed like per_shape.
+    Each is first checked against cuBLAS on the materialised expert weight. The fastest per shape
+    is also timed on one dense bank (K=1, every index 0), to split the gather's cost from the
+    GEMM's. A launch that fails is reported by its one-line error. Returns the JSON section and,
+    per (out, in), the (variant, launch) of the variant fastest over the whole model."""
+    import torch
+    import torch.nn.functional as F
+    from chmc.plugins.channel_gather_matmul import kernels
+
+    runs: list[tuple[str, Any]] = [("default", None)] + [
+        (v, kernels.Launch(*c)) for v in kernels.PREFILL_VARIANTS if v != "default"
+        for c in VARIANT_LAUNCHES]
+
+    def name(variant: str, launch: Any) -> str:
+        if launch is None:
+            return f"{variant} autotuned"
+        return (f"{variant} {launch.block_m}x{launch.block_n}x{launch.block_k} "
+                f"w{launch.num_warps} s{launch.num_stages}")
+
+    shapes: dict[str, Any] = {}
+    for o, i in sorted(set(LINEARS.values())):
+        banks = [torch.randn(2, o, i, device="cuda", dtype=torch.bfloat16) * 0.02
+                 for _ in range(copies)]
+        index = torch.randint(0, 2, (4, o), device="cuda", dtype=torch.int32)
+        ids = torch.ones(1, dtype=torch.int64, device="cuda")
+        x = torch.randn(1, seq, i, device="cuda", dtype=torch.bfloat16)
+        w1 = banks[0][index[1].long(), torch.arange(o, device="cuda")]  # [out, in] expert 1's W
+        want = F.linear(x, w1).float()  # [1, seq, out]
+
+        def calls(variant: str, launch: Any, banks: Any = banks, index: Any = index,
+                  x: Any = x, ids: Any = ids) -> Callable[[], None]:
+            def step() -> None:
+                for bank in banks:
+                    kernels.channel_gather_matmul(x, bank, index, ids, mode="prefill",
+                                                  variant=variant, launch=launch)
+            return step
+
+        def dense(x: Any = x, banks: Any = banks) -> None:
+            for bank in banks:
+                F.linear(x, bank[0])
+
+        row: dict[str, Any] = {"dense_us": timed(dense, iters) * 1e3 / copies, "kernels": {}}
+        fastest: tuple[float, str, Any] | None = None
+        for variant, launch in runs:
+            entry: dict[str, Any] = {"variant": variant}
+            try:
+                got = kernels.channel_gather_matmul(x, banks[0], index, ids, mode="prefill",
+                                                    variant=variant, launch=launch).float()
+                entry["rel_error"] = ((got - want).abs().max() / want.abs().max()).item()
+                entry["us"] = timed(calls(variant, launch), iters) * 1e3 / copies
+                entry["ratio"] = entry["us"] / row["dense_us"]
+                entry["wrong"] = entry["rel_error"] > 0.02  # bf16 products, fp32 sums: ~0.003
+            except Exception as error:  # noqa: BLE001  a launch that fails is a finding
+                entry["error"] = one_line(error)
+            if variant == "default":
+                tuner = kernels._TUNED.get("prefill")
+                entry["config"] = str(tuner.best_config) if tuner is not None else None
+            row["kernels"][name(variant, launch)] = entry
+            if "us" in entry and not entry["wrong"] and (fastest is None or entry["us"] < fastest[0]):
+                fastest = (entry["us"], variant, launch)
+        if fastest is not None:
+            _, variant, launch = fastest
+            ones = [bank[:1] for bank in banks]
+            us = timed(calls(variant, launch, banks=ones, index=torch.zeros_like(index)),
+                       iters) * 1e3 / copies
+            row["fastest"] = name(variant, launch)
+            row["control_dense_bank"] = {"kernel": name(variant, launch), "us": us,
+                                         "ratio": us / row["dense_us"]}
+        shapes[f"{o}x{i}"] = row
+        print(json.dumps({"prefill_variants": shapes}), file=sys.stderr, flush=True)
+    model, choice = model_prefill(shapes)
+    return {"seq": seq, "copies": copies, "shapes": shapes, "model": model}, choice
+
+
+def model_prefill(shapes: dict[str, Any],
+                  ) -> tuple[dict[str, Any], dict[tuple[int, int], tuple[str, Any]]]:
+    """Whole-model prefill from the per-shape timings: per variant, each shape's fastest correct
+    launch (what autotuning over them would pick), summed over the linears of a layer."""
+    from chmc.plugins.channel_gather_matmul.kernels import Launch
+
+    count = Counter(LINEARS.values())  # (out, in): linears of that shape per layer
+    dense = sum(n * shapes[f"{o}x{i}"]["dense_us"] for (o, i), n in count.items())
+    model: dict[str, Any] = {"dense_us": dense, "goal": GOALS["prefill"], "variants": {}}
+    picks: dict[str, dict[tuple[int, int], tuple[float, str]]] = {}
+    for (o, i) in count:
+        for kname, entry in shapes[f"{o}x{i}"]["kernels"].items():
+            if "us" in entry and not entry["wrong"]:
+                best = picks.setdefault(entry["variant"], {}).get((o, i))
+                if best is None or entry["us"] < best[0]:
+                    picks[entry["variant"]][(o, i)] = (entry["us"], kname)
+    for variant, chosen in picks.items():
+        if len(chosen) == len(count):  # a variant missing a shape has no model figure
+            us = sum(n * chosen[shape][0] for shape, n in count.items())
+            model["variants"][variant] = {"ratio": us / dense, "launches": {
+                f"{o}x{i}": kname for (o, i), (_, kname) in chosen.items()}}
+    if not model["variants"]:
+        return model, {}
+    best = min(model["variants"], key=lambda v: model["variants"][v]["ratio"])
+    model["best_variant"] = best
+    model["best_ratio"] = model["variants"][best]["ratio"]
+    model["met"] = model["best_ratio"] <= GOALS["prefill"]
+    if best == "default":  # the main prefill figure already is the default kernel's
+        return model, {}
+    choice: dict[tuple[int, int], tuple[str, Any]] = {}
+    for shape, (_, kname) in picks[best].items():  # "variant BMxBNxBK wW sS" back to a Launch
+        dims, warps, stages = kname.split()[1:]
+        m, n, k = (int(d) for d in dims.split("x"))
+        choice[shape] = (best, Launch(m, n, k, int(warps[1:]), int(stages[1:])))
+    return model, choice
+
+
+def summarize(paths: list[str]) -> int:
+    """Print the answer in a few lines from a run's JSON: the complete object in the first file,
+    else (a run cut by its timeout) the last partial JSON line of any of them."""
+    from pathlib import Path
+
+    texts = [Path(p).read_text() if Path(p).exists() else "" for p in paths]
+    partial = [ln for t in texts for ln in t.splitlines() if ln.startswith("{")]
+    if not texts[0].strip() and not partial:
+        print("gpu_kernels: no results in", " ".join(paths))
+        return 1
+    r = json.loads(texts[0]) if texts[0].strip() else json.loads(partial[-1])
+    for name in ("decode", "prefill", "mixed"):
+        print(name, {k: v for k, v in r.get(name, {}).items() if "ratio" in k or "variant" in k})
+    pv = r.get("prefill_variants", {})
+    for shape, row in pv.get("shapes", {}).items():
+        print(f"prefill {shape}: fastest {row.get('fastest')}, dense bank control "
+              f"{row.get('control_dense_bank', {}).get('ratio')}")
+        for kname, e in row["kernels"].items():
+            print(f"    {kname}: " + (e.get("error") or f"{e['ratio']:.3f}x, rel error "
+                                       f"{e['rel_error']:.1e}{' WRONG' if e['wrong'] else ''}"))
+    model = pv.get("model", {})
+    print("prefill model ratios:", {v: round(m["ratio"], 3) for v, m in
+                                    model.get("variants", {}).items()},
+          "best:", model.get("best_variant"))
+    return 0
+
+
 def bandwidth_gbps() -> float:
     """Achievable HBM bandwidth: a 2 GiB device-to-device copy (2 GiB read + 2 GiB written)."""
     import torch
@@ -202,7 +365,13 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
     parser.add_argument("--per-shape", action="store_true",
                         help="also time each linear shape alone and report the autotuned configs")
+    parser.add_argument("--prefill-variants", action="store_true",
+                        help="first time every prefill kernel variant per shape (about a minute)")
+    parser.add_argument("--summary", nargs="+", metavar="FILE",
+                        help="only print a short summary of a run's JSON output (no GPU)")
     args = parser.parse_args()
+    if args.summary:
+        return summarize(args.summary)
     import torch
 
     if not torch.cuda.is_available():
@@ -215,6 +384,10 @@ def main() -> int:
     mixed_ids = torch.arange(16, device="cuda") % experts
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "layers": args.layers,
                               "experts": experts, "groups": groups, "dtype": "bfloat16"}
+    choice: dict[tuple[int, int], tuple[str, Any]] = {}
+    if args.prefill_variants:  # first: the question the next GPU session must answer
+        result["prefill_variants"], choice = prefill_variants(args.iters)
+        print(json.dumps(result), file=sys.stderr, flush=True)  # partial, in case of a timeout
     weight_bytes = sum(o * i for o, i in LINEARS.values()) * 2 * args.layers
     result["physical_limit_ms"] = weight_bytes / (bandwidth_gbps() * 1e6)
 
@@ -226,6 +399,12 @@ def main() -> int:
     xp = inputs(1, 2048)
     result["prefill"] = {"dense_ms": timed(dense_step(w, xp), max(5, args.iters // 4)),
                          "kernel_ms": timed(kernel_step(w, xp, one), max(5, args.iters // 4))}
+    if choice:  # the whole model with the fastest persistent variant's per-shape launches
+        result["prefill"]["best_variant"] = next(iter(choice.values()))[0]
+        result["prefill"]["best_variant_ms"] = timed(kernel_step(w, xp, one, choice=choice),
+                                                     max(5, args.iters // 4))
+        result["prefill"]["best_variant_ratio"] = (result["prefill"]["best_variant_ms"]
+                                                   / result["prefill"]["dense_ms"])
     print(json.dumps(result), file=sys.stderr, flush=True)  # partial, in case of a timeout
     x16 = inputs(16, 1)
     ensemble_rows = [torch.nonzero(mixed_ids == e).flatten() for e in range(experts)]
