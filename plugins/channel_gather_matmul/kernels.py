@@ -97,13 +97,11 @@ def _mixed_kernel(x, bank, index, expert_id, S, N_OUT, N_IN, N_GROUPS, M, y,
 
 
 @triton.jit
-def _gemm_kernel(x, bank, index, expert_id, S, N_OUT, N_IN, y,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 F32_DOT: tl.constexpr):
-    # grid: (cdiv(S, BLOCK_M), cdiv(N_OUT, BLOCK_N), B); one expert per batch entry b
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+def _gemm_tile(x, x_desc, bank, index, expert_id, b, pid_m, pid_n, S, N_OUT, N_IN, y,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               F32_DOT: tl.constexpr, X_TMA: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of y for batch entry b (int64), rows s of that entry; x tiles
+    come through the TMA descriptor `x_desc` over x [B * S, in] when X_TMA."""
     e = tl.load(expert_id + b)
     s = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     s_ok = s < S
@@ -116,8 +114,11 @@ def _gemm_kernel(x, bank, index, expert_id, S, N_OUT, N_IN, y,
     for k0 in range(0, N_IN, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)  # [BK]
         k_ok = k < N_IN
-        a = tl.load(x + rows[:, None] * N_IN + k[None, :], mask=s_ok[:, None] & k_ok[None, :],
-                    other=0.0)  # [BM, BK]
+        if X_TMA:  # [BM, BK], zeros past the edges; rows past S (the next entry's) are not stored
+            a = x_desc.load([(b * S + pid_m * BLOCK_M).to(tl.int32), k0])
+        else:
+            a = tl.load(x + rows[:, None] * N_IN + k[None, :], mask=s_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # [BM, BK]
         w = tl.load(w_rows[:, None] + k[None, :], mask=c_ok[:, None] & k_ok[None, :],
                     other=0.0)  # [BN, BK]
         acc = _dot_t(a, w, acc, F32_DOT)
@@ -126,11 +127,20 @@ def _gemm_kernel(x, bank, index, expert_id, S, N_OUT, N_IN, y,
 
 
 @triton.jit
+def _gemm_kernel(x, bank, index, expert_id, S, N_OUT, N_IN, y,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 F32_DOT: tl.constexpr):
+    # grid: (cdiv(S, BLOCK_M), cdiv(N_OUT, BLOCK_N), B); one expert per batch entry b
+    _gemm_tile(x, x, bank, index, expert_id, tl.program_id(2).to(tl.int64), tl.program_id(0),
+               tl.program_id(1), S, N_OUT, N_IN, y, BLOCK_M, BLOCK_N, BLOCK_K, F32_DOT, False)
+
+
+@triton.jit
 def _gemm_persistent_kernel(x, bank, index, expert_id, S, N_OUT, N_IN, B, y,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             F32_DOT: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
                             X_TMA: tl.constexpr, FLATTEN: tl.constexpr):
-    """`_gemm_kernel`'s math, scheduled like a Hopper GEMM: one program per SM walks the tiles
+    """`_gemm_kernel`'s tiles, scheduled like a Hopper GEMM: one program per SM walks the tiles
     (no launch tail), GROUP_M row tiles share each weight tile while it is in L2, and X_TMA loads
     x tiles with the TMA unit (W's rows are gathered, so they stay pointer loads: Hopper's TMA
     has no row gather). FLATTEN fuses the tile and K loops into one pipelined loop, so the next
@@ -142,37 +152,17 @@ def _gemm_persistent_kernel(x, bank, index, expert_id, S, N_OUT, N_IN, B, y,
     tiles_n = tl.cdiv(N_OUT, BLOCK_N)
     per_b = tiles_m * tiles_n
     per_group = GROUP_M * tiles_n
-    if X_TMA:  # x viewed as [B * S, in]; a tile running past its entry's rows is never stored
+    x_desc = x
+    if X_TMA:  # x viewed as [B * S, in]
         x_desc = tl.make_tensor_descriptor(x, shape=[B * S, N_IN], strides=[N_IN, 1],
                                            block_shape=[BLOCK_M, BLOCK_K])
     for t in tl.range(tl.program_id(0), B * per_b, NUM_SMS, flatten=FLATTEN):
-        b = t // per_b
         r = t % per_b
         first_m = (r // per_group) * GROUP_M
         group_m = min(tiles_m - first_m, GROUP_M)
-        pid_m = first_m + r % group_m
-        pid_n = (r % per_group) // group_m
-        e = tl.load(expert_id + b)
-        s = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-        rows = b.to(tl.int64) * S + s  # [BM] rows of the flattened batch
-        c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-        c_ok = c < N_OUT
-        g = tl.load(index + e * N_OUT + c, mask=c_ok, other=0).to(tl.int64)  # [BN]
-        w_rows = bank + (g * N_OUT + c) * N_IN  # [BN]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, N_IN, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)  # [BK]
-            k_ok = k < N_IN
-            if X_TMA:
-                a = x_desc.load([b * S + pid_m * BLOCK_M, k0])  # [BM, BK], zero past the edges
-            else:
-                a = tl.load(x + rows[:, None] * N_IN + k[None, :],
-                            mask=(s < S)[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-            w = tl.load(w_rows[:, None] + k[None, :], mask=c_ok[:, None] & k_ok[None, :],
-                        other=0.0)  # [BN, BK]
-            acc = _dot_t(a, w, acc, F32_DOT)
-        tl.store(y + rows[:, None] * N_OUT + c[None, :], acc.to(y.dtype.element_ty),
-                 mask=(s < S)[:, None] & c_ok[None, :])
+        _gemm_tile(x, x_desc, bank, index, expert_id, (t // per_b).to(tl.int64),
+                   first_m + r % group_m, (r % per_group) // group_m, S, N_OUT, N_IN, y,
+                   BLOCK_M, BLOCK_N, BLOCK_K, F32_DOT, X_TMA)
 
 
 @dataclass(frozen=True)
