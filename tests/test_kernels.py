@@ -237,6 +237,8 @@ def test_persistent_candidates_and_capture(variant: str) -> None:
     autotunes, and replays from a CUDA graph (the TMA descriptors' scratch is allocated during
     capture) with new x and experts."""
     device = kernel_device()
+    if device == "cuda" and variant == "persistent":  # 11 more compiles for the GPU session
+        pytest.skip("on CUDA the TMA variant's launches are checked; the benchmark checks the rest")
     from chmc.plugins.channel_gather_matmul.kernels import CANDIDATES, channel_gather_matmul
 
     shape = (2, 17, 3, 5, 70, 40, (4, 1))
