@@ -14,6 +14,8 @@ tensors far beyond L2 per step, without holding 4 copies of the model.
 --prefill-variants runs first: each prefill kernel variant (kernels.PREFILL_VARIANTS) with a few
 launches on each linear shape at 2048 tokens, vs cuBLAS and the autotuned default kernel, then
 the whole-model prefill step with the fastest persistent variant ("prefill" -> "best_persistent_ms").
+Per shape, "control_triton_dense" times a plain Triton TMA GEMM (triton_dense_gemm.py) on the
+dense weight: the ceiling of any Triton prefill kernel on that GPU.
 
 Prints one JSON object; exits 2 without CUDA, 1 with --check when a goal is missed.
 """
@@ -37,6 +39,10 @@ GOALS = {"decode": 1.03, "prefill": 1.10, "mixed": 2.0}
 # flattened loop may buffer one stage more and not fit: reported as that launch's error)
 VARIANT_LAUNCHES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
                     (128, 256, 64, 8, 4), (256, 128, 64, 8, 3)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, flatten) of the plain Triton TMA GEMM control; on
+# sm_90 the first takes 208 KiB of shared memory, the third 160 KiB (a TMA-stored epilogue)
+CONTROL_LAUNCHES = [(128, 256, 64, 8, 3, False), (128, 256, 64, 8, 3, True),
+                    (128, 128, 64, 8, 4, False), (128, 128, 64, 8, 4, True)]
 
 
 def timed(step: Callable[[], Any], iters: int) -> float:
@@ -293,10 +299,50 @@ def prefill_variants(iters: int, copies: int = 8, seq: int = 2048,
             row["fastest"] = name(variant, launch)
             row["control_dense_bank"] = {"kernel": name(variant, launch), "us": us,
                                          "ratio": us / row["dense_us"]}
+        try:  # a control: never the reason the variants' results are lost
+            row["control_triton_dense"] = triton_dense_control(x, banks, iters, row["dense_us"])
+        except Exception as error:  # noqa: BLE001
+            row["control_triton_dense"] = {"error": one_line(error)}
         shapes[f"{o}x{i}"] = row
         print(json.dumps({"prefill_variants": shapes}), file=sys.stderr, flush=True)
     model, choice = model_prefill(shapes)
     return {"seq": seq, "copies": copies, "shapes": shapes, "model": model}, choice
+
+
+def triton_dense_control(x: Any, banks: list[Any], iters: int, dense_us: float) -> dict[str, Any]:
+    """The plain Triton TMA GEMM (triton_dense_gemm.py) on the dense weights cuBLAS runs: the
+    ceiling of any Triton prefill kernel on this GPU. Each of CONTROL_LAUNCHES is checked against
+    cuBLAS, then timed like the kernels; "ratio" is the fastest correct one's."""
+    import torch
+    import torch.nn.functional as F
+    from chmc.plugins.channel_gather_matmul import kernels
+    from triton_dense_gemm import dense_tma_gemm  # beside this script
+
+    kernels._ensure_allocator()  # the descriptors' global scratch
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    y = torch.empty(*x.shape[:-1], banks[0].shape[1], device="cuda", dtype=x.dtype)
+    want = F.linear(x, banks[0][0]).float()
+    out: dict[str, Any] = {"launches": {}}
+    for *dims, flatten in CONTROL_LAUNCHES:
+        launch = kernels.Launch(*dims)
+        key = "x".join(str(d) for d in dims[:3]) + f" w{dims[3]} s{dims[4]}" + " flat" * flatten
+        try:
+            dense_tma_gemm(x, banks[0][0], y, launch, sms, flatten)
+            entry: dict[str, Any] = {
+                "rel_error": ((y.float() - want).abs().max() / want.abs().max()).item()}
+            if entry["rel_error"] <= 0.02:
+                def step(launch: Any = launch, flatten: bool = flatten) -> None:
+                    for bank in banks:
+                        dense_tma_gemm(x, bank[0], y, launch, sms, flatten)
+                entry["us"] = timed(step, iters) * 1e3 / len(banks)
+                entry["ratio"] = entry["us"] / dense_us
+        except Exception as error:  # noqa: BLE001  a launch that fails is a finding
+            entry = {"error": one_line(error)}
+        out["launches"][key] = entry
+    timed_ok = [(e["ratio"], k) for k, e in out["launches"].items() if "ratio" in e]
+    if timed_ok:
+        out["ratio"], out["best"] = min(timed_ok)
+    return out
 
 
 def model_prefill(shapes: dict[str, Any],
@@ -357,7 +403,8 @@ def summarize(paths: list[str]) -> int:
     pv = r.get("prefill_variants", {})
     for shape, row in pv.get("shapes", {}).items():
         print(f"prefill {shape}: fastest {row.get('fastest')}, dense bank control "
-              f"{row.get('control_dense_bank', {}).get('ratio')}")
+              f"{row.get('control_dense_bank', {}).get('ratio')}, plain Triton TMA GEMM "
+              f"{row.get('control_triton_dense', {}).get('ratio')}")
         for kname, e in row["kernels"].items():
             print(f"    {kname}: " + (e.get("error") or f"{e['ratio']:.3f}x, rel error "
                                        f"{e['rel_error']:.1e}{' WRONG' if e['wrong'] else ''}"))
