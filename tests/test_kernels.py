@@ -397,8 +397,8 @@ def test_persistent_kernel_compiles_to_tma_and_wgmma() -> None:
         src = triton.compiler.ASTSource(
             fn=_gemm_persistent_kernel, signature=signature | {n: "constexpr" for n in consts},
             constexprs=consts, attrs={(names.index(n),): [["tt.divisibility", 16]] for n in hinted})
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                             options={"num_warps": 8, "num_stages": 3}).asm["ptx"]
+        options = {"num_warps": 8, "num_stages": 3, "enable_fp_fusion": True}
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
         assert "wgmma.mma_async" in ptx, variant
         assert ("cp.async.bulk.tensor" in ptx) == consts["X_TMA"], variant
         assert "cp.async.cg" in ptx or consts["FLATTEN"], f"{variant}: W loads not pipelined"

@@ -62,7 +62,8 @@ def compile_kernel(mode: str, dtype: str, launch: Launch, arch: int | None = Non
                                     attrs=attrs)
     target = GPUTarget("cuda", arch, 32) if arch is not None else None
     compiled = triton.compile(src, target=target,
-                              options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+                              options={"num_warps": launch.num_warps, "num_stages": launch.num_stages,
+                                       "enable_fp_fusion": True})  # explicit: the default moves
     if max_shared is not None and compiled.metadata.shared > max_shared:
         raise RuntimeError(f"{mode} kernel needs {compiled.metadata.shared} bytes of shared memory")
     if getattr(compiled.metadata, "global_scratch_size", 0):
