@@ -93,8 +93,6 @@ class Family:
         return {t: {s: self.path / "tasks" / t / f"{s}.jsonl" for s in SPLITS} for t in self.recipe.tasks}
 
 
-
-
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ChmcError(f"unknown family '{name}': choose one of {sorted(RECIPES)}")
