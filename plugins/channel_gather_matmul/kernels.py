@@ -307,11 +307,14 @@ def x_tma_ok(x: torch.Tensor) -> bool:
     return x.data_ptr() % 16 == 0 and x.shape[2] * x.element_size() % 16 == 0
 
 
-def _prefill_persistent(args: tuple[Any, ...], variant: str, fixed: dict[str, int],
-                        chosen: Launch, tune: bool) -> None:
+def _prefill_persistent(x: torch.Tensor, bank: torch.Tensor, index: torch.Tensor,
+                        expert_id: torch.Tensor, y: torch.Tensor, variant: str,
+                        fixed: dict[str, int], chosen: Launch, tune: bool) -> None:
     """Launch `_gemm_persistent_kernel`: one program per SM (3 under the interpreter, so each
     walks several tiles). Where the TMA cannot load x (`x_tma_ok`) it takes pointer loads."""
-    x, seq, n_out, batch = args[0], args[4], args[5], args[7]
+    batch, seq, n_in = x.shape
+    n_out = bank.shape[1]
+    args = (x, bank, index, expert_id, seq, n_out, n_in, batch, y)
     flags = dict(PREFILL_VARIANTS[variant])
     flags["X_TMA"] &= x_tma_ok(x)
     if flags["X_TMA"] and not interpreting():
@@ -366,8 +369,7 @@ def channel_gather_matmul(x: torch.Tensor, bank: torch.Tensor, index: torch.Tens
         fixed["BLOCK_M"] = chosen.block_m
     tune = tuned and launch is None and x.is_cuda and not interpreting()
     if kind == "prefill" and variant != "default":
-        _prefill_persistent((x, bank, index, expert_id, *scalars, batch, y), variant, fixed,
-                            chosen, tune)
+        _prefill_persistent(x, bank, index, expert_id, y, variant, fixed, chosen, tune)
     elif tune:
         def tuned_grid(meta: dict[str, int]) -> tuple[int, int, int]:
             return grid(kind, Launch(meta.get("BLOCK_M", 1), meta["BLOCK_N"], meta["BLOCK_K"]),
