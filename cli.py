@@ -7,14 +7,20 @@ Heavy imports (torch, transformers, onnx) happen inside commands, so `chmc --hel
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.console import Console
 
+from chmc.compiler.report import inspect_artifact
 from chmc.errors import ChmcError
+from chmc.formats.artifact import RouterConfig
+from chmc.formats.manifest import validated
 
 app = typer.Typer(
     name="chmc",
@@ -41,9 +47,34 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def experts_in_order(args: list[str]) -> list[str]:
+    """`chmc build` arguments with every expert as its own `--experts NAME=PATH`, in the order
+    written: after `--experts` several values may follow (`--experts a=P1 b=P2`), and bare
+    NAME=PATH arguments are experts too. Click alone would keep options and arguments apart and
+    lose their relative order, which is the expert ids' order."""
+    if args[:1] != ["build"]:
+        return args
+    command = typer.main.get_command(app).commands["build"]  # type: ignore[attr-defined]
+    flags = {o for p in command.params if getattr(p, "is_flag", False) for o in p.opts}
+    out, takes_value, in_experts = [args[0]], False, False
+    for arg in args[1:]:
+        if takes_value:
+            out.append(arg)
+            takes_value = False
+        elif arg.startswith("-"):
+            name = arg.split("=", 1)[0]
+            in_experts = arg == "--experts"
+            takes_value = name not in flags and "=" not in arg and not in_experts
+            if not in_experts:
+                out.append(arg)
+        else:  # an expert: after --experts, or bare
+            out += ["--experts", arg]
+    return out
+
+
 def main() -> None:
     try:
-        app()
+        app(args=experts_in_order(sys.argv[1:]))
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -69,11 +100,10 @@ Opt = typer.Option
 @app.command()
 @user_errors
 def build(
-    more_experts: Annotated[list[str] | None, typer.Argument(
-        metavar="[NAME=PATH]...", help="More experts, so `--experts a=P1 b=P2` works.")] = None,
     base: Annotated[str | None, Opt("--base", help="The base HF model folder.")] = None,
     experts: Annotated[list[str] | None, Opt(
-        "--experts", help="NAME=PATH of a fine-tuned expert (repeat, or list several).")] = None,
+        "--experts", help="NAME=PATH of a fine-tuned expert (repeat, or list several); ids "
+                          "follow this order.")] = None,
     config: Annotated[str | None, Opt("--config", help="mergekit-style merge.yml.")] = None,
     groups: Annotated[int | None, Opt("--groups", "-k", help="K banks per row, 1..N.")] = None,
     clustering: Annotated[str | None, Opt(help="cosine (default) | error | output-error.")] = None,
@@ -100,68 +130,37 @@ def build(
                               "for expert 'auto'.")] = None,
 ) -> None:
     """Channel-merge N experts over their base into an artifact of K banks per row."""
-    from chmc.compiler.merge import build as build_artifact
-    from chmc.compiler.merge import parse_expert_specs
-    from chmc.compiler.mergekit_config import MergeConfig, load_merge_config, with_overrides
+    from chmc.compiler.pipeline import build as build_pipeline  # torch: only for this command
+    from chmc.compiler.pipeline import written
 
-    if not out:
-        raise ChmcError("no output folder: pass --out DIR")
-    if target not in ("artifact", "onnx", "trt"):
-        raise ChmcError(f"--target {target!r} is not one of ['artifact', 'onnx', 'trt']")
-    if target == "trt":  # before any work: without TensorRT nothing is written
-        from chmc.plugins.channel_gather_matmul.tensorrt_plugin import require_tensorrt
-
-        require_tensorrt()
-    cfg = load_merge_config(config) if config else MergeConfig()
     params: dict[str, Any] = {}
     if density is not None:
         params["density"] = density
     if lambda_ is not None:
         params["lambda"] = lambda_
     if weight:
-        pairs = _pairs(weight, "--weight")
-        params["weight"] = {k: _float(v, f"--weight {k}") for k, v in pairs.items()}
-    specs = [*(experts or []), *(more_experts or [])]
-    # Expert ids follow the command line's order, whichever way the NAME=PATH pairs were given.
-    specs.sort(key=lambda s: sys.argv.index(s) if s in sys.argv else len(sys.argv))
-    cfg = with_overrides(cfg, base=base, experts=parse_expert_specs(specs),
-                         parameters=params, groups=groups, clustering=clustering, method=method,
-                         seed=seed, dtype=dtype)
-    if cfg.base is None:
-        raise ChmcError("no base model: pass --base PATH (or base_model: in --config)")
-    if cfg.groups is None and budget is not None:
-        cfg.groups = len(cfg.experts)  # the budget picks each tensor's K <= N
-    if cfg.groups is None:
-        raise ChmcError("no group count: pass --groups K (or groups: in --config)")
-    from pathlib import Path
+        params["weight"] = {k: _float(v, f"--weight {k}") for k, v in _pairs(weight, "--weight").items()}
+    path = build_pipeline(
+        base, _experts(experts or []), out, config=config,
+        groups=groups, clustering=clustering, method=method, parameters=params, seed=seed,
+        dtype=dtype, calibration=_pairs(calibration or [], "--calibration"), budget=budget,
+        router_data=_pairs(router_data or [], "--router-data"), target=target,  # type: ignore[arg-type]
+        force=force)
+    for folder in written(path, target):  # type: ignore[arg-type]
+        typer.echo(f"wrote {folder}")
 
-    router_files = {k: Path(v) for k, v in _pairs(router_data or [], "--router-data").items()}
-    for name, file in router_files.items():  # before merging: a typo costs nothing
-        if name not in dict(cfg.experts) or not file.is_file():
-            raise ChmcError(f"--router-data {name}={file}: " + (
-                "no such file" if name in dict(cfg.experts) else f"'{name}' is not an expert"))
-    path = build_artifact(cfg.base, dict(cfg.experts), out, groups=cfg.groups,
-                          clustering=cfg.clustering or "cosine", method=cfg.method or "mean",
-                          parameters=cfg.merge_parameters(), seed=cfg.seed or 0, dtype=cfg.dtype,
-                          force=force, calibration=_pairs(calibration or [], "--calibration"),
-                          budget=budget)
-    typer.echo(f"wrote {path}")
-    if router_files:
-        from chmc.compiler.router import add_router, print_router_report
 
-        print_router_report(add_router(path, router_files))
-    if target == "onnx":
-        from chmc.compiler.export import export as export_onnx
-
-        typer.echo(f"wrote {export_onnx(path, f'{path}/onnx', force=force)}")
-    if target == "trt":
-        from chmc.compiler.engine import build_engine
-        from chmc.compiler.export import export as export_onnx
-
-        graph = export_onnx(path, f"{path}/onnx-plugin", linear="plugin",
-                            dtype=cfg.dtype or "bfloat16", force=force)
-        typer.echo(f"wrote {graph}")
-        typer.echo(f"wrote {build_engine(graph, f'{path}/engine', force=force)}")
+def _experts(specs: list[str]) -> dict[str, str]:
+    """['math=/a', 'code=/b'] -> {'math': '/a', 'code': '/b'}; a repeated name is an error."""
+    experts: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ChmcError(f"expert '{spec}': expected NAME=PATH, e.g. math=./MetaMath-7B")
+        if name in experts:
+            raise ChmcError(f"duplicate expert name '{name}' ({experts[name]} and {path})")
+        experts[name] = path
+    return experts
 
 
 def _float(text: str, what: str) -> float:
@@ -180,7 +179,7 @@ def extract(
     force: Annotated[bool, Opt("--force", help="Replace --out if it exists.")] = False,
 ) -> None:
     """Write one expert, as reconstructed from the artifact, as a plain Hugging Face checkpoint."""
-    from chmc.compiler.extract import extract as extract_expert
+    from chmc.compiler.extract import extract as extract_expert  # torch: only for this command
 
     typer.echo(f"wrote {extract_expert(artifact, expert, out, force=force)}")
 
@@ -192,10 +191,6 @@ def inspect(
     tensors: Annotated[bool, Opt("--tensors", help="Also list every tensor.")] = False,
 ) -> None:
     """Show an artifact's sizes, ratio to the ensemble and per-expert reconstruction error."""
-    from rich.console import Console
-
-    from chmc.compiler.report import inspect_artifact
-
     console = Console()
     for table in inspect_artifact(artifact, tensors=tensors):
         console.print(table)
@@ -213,13 +208,11 @@ def router(
     holdout: Annotated[float, Opt(help="Share of prompts held out for the accuracy.")] = 0.2,
 ) -> None:
     """Train a task router (expert 'auto') from example prompts and store it in ARTIFACT."""
-    from pathlib import Path
-
-    from chmc.compiler.router import RouterConfig, add_router, print_router_report
+    from chmc.compiler.router import add_router, print_router_report  # torch: only for this
 
     files = {k: Path(v) for k, v in _pairs(data, "--data").items()}
-    print_router_report(add_router(artifact, files, RouterConfig(dim=dim, epochs=epochs,
-                                                                 holdout=holdout)))
+    config = validated(RouterConfig, "chmc router", dim=dim, epochs=epochs, holdout=holdout)
+    print_router_report(add_router(artifact, files, config))
 
 
 @app.command()
@@ -234,7 +227,7 @@ def export(
     force: Annotated[bool, Opt("--force", help="Replace --out if it exists.")] = False,
 ) -> None:
     """Export to one ONNX graph that serves every expert through its `expert_id` input."""
-    from chmc.compiler.export import export as export_onnx
+    from chmc.compiler.export import export as export_onnx  # torch and onnx: only for this
 
     typer.echo(f"wrote {export_onnx(source, out, linear=linear, dtype=dtype, force=force)}")
 
@@ -255,7 +248,7 @@ def run(
     seed: Annotated[int | None, Opt(help="Sampling seed.")] = None,
 ) -> None:
     """Stream one expert's continuation of PROMPT."""
-    from chmc.runtime import load
+    from chmc.api import load  # an artifact is exported first: the compiler, torch
 
     if device is not None and backend != "torch":
         raise ChmcError(f"--device is an option of --backend torch, not {backend}")
@@ -276,11 +269,9 @@ def check(
     seq: Annotated[int, Opt(help="Tokens per generated input.")] = 8,
 ) -> None:
     """Compare ONNX Runtime with the PyTorch reconstruction of every expert (Polygraphy)."""
-    from rich.console import Console
+    from chmc.api import check as check_source  # torch and transformers: only for this
 
-    from chmc.runtime.check import check_export
-
-    table, ok = check_export(source, atol=atol, rtol=rtol, seq=seq)
+    table, ok = check_source(source, atol=atol, rtol=rtol, seq=seq)
     Console().print(table)
     if not ok:
         raise typer.Exit(1)
@@ -298,7 +289,7 @@ def triton(
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
 ) -> None:
     """Write a Triton model repository: the graph model and a text-in, text-out batching model."""
-    from chmc.compiler.triton_repo import write_triton_repo
+    from chmc.compiler.triton_repo import write_triton_repo  # an artifact needs the exporter
 
     typer.echo(f"wrote {write_triton_repo(source, out, engine=engine, name=name, force=force)}")
 
@@ -314,7 +305,7 @@ def serve(
         None, "--model", help="Load only this model (repeat); default: every model."),
 ) -> None:
     """Run tritonserver on a model repository until Ctrl-C."""
-    from chmc.runtime.serve import serve as run_server
+    from chmc.api import serve as run_server  # an artifact needs the compiler
 
     run_server(source, port=port, host=host, tritonserver=tritonserver, models=model or None)
 
@@ -340,7 +331,7 @@ def engine(
     force: Annotated[bool, Opt("--force", help="Replace --out if it exists.")] = False,
 ) -> None:
     """Build a TensorRT engine (strongly typed, prefill + decode profiles) through Polygraphy."""
-    from chmc.compiler.engine import Ranges, build_engine
+    from chmc.compiler.engine import Ranges, build_engine  # onnx: only for this command
 
     ranges = Ranges(_range(batch, "--batch"), _range(seq, "--seq"), _range(past, "--past"))
     typer.echo(f"wrote {build_engine(onnx_dir, out, ranges=ranges, force=force)}")
@@ -361,7 +352,7 @@ def family_build(
     force: Annotated[bool, Opt("--force", help="Rebuild even if present.")] = False,
 ) -> None:
     """Train (or take from $CHMC_CACHE) a tiny family: base/, experts/<task>/, tasks/<task>/*.jsonl."""
-    from chmc.models.tiny.family import family
+    from chmc.models.tiny.family import family  # torch: only for this command
 
     fam = family(name, out, force=force)
     typer.echo(f"{fam.path}  (built in {fam.info['build_seconds']} s; experts {fam.info['experts']})")
@@ -378,10 +369,12 @@ def eval_(
     plot: Annotated[str | None, Opt("--plot", help="Draw accuracy vs stored parameters (PNG).")] = None,
 ) -> None:
     """Greedy exact match and mean answer NLL on JSONL tasks, as a table (and JSON, a plot)."""
-    import json
-    from pathlib import Path
-
-    from chmc.runtime.evaluate import evaluate, parse_task_args, plot_accuracy, print_report
+    from chmc.runtime.evaluate import (  # torch and transformers: only for this command
+        evaluate,
+        parse_task_args,
+        plot_accuracy,
+        print_report,
+    )
 
     report = evaluate(source, parse_task_args(tasks), experts=expert)
     print_report(report)
@@ -400,6 +393,6 @@ def demo(
     out: Annotated[str | None, Opt("--out", help="Work folder (default: $CHMC_CACHE/demo).")] = None,
 ) -> None:
     """From nothing: build (or reuse) the distinct family, merge it at K=2, print the quality table."""
-    from chmc.demo import run_demo
+    from chmc.demo import run_demo  # the whole stack
 
     run_demo(out)

@@ -7,18 +7,30 @@ shared with benchmarks/quality_table.py.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from chmc.api import build, load
+from chmc.cache import cache_root
+from chmc.compiler.export import export
+from chmc.compiler.router import add_router
+from chmc.formats.artifact import RouterConfig, RouterSection, read_manifest
+from chmc.models.tiny import family as tiny
+from chmc.models.tiny.family import Family
+from chmc.runtime.evaluate import evaluate, read_examples
+from chmc.runtime.onnxruntime_backend import preferred_linear
 
 # A row: {"label", "params_pct", "accuracy": {task: exact match}, "nll": {task: nll}, ...}
 Row = dict[str, Any]
 
 
-def quality_row(label: str, family: Any, source: Path | None = None, split: str = "eval",
+def quality_row(label: str, family: Family, source: Path | None = None, split: str = "eval",
                 progress: bool = True, **extra: Any) -> Row:
     """Each expert on its own task: the unmerged experts (source None) or an artifact's experts."""
-    from chmc.runtime.evaluate import evaluate
-
     accuracy, nll = {}, {}
     for task, files in family.tasks.items():
         path = family.experts[task] if source is None else source
@@ -26,55 +38,42 @@ def quality_row(label: str, family: Any, source: Path | None = None, split: str 
                           progress=progress)
         accuracy[task] = report["results"][0]["exact_match"]
         nll[task] = report["results"][0]["nll"]
-    pct = 100.0 if source is None else 100 * evaluate_ratio(source)
+    pct = 100.0 if source is None else 100 * read_manifest(source).accounting.ratio
     mean = sum(accuracy.values()) / len(accuracy)
     return {"label": label, "params_pct": pct, "accuracy": accuracy, "mean": mean, "nll": nll, **extra}
 
 
-def add_task_router(artifact: Path, family: Any) -> dict[str, Any]:
+def add_task_router(artifact: Path, family: Family) -> RouterSection:
     """Train the artifact's router (expert 'auto') on the train split prompts of every task.
 
     A 16-dim router with 512 bigram buckets: the default (32, 4096) is negligible beside a real
     model but ~10% of these tiny experts; this one is ~0.6% and as accurate on their prompts."""
-    from chmc.compiler.router import RouterConfig, add_router
-
     return add_router(artifact, {task: files["train"] for task, files in family.tasks.items()},
                       RouterConfig(dim=16, buckets=512))
 
 
-def routed_row(label: str, family: Any, artifact: Path, split: str = "eval", progress: bool = True,
+def routed_row(label: str, family: Family, artifact: Path, split: str = "eval", progress: bool = True,
                **extra: Any) -> Row:
     """expert 'auto' on the mixture of every task's prompts: the artifact's router picks each
     prompt's expert. Parameters count the router too; `routing` is the share routed to the expert
     of the prompt's own task."""
-    from chmc.compiler.artifact import read_manifest
-    from chmc.runtime.evaluate import evaluate
-
     tasks = {task: files[split] for task, files in family.tasks.items()}
     results = evaluate(artifact, tasks, experts=["auto"], progress=progress)["results"]
     manifest = read_manifest(artifact)
-    acc, router = manifest["accounting"], manifest["router"]
+    acc, router = manifest.accounting, manifest.router
+    assert router is not None
     routing = sum(r["routed"].get(r["task"], 0) for r in results) / sum(r["n"] for r in results)
     accuracy = {r["task"]: r["exact_match"] for r in results}
     return {"label": f"{label} (routed right {100 * routing:.1f}%)",
-            "params_pct": 100 * (acc["artifact"] + router["parameters"]) / acc["ensemble"],
+            "params_pct": 100 * (acc.artifact + router.parameters) / acc.ensemble,
             "accuracy": accuracy, "mean": sum(accuracy.values()) / len(accuracy),
             "nll": {r["task"]: r["nll"] for r in results}, "routing_accuracy": routing,
-            "router_heldout_accuracy": router["heldout_accuracy"],
-            "router_parameters": router["parameters"], **extra}
-
-
-def evaluate_ratio(artifact: Path) -> float:
-    from chmc.compiler.artifact import read_manifest
-
-    return float(read_manifest(artifact)["accounting"]["ratio"])
+            "router_heldout_accuracy": router.heldout_accuracy,
+            "router_parameters": router.parameters, **extra}
 
 
 def print_quality_table(title: str, rows: list[Row]) -> None:
     """Accuracy per task, mean, share of the unmerged mean kept, and stored params (% ensemble)."""
-    from rich.console import Console
-    from rich.table import Table
-
     tasks = list(rows[0]["accuracy"])
     reference = rows[0]["mean"] or 1.0  # the first row is the unmerged experts
     table = Table(title=title)
@@ -91,13 +90,9 @@ def print_quality_table(title: str, rows: list[Row]) -> None:
 def run_demo(out: str | Path | None = None) -> list[Row]:
     """Family (cached) -> channel-merge (K=2; calibrated at half the ensemble) -> evaluate on the
     eval split -> table -> one ONNX graph answering every expert in one batch."""
-    from chmc.cache import cache_root
-    from chmc.compiler.merge import build
-    from chmc.models.tiny.family import family
-
     work = Path(out) if out else cache_root() / "demo"
     work.mkdir(parents=True, exist_ok=True)
-    fam = family("distinct")
+    fam = tiny.family("distinct")
     artifact = build(fam.base, fam.experts, work / "distinct-k2", groups=2, force=True)
     # The paper's weight-space rule, then outputs-aware merging at the same memory: calibration on
     # each expert's train-split prompts (disjoint from eval), K chosen per tensor within half the
@@ -116,18 +111,9 @@ def run_demo(out: str | Path | None = None) -> list[Row]:
     return rows
 
 
-def onnx_agreement(artifact: Path, family: Any, out: Path, per_task: int = 16) -> dict[str, Any]:
+def onnx_agreement(artifact: Path, family: Family, out: Path, per_task: int = 16) -> dict[str, Any]:
     """Export the artifact to one ONNX graph and answer `per_task` eval prompts of every task in
     one ONNX Runtime call (each row names its expert); compare with the PyTorch reconstruction."""
-    import time
-
-    from chmc.compiler.export import export
-    from chmc.runtime import load
-    from chmc.runtime.evaluate import read_examples
-    from chmc.runtime.onnxruntime_backend import preferred_linear
-    from rich.console import Console
-    from rich.table import Table
-
     rows = [(task, ex) for task, files in family.tasks.items()
             for ex in read_examples(files["eval"])[:per_task]]
     prompts, experts = [ex["prompt"] for _, ex in rows], [task for task, _ in rows]

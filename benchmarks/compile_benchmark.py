@@ -157,8 +157,9 @@ def collect_one(expert: str, prompts: str, out: str) -> None:
     tensor, on the build's threads."""
     import torch
     from chmc.compiler.calibration import collect_grams, read_sequences
-    from chmc.compiler.checkpoints import Checkpoint
-    from chmc.compiler.merge import build_threads, plan_tasks
+    from chmc.compiler.merge import build_threads
+    from chmc.compiler.plan import plan_tasks
+    from chmc.formats.checkpoint import Checkpoint
 
     torch.set_num_threads(build_threads())
     merged = {t.name for t in plan_tasks(Checkpoint(expert), 2, None) if t.kind == "merged"}

@@ -27,15 +27,15 @@ from chmc.cache import cache_root
 
 RSS_PROBE = """
 import json, sys, numpy as np
-from chmc.runtime import read_export_manifest
-from chmc.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from chmc.formats.export import ExportFolder
+from chmc.runtime.onnxruntime_backend import OnnxRuntimeBackend, OnnxRuntimeOptions
 def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):
             return int(line.split()[1]) * 1024
 folder = __import__("pathlib").Path(sys.argv[1])
 before = rss()
-b = OnnxRuntimeBackend(folder, read_export_manifest(folder)["export"], threads=int(sys.argv[2]))
+b = OnnxRuntimeBackend(ExportFolder(folder), OnnxRuntimeOptions(threads=int(sys.argv[2])))
 ids = np.ones((1, 16), np.int64)
 b.start(np.zeros(1, np.int64)).step(ids, np.ones_like(ids), np.arange(16)[None])
 print(json.dumps(rss() - before))
@@ -55,12 +55,12 @@ print(json.dumps({"wall_s": round(time.perf_counter() - start, 2),
 def measure(graphs: dict[str, Path], n_experts: int, args: argparse.Namespace) -> dict[str, Any]:
     """Time every graph side by side: each round runs one prefill / one decode step per graph in
     turn, so load from other processes hits all graphs alike; medians over rounds."""
-    from chmc.runtime import read_export_manifest
-    from chmc.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from chmc.formats.export import ExportFolder
+    from chmc.runtime.onnxruntime_backend import OnnxRuntimeBackend, OnnxRuntimeOptions
 
-    backends = {name: OnnxRuntimeBackend(f, read_export_manifest(f)["export"], threads=args.threads,
-                                         spinning=False)  # idle pools would steal the cores
-                for name, f in graphs.items()}
+    # spinning off: idle pools would steal the cores from the session being timed
+    options = OnnxRuntimeOptions(threads=args.threads, spinning=False)
+    backends = {name: OnnxRuntimeBackend(ExportFolder(f), options) for name, f in graphs.items()}
     rng = np.random.default_rng(0)
     times: dict[str, dict[str, list[float]]] = {name: {} for name in graphs}
     ids = rng.integers(0, args.vocab, (1, args.prefill))
@@ -120,7 +120,7 @@ def export_memory(work: Path) -> dict[str, Any]:
     family merged at K=2, against the artifact's size on disk (goal <= 1.5x)."""
     import importlib.util
 
-    from chmc.compiler.merge import build
+    from chmc import build
 
     spec = importlib.util.spec_from_file_location(
         "compile_benchmark", Path(__file__).with_name("compile_benchmark.py"))
@@ -167,7 +167,7 @@ def main() -> None:
         return
 
     from chmc.compiler.export import export
-    from chmc.compiler.merge import build
+    from chmc import build
     from chmc.models.tiny.random_family import make_random_family
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -42,7 +42,7 @@ BASELINES: dict[str, list[dict[str, float]]] = {
 
 
 def merged(fam: Any, work: Path, tag: str, **build_args: Any) -> Path:
-    from chmc.compiler.merge import build
+    from chmc import build
 
     return build(fam.base, fam.experts, work / tag, force=True, progress=False, **build_args)
 
@@ -88,7 +88,7 @@ def calibrated_rows(fam: Any, work: Path) -> list[Row]:
     """Output-error grouping with regmean merging at K = 1..N and under memory budgets, from
     Grams of each expert on its own train-split prompts (disjoint from the eval split)."""
     from chmc.compiler.calibration import collect_grams, read_sequences
-    from chmc.compiler.checkpoints import Checkpoint
+    from chmc.formats.checkpoint import Checkpoint
 
     matrices = {name for name, info in Checkpoint(fam.base).tensors.items() if len(info.shape) == 2}
     start = time.time()

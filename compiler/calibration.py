@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from chmc.compiler.grams import GRAMS_INDEX, GramFiles
+from chmc.compiler.plan import BuildPlan
 from chmc.errors import ChmcError
-
-if TYPE_CHECKING:
-    import torch
-    from chmc.compiler.regmean import GramSolver
+from chmc.jsonl import read_jsonl
+from chmc.progress import Stages
 
 MAX_PROMPTS = 256  # per expert: "a few hundred of its own prompts"
 BATCH = 16  # sequences of equal length run together (no padding, so no masked tokens to skip)
@@ -33,8 +37,6 @@ GRAM_BLOCK = 352  # columns per block of the Gram's upper block triangle (symmet
 
 def read_sequences(file: Path, expert: Path, limit: int = MAX_PROMPTS) -> list[list[int]]:
     """The first `limit` prompts of a JSONL file as token id lists (the expert's tokenizer)."""
-    from chmc.jsonl import read_jsonl
-
     rows: list[dict[str, Any]] = []
     for line_no, row in read_jsonl(file, "calibration file"):
         if len(rows) >= limit:
@@ -46,9 +48,7 @@ def read_sequences(file: Path, expert: Path, limit: int = MAX_PROMPTS) -> list[l
         raise ChmcError(f"calibration file {file} has no prompts")
     if all("input_ids" in r for r in rows):
         return [[int(t) for t in r["input_ids"]] for r in rows]
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(expert))
+    tok = transformers.AutoTokenizer.from_pretrained(str(expert))
     texts = [r.get("text") or r.get("prompt", "") + r.get("answer", "") for r in rows]
     return [list(tok(t, add_special_tokens=False).input_ids) for t in texts]
 
@@ -62,20 +62,17 @@ def collect_grams(expert: str | Path, sequences: list[list[int]], out: str | Pat
     then each layer runs on all batches with hooks on its own Linears only, its Grams are written
     and freed, and its outputs feed the next. One forward pass per batch in all; memory holds the
     batches' hidden states and one layer's Grams, never all of them."""
-    import torch
-    import transformers
-    from rich.progress import Progress
-
+    stages = Stages(progress)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(expert), dtype=torch.float32)
     model.eval()
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     index: dict[str, Any] = {"tokens": 0, "tensors": {}}
     layers = model.model.layers
-    with torch.inference_mode(), Progress(transient=True, disable=not progress) as bar:
+    with torch.inference_mode(), stages.bar(f"calibrating {Path(expert).name}",
+                                            len(layers) + 1) as advance:
         hidden, kwargs = _layer_inputs(model, _equal_length_batches(sequences))
         index["tokens"] = tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
-        job = bar.add_task(f"calibrating {Path(expert).name}", total=len(layers) + 1)
         for i, layer in enumerate(layers):
             prefix = _module_name(model, layer)
             with _GramHooks(layer, prefix, tensors) as grams:
@@ -83,21 +80,18 @@ def collect_grams(expert: str | Path, sequences: list[list[int]], out: str | Pat
                     out_h = layer(h, **kw)
                     hidden[b] = out_h[0] if isinstance(out_h, tuple) else out_h
             _save(grams, folder / f"layer-{i:03d}.safetensors", tokens, index)
-            bar.advance(job)
+            advance(f"layer {i}")
         if "lm_head.weight" in tensors and isinstance(model.lm_head, torch.nn.Linear):
             with _GramHooks(model.lm_head, "lm_head", tensors) as grams:  # its input, no logits
                 for h in hidden:
                     grams.accumulate("lm_head.weight", model.model.norm(h))
             _save(grams, folder / "head.safetensors", tokens, index)
-        bar.advance(job)
+        advance("lm_head")
     missing = sorted(t for t in tensors if _is_linear(model, t) and t not in index["tensors"])
     if missing:
         raise ChmcError(f"expert {expert}: calibration never reached '{missing[0]}'")
     (folder / GRAMS_INDEX).write_text(json.dumps(index, indent=1))
     return folder
-
-
-GRAMS_INDEX = "grams.json"
 
 
 class _Caught(Exception):
@@ -132,8 +126,6 @@ class _GramHooks:
     `tensors`; a Linear fed the very tensor the previous one got (q/k/v, gate/up) is an alias."""
 
     def __init__(self, root: Any, prefix: str, tensors: set[str]):
-        import torch
-
         self.sums: dict[str, torch.Tensor] = {}
         self.aliases: dict[str, str] = {}
         self.last: tuple[Any, str] = (None, "")
@@ -153,8 +145,6 @@ class _GramHooks:
         return hook
 
     def accumulate(self, name: str, x: torch.Tensor) -> None:
-        import torch
-
         flat = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
         width = flat.shape[1]
         if name not in self.sums:
@@ -173,8 +163,6 @@ class _GramHooks:
 
 
 def _save(grams: _GramHooks, file: Path, tokens: int, index: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
     upper = {k: (v / tokens).float() for k, v in grams.sums.items()}
     save_file({k: v.triu() + v.triu(1).T for k, v in upper.items()}, str(file))  # mirrored
     for name in grams.sums:
@@ -188,8 +176,6 @@ def _module_name(model: Any, module: Any) -> str:
 
 
 def _is_linear(model: Any, tensor: str) -> bool:
-    import torch
-
     if not tensor.endswith(".weight"):
         return False
     module = dict(model.named_modules()).get(tensor.removesuffix(".weight"))
@@ -198,8 +184,6 @@ def _is_linear(model: Any, tensor: str) -> bool:
 
 def _equal_length_batches(sequences: list[list[int]]) -> list[torch.Tensor]:
     """[B, S] id batches of at most BATCH sequences of one length, in a fixed order."""
-    import torch
-
     by_len: dict[int, list[list[int]]] = {}
     for s in sequences:
         if s:
@@ -208,46 +192,19 @@ def _equal_length_batches(sequences: list[list[int]]) -> list[torch.Tensor]:
             for i in range(0, len(group), BATCH)]
 
 
-class GramFiles:
-    """Per-expert Gram folders, read one tensor at a time: grams(name) -> [N, in, in] or None."""
-
-    def __init__(self, folders: list[Path]):
-        self.folders = folders
-        self.index: list[dict[str, list[str]]] = []
-        for f in folders:
-            file = f / GRAMS_INDEX
-            if not file.is_file():
-                raise ChmcError(f"{f}: not a calibration folder (no {GRAMS_INDEX})")
-            self.index.append(json.loads(file.read_text())["tensors"])
-        self._solvers: dict[tuple, GramSolver] = {}  # the last two, by their Grams' sources
-
-    def solver(self, tensor: str, n: int, damping: float) -> GramSolver:
-        """A GramSolver for `tensor`, shared with the tensors that read the same Grams (q/k/v,
-        gate/up), so their subset inverses are computed once."""
-        from chmc.compiler.regmean import GramSolver
-
-        key = (damping, *(tuple(index.get(tensor, ())) for index in self.index))
-        if key not in self._solvers:
-            while len(self._solvers) >= 2:
-                self._solvers.pop(next(iter(self._solvers)))
-            self._solvers[key] = GramSolver(self.grams(tensor), n, damping)
-        return self._solvers[key]
-
-    def grams(self, tensor: str) -> torch.Tensor | None:
-        import torch
-        from safetensors import safe_open
-
-        found: list[torch.Tensor | None] = []
-        for folder, index in zip(self.folders, self.index):
-            if tensor not in index:
-                found.append(None)
-                continue
-            fname, key = index[tensor]
-            with safe_open(str(folder / fname), framework="pt") as h:
-                found.append(h.get_tensor(key))
-        if all(g is None for g in found):
-            return None  # no Linear input (embeddings): the identity, the weight-space rule
-        if any(g is None for g in found):
-            bad = self.folders[[g is None for g in found].index(True)]
-            raise ChmcError(f"calibration statistics {bad} lack tensor '{tensor}'")
-        return torch.stack([g for g in found if g is not None])  # [N, in, in]
+def calibrate(plan: BuildPlan, folder: Path, stages: Stages) -> BuildPlan:
+    """A planning step: the plan with every expert's Grams (a given folder, or collected into
+    `folder` from its .jsonl prompts)."""
+    if not plan.calibration:
+        return plan
+    folder.mkdir(exist_ok=True)
+    merged = {t.name for t in plan.tasks if t.kind == "merged"}
+    files = []
+    for name, source in plan.calibration.items():
+        if source.is_dir():
+            files.append(source)
+            continue
+        ckpt = plan.experts[name]
+        seqs = read_sequences(source, ckpt.path)
+        files.append(collect_grams(ckpt.path, seqs, folder / name, merged, stages.enabled))
+    return plan.with_(gram_files=GramFiles(files))

@@ -11,23 +11,33 @@ work, and the output is staged, so a missing TensorRT writes nothing.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from chmc.compiler.checkpoints import SIDE_FILES
-from chmc.compiler.outputs import check_output_path, staged_output
+import onnx
+from google.protobuf.message import DecodeError
+
 from chmc.errors import ChmcError
+from chmc.formats import engine as engine_format
+from chmc.formats.artifact import MANIFEST
+from chmc.formats.checkpoint import copy_side_files
+from chmc.formats.engine import (
+    PLAN,
+    PROFILES,
+    Binding,
+    EngineManifest,
+    Profile,
+    write_engine_manifest,
+)
+from chmc.formats.outputs import check_output_path, staged_output
+from chmc.plugins.channel_gather_matmul import schema
+from chmc.plugins.tensorrt import require_tensorrt
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-PLAN = "model.plan"
-ENGINE_JSON = "engine.json"
-ENGINE_FORMAT = "chmc-trt-engine"
-COPIED = (*SIDE_FILES, "chmc.json")  # the export manifest and tokenizer, beside the plan
 ShapeRange = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # min, opt, max
 
 
@@ -85,9 +95,6 @@ def find_onnx(onnx_dir: str | Path) -> Path:
 
 def load_graph(onnx_path: Path) -> Any:
     """The ModelProto without its weights (external data stays on disk)."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
     try:
         return onnx.load(str(onnx_path), load_external_data=False)
     except (OSError, ValueError, DecodeError) as e:
@@ -96,17 +103,15 @@ def load_graph(onnx_path: Path) -> Any:
 
 def check_plugin_nodes(model: Any, onnx_path: Path) -> None:
     """TensorRT's ONNX parser finds a plugin by op type plus a `plugin_namespace` attribute."""
-    from chmc.plugins.channel_gather_matmul.tensorrt_plugin import PLUGIN_NAME, PLUGIN_NAMESPACE
-
     for node in model.graph.node:
-        if node.op_type != PLUGIN_NAME:
+        if node.op_type != schema.NAME:
             continue
         attrs = {a.name: a.s.decode() for a in node.attribute if a.type == a.STRING}
-        if attrs.get("plugin_namespace") != PLUGIN_NAMESPACE:
+        if attrs.get("plugin_namespace") != schema.DOMAIN:
             raise ChmcError(
-                f"{onnx_path}: node '{node.name or node.output[0]}' ({PLUGIN_NAME}) has "
+                f"{onnx_path}: node '{node.name or node.output[0]}' ({schema.NAME}) has "
                 f"plugin_namespace={attrs.get('plugin_namespace')!r}; TensorRT needs "
-                f"'{PLUGIN_NAMESPACE}' to match the plugin (re-export with a newer chmc)")
+                f"'{schema.DOMAIN}' to match the plugin (re-export with a newer chmc)")
 
 
 def input_shapes(model: Any, ranges: Ranges, onnx_path: Path) -> dict[str, ShapeRange]:
@@ -144,18 +149,18 @@ def profiles(onnx_path: Path, ranges: Ranges) -> list[dict[str, ShapeRange]]:
     return [input_shapes(model, ranges, onnx_path), input_shapes(model, ranges.decode(), onnx_path)]
 
 
-def bindings(engine: trt.ICudaEngine) -> list[dict[str, Any]]:
+def bindings(engine: trt.ICudaEngine) -> list[Binding]:
     """Name, direction, dtype and (profile-free) shape of every I/O tensor of the engine."""
-    import tensorrt
+    import tensorrt  # only where an engine exists: TensorRT is optional
 
     out = []
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
         mode = engine.get_tensor_mode(name)
-        out.append({"name": name,
-                    "mode": "input" if mode == tensorrt.TensorIOMode.INPUT else "output",
-                    "dtype": str(engine.get_tensor_dtype(name)).removeprefix("DataType."),
-                    "shape": dims_list(engine.get_tensor_shape(name))})
+        out.append(Binding(name=name,
+                           mode="input" if mode == tensorrt.TensorIOMode.INPUT else "output",
+                           dtype=str(engine.get_tensor_dtype(name)).removeprefix("DataType."),
+                           shape=tuple(dims_list(engine.get_tensor_shape(name)))))
     return out
 
 
@@ -165,12 +170,14 @@ def dims_list(dims: trt.Dims) -> list[int]:
 
 
 def _build(onnx_path: Path, shapes: list[dict[str, ShapeRange]]) -> trt.ICudaEngine:
-    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile
+    # polygraphy's TensorRT backend imports tensorrt: only on the machines that build engines
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath
+    from polygraphy.backend.trt import Profile as TrtProfile
     from rich.console import Console
 
     trt_profiles = []
     for profile in shapes:
-        p = Profile()
+        p = TrtProfile()
         for name, (lo, opt, hi) in profile.items():
             p.add(name, min=lo, opt=opt, max=hi)
         trt_profiles.append(p)
@@ -183,9 +190,10 @@ def _build(onnx_path: Path, shapes: list[dict[str, ShapeRange]]) -> trt.ICudaEng
 def build_engine(onnx_dir: str | Path, out: str | Path, *, ranges: Ranges | None = None,
                  force: bool = False) -> Path:
     """Build `out/model.plan` and `out/engine.json` from an exported ONNX folder."""
-    from chmc.plugins.channel_gather_matmul.tensorrt_plugin import register_plugin, require_tensorrt
-
     trt_mod = require_tensorrt()  # before anything else: without TensorRT nothing is written
+    # the plugin compiles Triton kernels: imported only where TensorRT (and a GPU stack) is
+    from chmc.plugins.channel_gather_matmul.tensorrt_plugin import register_plugin
+
     ranges = ranges or Ranges()
     onnx_path = find_onnx(onnx_dir)
     out_path = check_output_path(out, force)
@@ -196,27 +204,13 @@ def build_engine(onnx_dir: str | Path, out: str | Path, *, ranges: Ranges | None
         if engine is None:
             raise ChmcError(f"{onnx_path}: TensorRT could not build an engine (see its log above)")
         (tmp / PLAN).write_bytes(bytes(engine.serialize()))
-        meta = {"format": ENGINE_FORMAT, "onnx": str(onnx_path.resolve()),
-                "tensorrt": getattr(trt_mod, "__version__", "unknown"),
-                "profiles": [{"name": n, "shapes": {k: {"min": v[0], "opt": v[1], "max": v[2]}
-                                                    for k, v in p.items()}}
-                             for n, p in zip(("prefill", "decode"), shapes)],
-                "bindings": bindings(engine)}
-        (tmp / ENGINE_JSON).write_text(json.dumps(meta, indent=2))
-        for name in COPIED:
-            if (onnx_path.parent / name).is_file():
-                shutil.copy2(onnx_path.parent / name, tmp / name)
+        write_engine_manifest(tmp, EngineManifest(
+            onnx=str(onnx_path.resolve()), tensorrt=getattr(trt_mod, "__version__", "unknown"),
+            profiles=[Profile(name=n, shapes={k: engine_format.ShapeRange(min=v[0], opt=v[1],
+                                                                          max=v[2])
+                                              for k, v in p.items()})
+                      for n, p in zip(PROFILES, shapes)],
+            bindings=bindings(engine)))
+        copy_side_files(onnx_path.parent, tmp)
+        shutil.copy2(onnx_path.parent / MANIFEST, tmp / MANIFEST)  # the export's: experts, I/O
     return out_path
-
-
-def read_engine_json(engine_dir: str | Path) -> dict[str, Any]:
-    file = Path(engine_dir) / ENGINE_JSON
-    if not file.is_file():
-        raise ChmcError(f"{engine_dir}: not a chmc TensorRT engine folder (no {ENGINE_JSON})")
-    try:
-        meta: dict[str, Any] = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ChmcError(f"{file}: invalid JSON ({e})") from None
-    if meta.get("format") != ENGINE_FORMAT:
-        raise ChmcError(f"{file}: field 'format' is {meta.get('format')!r}, expected {ENGINE_FORMAT!r}")
-    return meta

@@ -10,30 +10,26 @@ the extracted folder, so transformers re-ties it on load exactly as for the orig
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from chmc.compiler.artifact import Artifact, ShardedSafetensorsWriter, TensorSpec, expert_index
-from chmc.compiler.checkpoints import SIDE_FILES
-from chmc.compiler.outputs import check_output_path, staged_output
+from chmc.formats.artifact import Artifact
+from chmc.formats.checkpoint import SHARD_INDEX, copy_side_files
+from chmc.formats.outputs import check_output_path, staged_output
+from chmc.formats.safetensors import ShardedSafetensorsWriter, TensorSpec
 
 
 def extract(artifact: str | Path, expert: str | int, out: str | Path, *, force: bool = False) -> Path:
     """Write expert `expert` (name or id) of `artifact` as a loadable HF checkpoint at `out`."""
     art = Artifact(artifact)
-    n = expert_index(art.manifest, expert)  # unknown names fail here, before anything is written
+    n = art.manifest.expert_index(expert)  # unknown names fail here, before anything is written
     check_output_path(out, force)
-    tensors = art.manifest["tensors"]
-    specs = [TensorSpec(name, tuple(e["shape"]), e["dtype"]) for name, e in tensors.items()]
+    specs = [TensorSpec(name, tuple(e.shape), e.dtype) for name, e in art.manifest.tensors.items()]
     with staged_output(out, force) as tmp:
         writer = ShardedSafetensorsWriter(tmp, specs)
         for name, tensor in art.expert_state_dict(n):
             writer.write(name, tensor.contiguous())
         writer.close()
-        total = sum(s.nbytes for s in specs)
-        index = {"metadata": {"total_size": total}, "weight_map": writer.weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-        for fname in SIDE_FILES:
-            if (art.path / fname).is_file():
-                shutil.copy2(art.path / fname, tmp / fname)
+        index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": writer.weight_map}
+        (tmp / SHARD_INDEX).write_text(json.dumps(index, indent=1))
+        copy_side_files(art.path, tmp)
     return Path(out)

@@ -17,53 +17,23 @@ deltas for a block of rows, with their Gram matrix computed once) and K, and ret
   inputs with RegMean-merged groups (regmean.py); exhaustive over set partitions for N <= 8, above
   that the `error` rule's heuristic with the output error as its cost.
 
-New clusterings register with `@clustering`.
+A new clustering is a function added to `CLUSTERINGS`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import cache
-from typing import TYPE_CHECKING
 
+import torch
+
+from chmc.compiler.partitions import canonical, count_partitions, set_partitions
+from chmc.compiler.regmean import MAX_SUBSET_EXPERTS, RowBatch, best_partitions
 from chmc.errors import ChmcError
-
-if TYPE_CHECKING:
-    import torch
-    from chmc.compiler.regmean import GramSolver
 
 MAX_ENUMERATED = 5000  # set partitions scored exhaustively; above this, the heuristic
 
 
-@dataclass
-class RowBatch:
-    """The experts' row deltas for a block of rows, plus what clusterings share."""
-
-    deltas: torch.Tensor  # [N, R, in] fp32
-    weights: torch.Tensor  # [N] fp32 merge weights (the `error` cost uses the weighted mean)
-    calib: GramSolver | None = None  # calibration Grams of this tensor (regmean.py), if any
-    _gram: torch.Tensor | None = field(default=None, repr=False)
-
-    @property
-    def gram(self) -> torch.Tensor:
-        """G[r, n, m] = <d_n[r], d_m[r]>, [R, N, N]."""
-        if self._gram is None:
-            d = self.deltas.permute(1, 0, 2)  # [R, N, in]
-            self._gram = d @ d.transpose(1, 2)
-        return self._gram
-
-
-ClusteringFn = Callable[[RowBatch, int], "torch.Tensor"]
-CLUSTERINGS: dict[str, ClusteringFn] = {}
-
-
-def clustering(name: str) -> Callable[[ClusteringFn], ClusteringFn]:
-    def register(fn: ClusteringFn) -> ClusteringFn:
-        CLUSTERINGS[name] = fn
-        return fn
-
-    return register
+ClusteringFn = Callable[[RowBatch, int], torch.Tensor]  # (batch, K) -> labels [R, N]
 
 
 def get_clustering(name: str) -> ClusteringFn:
@@ -74,31 +44,14 @@ def get_clustering(name: str) -> ClusteringFn:
 
 def group_rows(name: str, batch: RowBatch, k: int) -> torch.Tensor:
     """Canonical labels [R, N] for each row; K >= N means every expert keeps its own group."""
-    import torch
-
     n, r = batch.deltas.shape[:2]
     if k >= n:
         return torch.arange(n).expand(r, n).clone()
     return canonical(get_clustering(name)(batch, k))
 
 
-def canonical(labels: torch.Tensor) -> torch.Tensor:
-    """Renumber groups per row in order of first appearance: [R, N] -> [R, N] in 0..groups-1."""
-    import torch
-
-    r, n = labels.shape
-    pos = torch.arange(n).expand(r, n)
-    first = torch.full((r, n + 1), n, dtype=torch.long)  # first position of each label value
-    first.scatter_reduce_(1, labels, pos, reduce="amin")
-    rank = torch.empty_like(first)
-    rank.scatter_(1, first.argsort(dim=1, stable=True), torch.arange(n + 1).expand(r, n + 1))
-    return rank.gather(1, labels)
-
-
 def partition_cost(gram: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_n ||d_n - m_g(n)||^2 per row for labels [R, N] (m_g: weighted mean of group g). -> [R]."""
-    import torch
-
     n = gram.shape[1]
     onehot = torch.nn.functional.one_hot(labels, n).transpose(1, 2).to(gram.dtype)  # [R, G, N]
     wb = onehot * weights  # [R, G, N]
@@ -111,36 +64,8 @@ def partition_cost(gram: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
     return gram.diagonal(dim1=1, dim2=2).sum(-1) - explained.sum(-1)
 
 
-@cache
-def set_partitions(n: int, k: int) -> tuple[tuple[int, ...], ...]:
-    """All partitions of n items into <= k blocks as canonical label tuples, most blocks first."""
-    out: list[tuple[int, ...]] = []
-
-    def grow(prefix: list[int], top: int) -> None:
-        if len(prefix) == n:
-            out.append(tuple(prefix))
-            return
-        for g in range(min(top + 2, k)):
-            grow(prefix + [g], max(top, g))
-
-    grow([0], 0)
-    return tuple(sorted(out, key=lambda p: -max(p)))  # ties in cost prefer finer partitions
-
-
-def count_partitions(n: int, k: int) -> int:
-    """Number of set partitions of n items into <= k blocks (sum of Stirling numbers S(n, j))."""
-    s = [[0] * (k + 1) for _ in range(n + 1)]
-    s[0][0] = 1
-    for i in range(1, n + 1):
-        for j in range(1, k + 1):
-            s[i][j] = j * s[i - 1][j] + s[i - 1][j - 1]
-    return sum(s[n][1:])
-
-
 def _pair_coefficients(parts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """A[p, i, j] such that the cost of partition p is trace(G) - <G, A[p]>. -> [P, N, N]."""
-    import torch
-
     n = parts.shape[1]
     same = (parts[:, :, None] == parts[:, None, :]).to(weights.dtype)  # [P, N, N]
     total_w = same @ weights  # [P, N]: weight of expert i's block
@@ -150,11 +75,8 @@ def _pair_coefficients(parts: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     return same * (2 * w_j / tw[:, :, None] - size[:, :, None] * weights[:, None] * w_j / tw[:, :, None] ** 2)
 
 
-@clustering("error")
 def error_clustering(batch: RowBatch, k: int) -> torch.Tensor:
     """Minimise the mean-merge squared reconstruction error: exhaustive for small N."""
-    import torch
-
     n = batch.deltas.shape[0]
     if count_partitions(n, k) > MAX_ENUMERATED:
         return _error_heuristic(batch, k)
@@ -168,8 +90,6 @@ def _error_heuristic(batch: RowBatch, k: int,
                      cost_of: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Best of Ward agglomeration and the cosine partition per row, improved by single moves;
     `cost_of(labels [R, N]) -> [R]` defaults to the weight-space error (partition_cost)."""
-    import torch
-
     g, w = batch.gram, batch.weights
     if cost_of is None:
         def cost_of(labels: torch.Tensor) -> torch.Tensor:
@@ -213,8 +133,6 @@ def _average_score(sums: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
 
 def _agglomerate(sim: torch.Tensor, k: int, score: Callable[..., torch.Tensor]) -> torch.Tensor:
     """Merge the best-scoring pair of blocks until k remain, all rows at once. sim [R, N, N] -> [R, N]."""
-    import torch
-
     r, n, _ = sim.shape
     labels = torch.arange(n).expand(r, n).clone()  # block id = its smallest member
     eye = torch.eye(n, dtype=torch.bool)
@@ -233,7 +151,6 @@ def _agglomerate(sim: torch.Tensor, k: int, score: Callable[..., torch.Tensor]) 
     return labels
 
 
-@clustering("cosine")
 def cosine_clustering(batch: RowBatch, k: int) -> torch.Tensor:
     """The paper's rule: average-linkage on the cosine similarity of the experts' row deltas."""
     g = batch.gram
@@ -243,12 +160,9 @@ def cosine_clustering(batch: RowBatch, k: int) -> torch.Tensor:
     return _agglomerate(cos, k, _average_score)
 
 
-@clustering("output-error")
 def output_error_clustering(batch: RowBatch, k: int) -> torch.Tensor:
     """Minimise sum_n ||X_n (w_G(n) - w_n)||^2 with RegMean-merged groups (needs calibration):
     every partition for small N, the `error` rule's heuristic on this cost above."""
-    from chmc.compiler.regmean import MAX_SUBSET_EXPERTS, best_partitions
-
     solver = batch.calib
     if solver is None:
         raise ChmcError("clustering 'output-error' needs calibration prompts "
@@ -257,3 +171,7 @@ def output_error_clustering(batch: RowBatch, k: int) -> torch.Tensor:
         return best_partitions(solver, batch, k)[0]
     e = solver.weighted(batch.deltas)  # [N, R, in], shared by every trial
     return _error_heuristic(batch, k, lambda labels: solver.partition_error(batch, labels, e))
+
+
+CLUSTERINGS: dict[str, ClusteringFn] = {"cosine": cosine_clustering, "error": error_clustering,
+                                        "output-error": output_error_clustering}

@@ -15,7 +15,7 @@ mergekit features chmc does not have: they are NotSupportedError, named.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +105,10 @@ def _add_model(cfg: MergeConfig, entry: Any, where: str, file: Path) -> None:
 
 def with_overrides(cfg: MergeConfig, *, base: str | None, experts: dict[str, str],
                    parameters: dict[str, Any], **options: Any) -> MergeConfig:
-    """Command-line values win over the YAML's; experts from both are merged (names unique)."""
+    """A new config: command-line values win over the YAML's; experts from both are merged
+    (names unique, the YAML's first)."""
+    cfg = replace(cfg, experts=dict(cfg.experts), parameters=dict(cfg.parameters),
+                  expert_parameters={k: dict(v) for k, v in cfg.expert_parameters.items()})
     for name, path in experts.items():
         if name in cfg.experts:
             raise ChmcError(f"duplicate expert name '{name}' ({cfg.experts[name]} and {path})")

@@ -25,12 +25,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
+import torch
 
 from chmc.errors import ChmcError
-
-if TYPE_CHECKING:
-    import torch
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,6 @@ class Resolved:
         return {**self.values, **{k: v[n] for k, v in self.per_expert.items()}}
 
     def weights(self) -> torch.Tensor:
-        import torch
-
         return torch.tensor(self.per_expert.get("weight", []), dtype=torch.float32)
 
     def to_json(self, names: list[str]) -> dict[str, Any]:
@@ -77,6 +75,9 @@ class Resolved:
         for k, v in self.per_expert.items():
             out[k] = dict(zip(names, v))
         return out
+
+
+Map = Callable[[Callable[[Any], Any], Any], list]  # (fn, items) -> [fn(item)], maybe on threads
 
 
 def serial_map(fn: Callable[[Any], Any], items: Any) -> list:
@@ -127,13 +128,7 @@ class MergeMethod:
         return Resolved(values, per_expert)
 
 
-METHODS: dict[str, MergeMethod] = {}
 ALIASES = {"linear": "mean"}
-
-
-def register(method: MergeMethod) -> MergeMethod:
-    METHODS[method.name] = method
-    return method
 
 
 def get_method(name: str) -> MergeMethod:
@@ -150,8 +145,6 @@ class GroupSums:
     """Weighted per-group sums over the members' rows, as one batched matmul over rows."""
 
     def __init__(self, labels: torch.Tensor, k: int, w: torch.Tensor):
-        import torch
-
         member = torch.nn.functional.one_hot(labels, k).transpose(1, 2).float()  # [R, K, N]
         self.total_w = (member @ w).T[:, :, None]  # [K, R, 1]: summed member weights
         self.member_w = member * w  # [R, K, N]
@@ -164,8 +157,6 @@ class GroupSums:
 def _nonzero(x: torch.Tensor) -> torch.Tensor:
     """A divisor with zeros lifted, in place. A zero summed weight (no member, or only weight-0
     members) comes with a zero sum, so any positive divisor gives mergekit's result: 0."""
-    import torch
-
     return x.clamp_min_(torch.finfo(torch.float32).tiny)
 
 
@@ -187,8 +178,6 @@ def sign_consensus(deltas: torch.Tensor, labels: torch.Tensor, k: int, p: Resolv
     members' sum is (S(d) + e S(|d|)) / 2 and their weight (S(|sign d|) + e S(sign d)) / 2, so no
     per-expert gather of the elected sign and no masks are needed.
     """
-    import torch
-
     groups = GroupSums(labels, k, p.weights())
     total = groups(deltas)  # [K, R, in]
     sign = deltas.sign()  # [N, R, in]
@@ -206,7 +195,7 @@ def _scale(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def trim_top_k(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator], blocks: Blocks,
-               pmap: Callable[..., list] = serial_map) -> Apply:
+               pmap: Map = serial_map) -> Apply:
     """TIES' trim, per expert over its whole tensor: keep the k = max(1, int(density * numel))
     largest |d|, the lowest flat index first among equal magnitudes.
 
@@ -215,8 +204,6 @@ def trim_top_k(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator], b
     t_n also occurs below the cut (ties, common in fp16 deltas), the flat positions of the ties
     give the last one to keep; past it only |d| > t_n is kept.
     """
-    import torch
-
     n = deltas.shape[0]
     densities = [p.expert(e)["density"] for e in range(n)]
     if min(densities) >= 1:
@@ -244,8 +231,6 @@ def trim_top_k(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator], b
 def _threshold(delta: torch.Tensor, density: float) -> tuple[float, float, tuple[int, int]]:
     """One expert's trim of delta [out, in]: (lambda for |d| >= t, lambda for |d| > t, the
     (row, col) of the last entry equal to t that is kept; (out, 0) when all ties are kept)."""
-    import numpy as np
-
     out = delta.shape[0]
     if density >= 1:
         return -math.inf, -math.inf, (out, 0)
@@ -272,11 +257,9 @@ def _threshold(delta: torch.Tensor, density: float) -> tuple[float, float, tuple
 
 
 def dare_drop(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator], blocks: Blocks,
-              pmap: Callable[..., list] = serial_map) -> Apply:
+              pmap: Map = serial_map) -> Apply:
     """DARE: keep each entry with probability density (seeded per expert), rescale each expert to
     its tensor's L1 norm."""
-    import torch
-
     n, _, inp = deltas.shape
 
     def drop(e: int) -> tuple[list[torch.Tensor] | None, float]:
@@ -313,22 +296,6 @@ def _normalize(default: bool) -> Param:
     return Param("normalize", bool, default)
 
 
-register(MergeMethod("mean", lambda d, lab, k, p: weighted_sum(d, lab, k, p, normalize=True),
-                     params=(WEIGHT,)))
-register(MergeMethod("task_arithmetic", lambda d, lab, k, p: weighted_sum(d, lab, k, p, False),
-                     params=(WEIGHT, LAMBDA)))
-register(MergeMethod("ties", sign_consensus, trim_top_k,
-                     params=(WEIGHT, DENSITY, LAMBDA, _normalize(True))))
-register(MergeMethod("dare_ties", sign_consensus, dare_drop,
-                     params=(WEIGHT, DENSITY, LAMBDA, _normalize(True))))
-register(MergeMethod(
-    "dare_linear",
-    lambda d, lab, k, p: weighted_sum(d, lab, k, p, p.values["normalize"]),
-    dare_drop,
-    params=(WEIGHT, DENSITY, LAMBDA, _normalize(False)),
-))
-
-
 def regmean_combine(deltas: torch.Tensor, labels: torch.Tensor, k: int, p: Resolved,
                     calib: Any = None) -> torch.Tensor:
     """RegMean per group: the merged delta minimising the members' output error. [K, R, in]."""
@@ -338,5 +305,17 @@ def regmean_combine(deltas: torch.Tensor, labels: torch.Tensor, k: int, p: Resol
     return calib.merge(deltas, labels, k)
 
 
-register(MergeMethod("regmean", regmean_combine, calibrated=True,
-                     params=(Param("damping", float, 0.01, low=0.0, low_open=True),)))
+METHODS: dict[str, MergeMethod] = {m.name: m for m in (
+    MergeMethod("mean", lambda d, lab, k, p: weighted_sum(d, lab, k, p, normalize=True),
+                params=(WEIGHT,)),
+    MergeMethod("task_arithmetic", lambda d, lab, k, p: weighted_sum(d, lab, k, p, False),
+                params=(WEIGHT, LAMBDA)),
+    MergeMethod("ties", sign_consensus, trim_top_k,
+                params=(WEIGHT, DENSITY, LAMBDA, _normalize(True))),
+    MergeMethod("dare_ties", sign_consensus, dare_drop,
+                params=(WEIGHT, DENSITY, LAMBDA, _normalize(True))),
+    MergeMethod("dare_linear", lambda d, lab, k, p: weighted_sum(d, lab, k, p, p.values["normalize"]),
+                dare_drop, params=(WEIGHT, DENSITY, LAMBDA, _normalize(False))),
+    MergeMethod("regmean", regmean_combine, calibrated=True,
+                params=(Param("damping", float, 0.01, low=0.0, low_open=True),)),
+)}

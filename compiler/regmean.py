@@ -17,18 +17,36 @@ Damping (GPTQ/RegMean style): C_n + damping * mean(diag C_n) * I, so A_G is alwa
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import cache
-from typing import TYPE_CHECKING
 
+import torch
+
+from chmc.compiler.partitions import set_partitions
 from chmc.errors import ChmcError
-
-if TYPE_CHECKING:
-    import torch
-    from chmc.compiler.grouping import RowBatch
 
 MAX_SUBSET_EXPERTS = 8  # exhaustive subsets (2^N - 1 factors) up to this N; above, a heuristic
 MEMO_SUBSETS = 32  # subset sums kept per row block (32 x a block's [R, in]: ~128 MiB at most)
 HEURISTIC_CACHE_BYTES = 1 << 30  # above it, the heuristic's factors are kept FIFO up to this size
+
+
+@dataclass
+class RowBatch:
+    """The experts' row deltas for a block of rows, plus what the clusterings and the Gram solver
+    share."""
+
+    deltas: torch.Tensor  # [N, R, in] fp32
+    weights: torch.Tensor  # [N] fp32 merge weights (the `error` cost uses the weighted mean)
+    calib: GramSolver | None = None  # calibration Grams of this tensor, if any
+    _gram: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """G[r, n, m] = <d_n[r], d_m[r]>, [R, N, N]."""
+        if self._gram is None:
+            d = self.deltas.permute(1, 0, 2)  # [R, N, in]
+            self._gram = d @ d.transpose(1, 2)
+        return self._gram
 
 
 class GramSolver:
@@ -48,8 +66,6 @@ class GramSolver:
         """Lower Cholesky factor of sum_{n in mask} C_n [in, in], fp32. Factorised in fp64 once
         per subset: the damping bounds A's condition number only by ~100 x width (3e5 at 2816),
         too much for an fp32 factorisation; the triangular solves with it run in fp32."""
-        import torch
-
         if mask not in self._factors:
             assert self.c is not None
             if self.n > MAX_SUBSET_EXPERTS:  # the heuristic meets many subsets: bounded FIFO
@@ -68,14 +84,10 @@ class GramSolver:
 
     def half_solve(self, mask: int, b: torch.Tensor) -> torch.Tensor:
         """y = b L^-T for rows b [R, in] (so ||y||^2 = b A^-1 b^T): one triangular solve."""
-        import torch
-
         return torch.linalg.solve_triangular(self.factor(mask).T, b, upper=True, left=False)
 
     def solve(self, mask: int, b: torch.Tensor) -> torch.Tensor:
         """m = b A^-1 for rows b [R, in]: two triangular solves with the subset's factor."""
-        import torch
-
         y = self.half_solve(mask, b)
         return torch.linalg.solve_triangular(self.factor(mask), y, upper=False, left=False)
 
@@ -100,8 +112,6 @@ class GramSolver:
                   e: torch.Tensor | None = None) -> torch.Tensor:
         """b_G^T A_G^-1 b_G for each subset mask, per row: -> [R, S]. The identity case needs
         only the deltas' Gram [R, N, N] (b_G = sum d, A_G^-1 = I / |G|)."""
-        import torch
-
         if self.c is None:
             member = torch.tensor([[m >> i & 1 for i in range(self.n)] for m in masks],
                                   dtype=torch.float32)  # [S, N]
@@ -121,8 +131,6 @@ class GramSolver:
     def partition_error(self, batch: RowBatch, labels: torch.Tensor,
                         e: torch.Tensor | None = None) -> torch.Tensor:
         """Output error of any labelling [R, N] (groups may be empty or unnumbered): -> [R]."""
-        import torch
-
         e = self.weighted(batch.deltas) if e is None else e
         explained = torch.zeros(labels.shape[0], dtype=torch.float32)
         for rows, mask in _subsets(labels):
@@ -131,8 +139,6 @@ class GramSolver:
 
     def merge(self, deltas: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
         """m_G for each row's groups: deltas [N, R, in], labels [R, N] -> [K, R, in]."""
-        import torch
-
         n, r, width = deltas.shape
         out = torch.zeros((k, r, width), dtype=torch.float32)
         for rows, mask in _subsets(labels):
@@ -154,8 +160,6 @@ class GramSolver:
 
 def _subsets(labels: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
     """(rows, mask) for every non-empty group of every row, rows sharing a subset together."""
-    import torch
-
     n = labels.shape[1]
     bits = 2 ** torch.arange(n)
     out = []
@@ -186,9 +190,6 @@ def _subset_sum(e: torch.Tensor, mask: int, sums: dict[int, torch.Tensor]) -> to
 def partition_subsets(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Partitions into <= k blocks [P, N] (set_partitions' order), their incidence on the
     subset masks they use [P, S] and those masks (S of them, ascending)."""
-    import torch
-    from chmc.compiler.grouping import set_partitions
-
     parts = set_partitions(n, k)
     blocks = [{sum(1 << i for i, lab in enumerate(p) if lab == g) for g in set(p)} for p in parts]
     masks = sorted(set().union(*blocks))
@@ -205,8 +206,6 @@ def best_partitions(solver: GramSolver, batch: RowBatch,
     """Per row, the partition into <= k groups with the least output error, that error for
     every K' = 1..k, and the error of merging nothing: -> labels [R, N], errors [R, k], total [R].
     Only the subsets of partitions into <= k blocks are solved (K=1: the full set alone)."""
-    import torch
-
     parts, incidence, masks = partition_subsets(solver.n, k)
     e = solver.weighted(batch.deltas)  # [N, R, in], shared by explained and total
     score = solver.explained(batch, masks, e) @ incidence.T  # [R, P]

@@ -7,10 +7,10 @@ never reopens the experts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from chmc.compiler.artifact import read_manifest
 from rich.table import Table
+
+from chmc.formats.artifact import ArtifactManifest, read_manifest
 
 
 def _count(n: float) -> str:
@@ -20,44 +20,43 @@ def _count(n: float) -> str:
     return str(int(n))
 
 
-def summary_table(manifest: dict[str, Any], path: Path) -> Table:
-    acc = manifest["accounting"]
-    params = manifest.get("parameters", {})
+def summary_table(manifest: ArtifactManifest, path: Path) -> Table:
+    acc = manifest.accounting
     table = Table(title=f"chmc artifact {path}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
-    table.add_row("architecture", str(manifest["architecture"]))
-    table.add_row("experts", str(len(manifest["experts"])))
-    table.add_row("groups (K)", str(manifest["groups"]))
-    if manifest.get("budget"):
-        table.add_row("budget", f"{manifest['budget']['fraction']} of the ensemble (K per tensor)")
-    if manifest.get("calibration"):
-        table.add_row("calibration", ", ".join(f"{k}={v}" for k, v in manifest["calibration"].items()))
-    table.add_row("clustering", str(manifest["clustering"]))
-    table.add_row("method", str(manifest["method"]))
-    table.add_row("parameters", ", ".join(f"{k}={v}" for k, v in params.items()))
-    table.add_row("dtype", str(manifest.get("dtype")))
-    table.add_row("tied embeddings", str(manifest.get("tie_word_embeddings")))
-    table.add_row("base params", _count(acc["base"]))
-    table.add_row("ensemble params", _count(acc["ensemble"]))
-    table.add_row("artifact params", _count(acc["artifact"]))
-    table.add_row("ratio to ensemble", f"{acc['ratio']:.3f}")
+    table.add_row("architecture", manifest.architecture)
+    table.add_row("experts", str(len(manifest.experts)))
+    table.add_row("groups (K)", str(manifest.groups))
+    if manifest.budget:
+        table.add_row("budget", f"{manifest.budget.fraction} of the ensemble (K per tensor)")
+    if manifest.calibration:
+        table.add_row("calibration", ", ".join(f"{k}={v}" for k, v in manifest.calibration.items()))
+    table.add_row("clustering", manifest.clustering)
+    table.add_row("method", manifest.method)
+    table.add_row("parameters", ", ".join(f"{k}={v}" for k, v in manifest.parameters.items()))
+    table.add_row("dtype", str(manifest.dtype))
+    table.add_row("tied embeddings", str(manifest.tie_word_embeddings))
+    table.add_row("base params", _count(acc.base))
+    table.add_row("ensemble params", _count(acc.ensemble))
+    table.add_row("artifact params", _count(acc.artifact))
+    table.add_row("ratio to ensemble", f"{acc.ratio:.3f}")
     return table
 
 
-def experts_table(manifest: dict[str, Any]) -> Table:
+def experts_table(manifest: ArtifactManifest) -> Table:
     table = Table(title="experts: ||W_rec - W_expert|| / ||W_expert - W_base|| (merged tensors)")
     table.add_column("id", justify="right")
     table.add_column("name")
     table.add_column("relative error", justify="right")
     table.add_column("sha256")
-    for i, e in enumerate(manifest["experts"]):
-        table.add_row(str(i), e["name"], f"{e.get('rel_error', float('nan')):.4f}", e["sha256"][:12])
+    for i, e in enumerate(manifest.experts):
+        table.add_row(str(i), e.name, f"{e.rel_error:.4f}", e.sha256[:12])
     return table
 
 
-def tensors_table(manifest: dict[str, Any]) -> Table:
-    names = [e["name"] for e in manifest["experts"]]
+def tensors_table(manifest: ArtifactManifest) -> Table:
+    names = manifest.expert_names
     table = Table(title="tensors")
     table.add_column("tensor")
     table.add_column("kind")
@@ -66,12 +65,12 @@ def tensors_table(manifest: dict[str, Any]) -> Table:
     table.add_column("groups used", justify="right")
     for n in names:
         table.add_column(f"err {n}", justify="right")
-    for name, e in manifest["tensors"].items():
-        stats = e.get("stats", {})
-        errs = [f"{stats['rel_error'][n]:.3f}" if stats else "exact" for n in names]
-        used = f"{stats['mean_groups_used']:.2f}" if stats else "-"
-        table.add_row(name, e["kind"], "x".join(map(str, e["shape"])), str(e.get("groups", "-")),
-                      used, *errs)
+    for name, e in manifest.tensors.items():
+        stats = e.stats
+        errs = [f"{stats.rel_error[n]:.3f}" if stats else "exact" for n in names]
+        used = f"{stats.mean_groups_used:.2f}" if stats else "-"
+        table.add_row(name, e.kind, "x".join(map(str, e.shape)),
+                      str(e.groups if e.groups is not None else "-"), used, *errs)
     return table
 
 

@@ -1,59 +1,47 @@
-"""Stage: a Triton Inference Server model repository from an export folder.
+"""Stage: an export (or engine) folder -> a Triton Inference Server model repository
+(chmc.formats.repository describes the layout).
 
-Layout written (`name` defaults to "chmc"):
-  <name>_engine/config.pbtxt        the exported graph as it is: onnxruntime_onnx or tensorrt_plan,
-  <name>_engine/1/model.onnx(.data) inputs/outputs exactly as the graph declares them (expert_id
-                                    included), max_batch_size 0: the KV cache has its own batch dim
-<name>_engine/1/chmc_ort_kernel.so  plugin-form graphs only: the native chmc::ChannelGatherMatMul
-                                    kernel, named by `model_operations` with its absolute path
-  <name>/config.pbtxt               text in, text out: Python backend with dynamic batching, so one
-  <name>/1/model.py                 execute() gets requests for several experts and runs them as one
-  <name>/1/chmc.json, tokenizer...  batch with per-row expert ids through chmc.runtime
-
-The text model reads the graph from `../../<name>_engine/1/` (a relative path kept in its config's
-parameters), so the weights are on disk once and the repository runs on its own.
-Config files are written as protobuf text and, when tritonclient[grpc] is installed, parsed back
-with Triton's own ModelConfig message before anything is renamed into place.
+The graph model `<name>_engine` is the exported graph as it is: onnxruntime_onnx or tensorrt_plan,
+inputs/outputs exactly as the graph declares them (expert_id included), max_batch_size 0 (the KV
+cache has its own batch dim); a plugin-form graph carries its native chmc::ChannelGatherMatMul
+kernel, named by `model_operations` with its absolute path. The text model `<name>` is the
+Python backend with dynamic batching, so one execute() gets requests for several experts and
+runs them as one batch with per-row expert ids through chmc.runtime; it reads the graph from
+`../../<name>_engine/1/` (a relative path kept in its config's parameters), so the weights are on
+disk once and the repository runs on its own. Config files are written as protobuf text and,
+when tritonclient[grpc] is installed, parsed back with Triton's own ModelConfig message before
+anything is renamed into place.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from chmc.errors import ChmcError, MissingDependencyError, NotSupportedError
+from chmc.formats.artifact import MANIFEST
+from chmc.formats.checkpoint import copy_side_files
+from chmc.formats.engine import ENGINE_JSON, PLAN, EngineFolder
+from chmc.formats.export import GRAPH, GRAPH_DATA, ExportFolder, TensorIO, read_export_manifest
+from chmc.formats.folders import folder_kind, open_folder
+from chmc.formats.outputs import staged_output
+from chmc.formats.repository import RepositoryManifest, write_repository_manifest
+from chmc.plugins.channel_gather_matmul.onnxruntime_op import library_path
 
 ENGINES = ("onnx", "trt")
 PLATFORMS = {"onnx": "onnxruntime_onnx", "trt": "tensorrt_plan"}
 # engine.json (written by `chmc engine`) describes the plan's profiles for chmc.runtime.
-GRAPH_FILES = {"onnx": ("model.onnx", "model.onnx.data"), "trt": ("model.plan", "engine.json")}
+GRAPH_FILES = {"onnx": (GRAPH, GRAPH_DATA), "trt": (PLAN, ENGINE_JSON)}
 OP_LIBRARY = "chmc_ort_kernel.so"  # beside a plugin-form graph; Triton's ORT backend loads it
-# What the text model needs beside the graph: the runtime loads these from one folder.
-META_FILES = ("chmc.json", "tokenizer.json", "config.json", "generation_config.json",
-              "tokenizer_config.json", "special_tokens_map.json")
 MODEL_PY = Path(__file__).resolve().parent.parent / "runtime" / "triton_model.py"
 TRITON_TYPES = {
     "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8", "int16": "TYPE_INT16",
     "int32": "TYPE_INT32", "int64": "TYPE_INT64", "float16": "TYPE_FP16",
     "bfloat16": "TYPE_BF16", "float32": "TYPE_FP32", "float64": "TYPE_FP64", "string": "TYPE_STRING",
 }
-
-
-@dataclass(frozen=True)
-class TensorIO:
-    """One graph input or output; symbolic dims (str or None) become -1 in the config."""
-
-    name: str
-    dtype: str  # numpy-style name: "int64", "float32", ...
-    shape: tuple[int | str | None, ...]
-
-    def dims(self) -> list[int]:
-        return [d if isinstance(d, int) and d >= 0 else -1 for d in self.shape]
 
 
 @dataclass(frozen=True)
@@ -67,12 +55,18 @@ class TextModelOptions:
     max_new_tokens: int = 64  # default when a request leaves `max_new_tokens` out
 
 
+def _dims(t: TensorIO) -> list[int]:
+    """Symbolic dims become -1 in a Triton config."""
+    return [d if isinstance(d, int) and d >= 0 else -1 for d in t.shape]
+
+
 def _tensor_entries(tensors: list[TensorIO]) -> str:
     items = []
     for t in tensors:
         if t.dtype not in TRITON_TYPES:
-            raise ChmcError(f"graph tensor '{t.name}' has dtype {t.dtype!r}, which Triton has no type for")
-        dims = ", ".join(str(d) for d in t.dims())
+            raise ChmcError(f"graph tensor '{t.name}' has dtype {t.dtype!r}, which Triton has no "
+                            "type for")
+        dims = ", ".join(str(d) for d in _dims(t))
         items.append(f'  {{ name: "{t.name}" data_type: {TRITON_TYPES[t.dtype]} dims: [ {dims} ] }}')
     return ",\n".join(items)
 
@@ -131,23 +125,6 @@ def parse_model_config(text: str, where: str = "config.pbtxt") -> Any:
         raise ChmcError(f"{where}: not a valid Triton model config ({e})") from None
 
 
-def graph_io(export_dir: Path) -> tuple[list[TensorIO], list[TensorIO]]:
-    """The graph's inputs and outputs as the export recorded them in chmc.json's `export` section."""
-    file = export_dir / "chmc.json"
-    try:
-        section = json.loads(file.read_text())["export"]
-        return tuple(  # type: ignore[return-value]
-            [TensorIO(t["name"], t["dtype"], tuple(t["shape"])) for t in section[key]]
-            for key in ("inputs", "outputs")
-        )
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ChmcError(f"{file}: no usable 'export' section with inputs/outputs ({e!r})") from None
-
-
-def is_export(path: Path) -> bool:
-    return (path / "chmc.json").is_file() and (path / "model.onnx").is_file()
-
-
 def _place(src: Path, dst: Path) -> None:
     """Hard-link when possible (weights stay on disk once), else copy."""
     try:
@@ -156,40 +133,38 @@ def _place(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _export_first(artifact: Path, into: Path) -> Path:
-    from chmc.compiler import export as export_stage
-
-    export_stage.export(artifact, into)
-    return into
-
-
 def write_triton_repo(source: str | Path, out: str | Path, *, engine: str = "onnx",
                       name: str = "chmc", force: bool = False,
                       options: TextModelOptions | None = None) -> Path:
-    """Write the two-model repository for an export folder (or an artifact, exported first)."""
-    from chmc.compiler.outputs import staged_output
+    """Write the two-model repository for an export folder (an artifact is exported first, in
+    the portable gather form) or, with engine="trt", an engine folder."""
+    from chmc.compiler.export import export  # torch and onnx: only for an artifact source
 
     source = Path(source)
     if engine not in ENGINES:
         raise ChmcError(f"--engine {engine!r} is not one of {list(ENGINES)}")
     if not name.replace("_", "").replace("-", "").isalnum():
         raise ChmcError(f"--name {name!r}: use letters, digits, '_' and '-' only")
-    if not (source / "chmc.json").is_file():
-        raise ChmcError(f"{source}: not a chmc artifact, export or engine folder (no chmc.json)")
-    if engine == "trt" and not (source / "model.plan").is_file():
+    if engine == "trt" and folder_kind(source) != "engine":
         raise ChmcError(f"{source}: no model.plan for --engine trt: build one with "
                         "`chmc engine EXPORT --out ENGINE_DIR` and pass ENGINE_DIR")
-    with staged_output(out, force) as tmp, tempfile.TemporaryDirectory(dir=tmp) as scratch:
-        ready = engine == "trt" or is_export(source)  # an engine folder carries the export's chmc.json
-        export_dir = source if ready else _export_first(source, Path(scratch) / "export")
-        _copy_files(export_dir, tmp, engine, name)
-        inputs, outputs = graph_io(export_dir)
-        backend = "onnxruntime" if engine == "onnx" else "tensorrt"
+    folder = open_folder(source, expect=("engine",) if engine == "trt" else ("artifact", "export"))
+    with staged_output(out, force) as tmp:
+        if isinstance(folder, EngineFolder):
+            graph_dir, manifest = folder.path, folder.export
+        else:
+            if not isinstance(folder, ExportFolder):  # an artifact: export it into the scratch
+                folder = ExportFolder(export(source, tmp / ".export"))
+            graph_dir, manifest = folder.path, folder.manifest
+        _copy_files(graph_dir, tmp, engine, name)
+        section = manifest.export
         op_library = None
-        if engine == "onnx" and _place_op_library(export_dir, tmp / f"{name}_engine" / "1"):
+        if engine == "onnx" and _place_op_library(graph_dir, tmp / f"{name}_engine" / "1"):
             op_library = str(Path(out).resolve() / f"{name}_engine" / "1" / OP_LIBRARY)
+        backend = "onnxruntime" if engine == "onnx" else "tensorrt"
         configs = {
-            f"{name}_engine": engine_config(f"{name}_engine", inputs, outputs, engine, op_library),
+            f"{name}_engine": engine_config(f"{name}_engine", section.inputs, section.outputs,
+                                            engine, op_library),
             name: text_model_config(name, f"../../{name}_engine/1", backend,
                                     options or TextModelOptions()),
         }
@@ -199,37 +174,36 @@ def write_triton_repo(source: str | Path, out: str | Path, *, engine: str = "onn
                 parse_model_config(text, f"{out}/{model}/config.pbtxt")
             except MissingDependencyError:
                 pass  # validation is a check, not a requirement for writing the repository
+        shutil.rmtree(tmp / ".export", ignore_errors=True)
+        write_repository_manifest(tmp, RepositoryManifest(name=name, engine=engine,
+                                                          source=str(source.resolve())))
     return Path(out)
 
 
 def _place_op_library(export_dir: Path, graph_dir: Path) -> bool:
     """Put the native kernel beside a plugin-form graph (Triton's ORT backend cannot run its node
     otherwise); False for other forms."""
-    from chmc.runtime import read_export_manifest
-
-    export = read_export_manifest(export_dir)["export"]
-    if export.get("linear") != "plugin":
+    export = read_export_manifest(export_dir).export
+    if export.linear != "plugin":
         return False
-    if export.get("dtype") != "float32":
+    if export.dtype != "float32":
         raise NotSupportedError(
-            f"{export_dir}: a {export.get('dtype')} plugin-form graph cannot be served by Triton's "
+            f"{export_dir}: a {export.dtype} plugin-form graph cannot be served by Triton's "
             "ONNX Runtime backend (the chmc::ChannelGatherMatMul CPU kernel is float32): export "
             "with --dtype float32, or build a TensorRT engine and use --engine trt")
-    from chmc.plugins.channel_gather_matmul.onnxruntime_op import library_path
-
     shutil.copy2(library_path(), graph_dir / OP_LIBRARY)
     return True
 
 
-def _copy_files(export_dir: Path, repo: Path, engine: str, name: str) -> None:
-    """Graph files into <name>_engine/1, manifest, tokenizer and model.py into <name>/1."""
+def _copy_files(graph_dir: Path, repo: Path, engine: str, name: str) -> None:
+    """Graph files into <name>_engine/1; manifest, tokenizer, config and model.py into <name>/1
+    (the runtime reads them from one folder)."""
     graph, text = repo / f"{name}_engine" / "1", repo / name / "1"
     graph.mkdir(parents=True)
     text.mkdir(parents=True)
     for f in GRAPH_FILES[engine]:
-        if (export_dir / f).is_file():
-            _place(export_dir / f, graph / f)
-    for f in META_FILES:
-        if (export_dir / f).is_file():
-            shutil.copy2(export_dir / f, text / f)
+        if (graph_dir / f).is_file():
+            _place(graph_dir / f, graph / f)
+    copy_side_files(graph_dir, text)
+    shutil.copy2(graph_dir / MANIFEST, text / MANIFEST)
     shutil.copy2(MODEL_PY, text / "model.py")

@@ -3,8 +3,9 @@ biases). Biases are picked up from the checkpoint when present, so one spec cove
 
 from __future__ import annotations
 
-from chmc.models.spec import ArchSpec, register
+from chmc.models.spec import ArchSpec
 
-LLAMA = register(ArchSpec(architectures=("LlamaForCausalLM",), model_type="llama"))
-MISTRAL = register(ArchSpec(architectures=("MistralForCausalLM",), model_type="mistral"))
-QWEN2 = register(ArchSpec(architectures=("Qwen2ForCausalLM",), model_type="qwen2"))
+LLAMA = ArchSpec(architectures=("LlamaForCausalLM",), model_type="llama")
+MISTRAL = ArchSpec(architectures=("MistralForCausalLM",), model_type="mistral")
+QWEN2 = ArchSpec(architectures=("Qwen2ForCausalLM",), model_type="qwen2")
+SPECS = (LLAMA, MISTRAL, QWEN2)

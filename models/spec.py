@@ -1,9 +1,9 @@
-"""Declarative decoder specs: which tensor names a family uses and which config fields it reads.
+"""Declarative decoder descriptions: which tensor names a family uses, which features its forward
+pass has, and the numbers config.json gives it. Torch-free: the runtime reads them too.
 
-The ONNX builder (chmc.compiler.onnx_graph) knows one decoder shape - embeddings, pre-norm GQA
-attention with default RoPE, gated MLP, final norm, lm_head - and asks a spec only for names and
-numbers, so adding a family that fits this shape is one registry entry (see chmc.models.llama).
-Torch-free: the runtime reads the same config fields.
+`ArchSpec` is per family (one small file each: chmc.models.llama, ...); `DecoderConfig` is per
+checkpoint, read and checked from its config.json. chmc.models.decoder runs the forward pass from
+both, once for every backend.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from chmc.errors import ChmcError, NotSupportedError
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Tensor names of one decoder family; `{i}` is the layer number."""
+    """Tensor names of one decoder family (`{i}` is the layer number) and its features."""
 
     architectures: tuple[str, ...]
     model_type: str = ""  # config.json's model_type, for folders saved without `architectures`
@@ -34,7 +34,7 @@ class ArchSpec:
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """The numbers the graph needs, read and checked from config.json."""
+    """The numbers the forward pass needs, read and checked from config.json."""
 
     architecture: str
     hidden: int
@@ -48,41 +48,12 @@ class DecoderConfig:
     rope_theta: float
     windows: tuple[int | None, ...]  # per layer: sliding window length, or None for full attention
     tie_word_embeddings: bool
-    bos_token_id: int | None
-    eos_token_ids: tuple[int, ...]
-    pad_token_id: int | None
+    activation: str
 
-
-_REGISTRY: dict[str, ArchSpec] = {}
-
-
-def register(spec: ArchSpec) -> ArchSpec:
-    for name in spec.architectures:
-        _REGISTRY[name] = spec
-    return spec
-
-
-def architecture_of(config: dict[str, Any]) -> str:
-    """config.json's architecture class, or the registered one for its model_type."""
-    import chmc.models.llama  # noqa: F401  registers the built-in families
-
-    if config.get("architectures"):
-        return str(config["architectures"][0])
-    model_type = config.get("model_type", "unknown")
-    for name, spec in _REGISTRY.items():
-        if spec.model_type == model_type:
-            return name
-    return str(model_type)
-
-
-def get_spec(architecture: str) -> ArchSpec:
-    import chmc.models.llama  # noqa: F401  registers the built-in families
-
-    spec = _REGISTRY.get(architecture)
-    if spec is None:
-        raise NotSupportedError(
-            f"not supported: {architecture} (ONNX export handles {sorted(_REGISTRY)})")
-    return spec
+    @property
+    def heads_per_kv(self) -> int:
+        """Query heads sharing one key/value head (GQA)."""
+        return self.heads // self.kv_heads
 
 
 def _rope_theta(config: dict[str, Any]) -> float:
@@ -106,10 +77,8 @@ def _windows(config: dict[str, Any], layers: int) -> tuple[int | None, ...]:
     return (window,) * layers if window else (None,) * layers
 
 
-def decoder_config(config: dict[str, Any]) -> DecoderConfig:
-    """Validate config.json against the spec's decoder shape; a bad or missing field is a ChmcError."""
-    arch = architecture_of(config)
-    spec = get_spec(arch)
+def decoder_config(config: dict[str, Any], spec: ArchSpec, arch: str) -> DecoderConfig:
+    """Validate config.json against the spec; a bad or missing field is a ChmcError naming it."""
 
     def need(key: str) -> Any:
         if key not in config or config[key] is None:
@@ -119,21 +88,17 @@ def decoder_config(config: dict[str, Any]) -> DecoderConfig:
     act = config.get("hidden_act", "silu")
     if act not in spec.activations:
         raise NotSupportedError(f"not supported: hidden_act '{act}' in config.json ({arch})")
-    hidden, heads, layers = int(need("hidden_size")), int(need("num_attention_heads")), int(
-        need("num_hidden_layers"))
+    hidden, heads, layers = (int(need(k)) for k in ("hidden_size", "num_attention_heads",
+                                                    "num_hidden_layers"))
     kv_heads = int(config.get("num_key_value_heads") or heads)
     if heads % kv_heads:
         raise ChmcError(f"config.json: num_attention_heads {heads} is not a multiple of "
                         f"num_key_value_heads {kv_heads}")
-    eos = config.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
     return DecoderConfig(
         architecture=arch, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
         head_dim=int(config.get("head_dim") or hidden // heads),
         intermediate=int(need("intermediate_size")), vocab=int(need("vocab_size")),
         eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=_rope_theta(config),
         windows=_windows(config, layers),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        bos_token_id=config.get("bos_token_id"), eos_token_ids=eos_ids,
-        pad_token_id=config.get("pad_token_id"),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)), activation=act,
     )

@@ -1,110 +1,95 @@
 """chmc.runtime: load a compiled model once, generate for any mix of experts.
 
     from chmc.runtime import load
-    runner = load("out/onnx")                    # export folder, artifact, or HF checkpoint
+    runner = load("out/onnx")                    # an export folder (chmc export)
     runner.generate(["2+3="], experts=["math"])  # -> ["5"]
 
-The ONNX Runtime path (this module, onnxruntime_backend, generation, tokenizer) imports neither
-torch nor transformers; an artifact or checkpoint given to it is exported once into a cache folder
-first (that step does need torch).
+`load` dispatches on the folder's kind (chmc.formats.folders): an export folder runs on ONNX Runtime
+(or, with backend="torch", its source artifact on PyTorch), an engine folder on TensorRT, an
+artifact or a checkpoint on PyTorch. `chmc.load` also takes an artifact for ONNX Runtime: it
+exports it into the cache first (that needs the compiler; the runtime never imports it).
+
+The ONNX Runtime path (this module, onnxruntime_backend, graph_state, generation, tokenizer)
+imports neither torch nor transformers; the other backends import them when they are chosen.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from chmc.errors import ChmcError
+from chmc.formats.artifact import Artifact
+from chmc.formats.checkpoint import Checkpoint, GenerationIds
+from chmc.formats.engine import EngineFolder
+from chmc.formats.export import ExportFolder, ExportManifest
+from chmc.formats.folders import DESCRIPTIONS, folder_kind, open_folder
+from chmc.runtime.generation import ModelInfo, Runner
+from chmc.plugins.tensorrt import require_tensorrt
+from chmc.runtime.onnxruntime_backend import OnnxRuntimeBackend, OnnxRuntimeOptions
+from chmc.runtime.tensorrt_backend import TensorRTBackend, TensorRTOptions
+from chmc.runtime.tokenizer import TextTokenizer
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
+FOLDERS = {"onnxruntime": ("export",), "tensorrt": ("engine",),
+           "torch": ("export", "artifact", "checkpoint")}
+WRONG_FOLDER = {
+    "onnxruntime": "the onnxruntime backend runs an export folder: export it first (`chmc "
+                   "export`), or load it with chmc.load, which exports into the cache",
+    "tensorrt": "the tensorrt backend needs an engine folder with model.plan (build one with "
+                "`chmc engine EXPORT --out DIR`)",
+    "torch": "the torch backend runs an artifact, a checkpoint or an export folder's source"}
 
 
-def folder_kind(path: Path) -> str:
-    """'export', 'artifact' or 'checkpoint'."""
-    if not path.is_dir():
-        raise ChmcError(f"{path}: not a folder (expected an ONNX export, an artifact or a "
-                        "Hugging Face model folder)")
-    manifest = path / "chmc.json"
-    if (path / "model.onnx").is_file() and manifest.is_file():
-        return "export"
-    if manifest.is_file():
-        return "artifact"
-    if (path / "config.json").is_file():
-        return "checkpoint"
-    raise ChmcError(f"{path}: neither an ONNX export (model.onnx + chmc.json), an artifact "
-                    "(chmc.json) nor a Hugging Face folder (config.json)")
+def typed_options(cls: type[Any], backend: str, options: dict[str, Any]) -> Any:
+    """A backend's options dataclass from keyword options; an unknown one is a one-line error."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ChmcError(f"the {backend} backend has no option '{unknown[0]}' (it takes "
+                        f"{', '.join(known) or 'none'})")
+    return cls(**options)
 
 
-def read_export_manifest(folder: Path) -> dict[str, Any]:
-    file = folder / "chmc.json"
-    try:
-        manifest: dict[str, Any] = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ChmcError(f"{file}: invalid JSON ({e})") from None
-    if "export" not in manifest:
-        raise ChmcError(f"{file}: has no 'export' section (not written by `chmc export`)")
-    return manifest
+def export_info(path: Path, manifest: ExportManifest) -> ModelInfo:
+    section = manifest.export
+    return ModelInfo(str(path), tuple(manifest.experts), manifest.router is not None,
+                     GenerationIds(tuple(section.eos_token_ids), section.pad_token_id))
 
 
-def cached_export(path: Path, linear: str = "gather", dtype: str = "float32") -> Path:
-    """Export an artifact/checkpoint once into <cache>/onnx/<hash> (chmc.cache) and reuse it."""
-    from chmc.cache import cache_root
-    from chmc.compiler.export import export
-
-    key = hashlib.sha256()
-    for name in ("chmc.json", "config.json"):
-        if (path / name).is_file():
-            key.update((path / name).read_bytes())
-    key.update(f"{path.resolve()}|{linear}|{dtype}".encode())
-    root = cache_root() / "onnx"
-    out = root / key.hexdigest()[:16]
-    if not (out / "model.onnx").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        export(path, out, linear=linear, dtype=dtype, force=out.exists())
-    return out
-
-
-def load(path: str | Path, backend: str = "onnxruntime", **options: Any) -> Any:
-    """A Runner for an export folder, an artifact or a plain checkpoint.
-
-    options: onnxruntime: providers, threads, linear/dtype (when exporting first; linear "auto":
-    the plugin form where its native CPU kernel builds, else the gather form);
-    torch: device, dtype, merged (one model reading the banks, experts per row; the default on
-    CUDA, where it runs the Triton kernels and replays the decode step from a CUDA graph). tensorrt takes an engine folder (`chmc engine`) and needs a CUDA GPU.
-    """
-    from chmc.runtime.generation import Runner
-    from chmc.runtime.tokenizer import TextTokenizer
-
+def load(path: str | Path, backend: str = "onnxruntime", **options: Any) -> Runner:
+    """A Runner for a folder this backend runs as it is (FOLDERS); options are the backend's
+    (OnnxRuntimeOptions, TorchOptions, TensorRTOptions)."""
     path = Path(path)
     if backend not in BACKENDS:
         raise ChmcError(f"--backend {backend!r} is not one of {list(BACKENDS)}")
-    if backend == "tensorrt":  # an engine folder (chmc engine): the ORT loop drives the engine
-        from chmc.runtime.onnxruntime_backend import OnnxRuntimeBackend
-        from chmc.runtime.tensorrt_backend import TensorRTRunner
-
-        if not (path / "model.plan").is_file():
-            raise ChmcError(f"{path}: the tensorrt backend needs an engine folder with model.plan "
-                            "(build one with `chmc engine EXPORT --out DIR`)")
-        session = TensorRTRunner(path)  # checks TensorRT and the GPU first
-        manifest = read_export_manifest(path)
-        return Runner(OnnxRuntimeBackend(path, manifest["export"], session=session), manifest,
-                      TextTokenizer(path))
     kind = folder_kind(path)
-    if backend == "torch":
-        from chmc.runtime.torch_backend import TorchBackend
+    if kind not in FOLDERS[backend]:
+        raise ChmcError(f"{path}: is {DESCRIPTIONS[kind]}; {WRONG_FOLDER[backend]}")
+    if backend == "tensorrt":
+        require_tensorrt()  # before the engine is read
+    folder = open_folder(path)
+    if isinstance(folder, EngineFolder):
+        trt = TensorRTBackend(folder, typed_options(TensorRTOptions, backend, options))
+        return Runner(trt, export_info(path, folder.export), TextTokenizer(path))
+    if isinstance(folder, ExportFolder) and backend == "onnxruntime":
+        ort = OnnxRuntimeBackend(folder, typed_options(OnnxRuntimeOptions, backend, options))
+        return Runner(ort, export_info(path, folder.manifest), TextTokenizer(path))
+    from chmc.runtime.torch_backend import TorchBackend, TorchOptions  # torch: only when chosen
 
-        tb = TorchBackend(path, kind, **options)
-        return Runner(tb, tb.manifest, TextTokenizer(tb.folder))
-    from chmc.runtime.onnxruntime_backend import OnnxRuntimeBackend, preferred_linear
-
-    if kind != "export":
-        linear, dtype = options.pop("linear", "auto"), options.pop("dtype", "float32")
-        path = cached_export(path, preferred_linear(dtype) if linear == "auto" else linear, dtype)
-    manifest = read_export_manifest(path)
-    return Runner(OnnxRuntimeBackend(path, manifest["export"], **options), manifest,
-                  TextTokenizer(path))
+    if isinstance(folder, ExportFolder):  # the torch backend runs the export's source
+        source = Path(folder.section.source)
+        if not source.is_dir():
+            raise ChmcError(f"{path}: the export's source {source} is gone; the torch backend "
+                            "needs the artifact or checkpoint")
+        folder = open_folder(source, expect=("artifact", "checkpoint"))
+    assert isinstance(folder, (Artifact, Checkpoint))
+    tb = TorchBackend(folder, typed_options(TorchOptions, backend, options))
+    experts = tuple(folder.experts) if isinstance(folder, Artifact) else ()
+    routed = isinstance(folder, Artifact) and folder.manifest.router is not None
+    info = ModelInfo(str(folder.path), experts, routed, GenerationIds.of(folder.path))
+    return Runner(tb, info, TextTokenizer(folder.path))
 
 
 __all__ = ["BACKENDS", "load"]

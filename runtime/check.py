@@ -12,25 +12,42 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from rich.table import Table
+
 from chmc.errors import ChmcError, MissingDependencyError
 
+try:  # an optional dependency (chmc[check]): a one-line error where it is missing
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+    from polygraphy.common import TensorMetadata
+    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.logger import G_LOGGER
+except ImportError:
+    raise MissingDependencyError("chmc check needs `pip install polygraphy`") from None
+from chmc.formats.export import ExportFolder, ExportSection
+from chmc.formats.folders import open_folder
+from chmc.models.inputs import positions
+from chmc.runtime.graph_state import NUMPY_DTYPES
+from chmc.runtime.onnxruntime_backend import OnnxRuntimeOptions, session_for
+from chmc.runtime.torch_backend import reconstruct
 
-def _inputs(export: dict[str, Any], expert: int | None, seq: int, seed: int) -> list[dict[str, Any]]:
+
+def _inputs(export: ExportSection, expert: int | None, seq: int, seed: int) -> list[dict[str, Any]]:
     """Two batches: a full row, and a row left-padded by half its length (mask 0 there)."""
     rng = np.random.default_rng(seed)
     feeds = []
     for pad in (0, seq // 2):
-        ids = rng.integers(0, export["vocab_size"], (1, seq), dtype=np.int64)
+        ids = rng.integers(0, export.vocab_size, (1, seq), dtype=np.int64)
         mask = np.ones((1, seq), np.int64)
         mask[:, :pad] = 0
-        feed = {"input_ids": ids, "attention_mask": mask,
-                "position_ids": np.maximum(np.cumsum(mask, axis=1) - 1, 0)}
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)}
         if expert is not None:
             feed["expert_id"] = np.array([expert], np.int64)
-        for e in export["inputs"]:
-            if e["name"].startswith("past_key_values"):
-                feed[e["name"]] = np.zeros((1, export["num_kv_heads"], 0, export["head_dim"]),
-                                           np.float16 if export["dtype"] == "float16" else np.float32)
+        for e in export.inputs:
+            if e.name.startswith("past_key_values"):
+                feed[e.name] = np.zeros((1, export.num_kv_heads, 0, export.head_dim),
+                                        NUMPY_DTYPES.get(export.dtype, np.float32))
         feeds.append(feed)
     return feeds
 
@@ -38,8 +55,6 @@ def _inputs(export: dict[str, Any], expert: int | None, seq: int, seed: int) -> 
 def _torch_runner(model: Any, name: str) -> Any:
     """A Polygraphy runner around a transformers causal LM: the feed's ids, mask, positions in,
     logits out (only where the mask is 1: padded positions are undefined in both)."""
-    import torch
-    from polygraphy.backend.base import BaseRunner
 
     class TorchLMRunner(BaseRunner):  # type: ignore[misc]
         def activate_impl(self) -> None: ...
@@ -47,8 +62,6 @@ def _torch_runner(model: Any, name: str) -> Any:
         def deactivate_impl(self) -> None: ...
 
         def get_input_metadata_impl(self) -> Any:
-            from polygraphy.common import TensorMetadata
-
             meta = TensorMetadata()
             for k in ("input_ids", "attention_mask", "position_ids"):
                 meta.add(k, np.int64, ("batch", "sequence"))
@@ -67,8 +80,6 @@ def _torch_runner(model: Any, name: str) -> Any:
 
 
 def _masked_onnx_runner(session: Any, name: str) -> Any:
-    from polygraphy.backend.onnxrt import OnnxrtRunner
-
     class MaskedOnnxrtRunner(OnnxrtRunner):  # type: ignore[misc]
         def infer_impl(self, feed_dict: dict[str, Any], *args: Any, **kw: Any) -> Any:
             out = super().infer_impl(feed_dict, *args, **kw)
@@ -78,36 +89,24 @@ def _masked_onnx_runner(session: Any, name: str) -> Any:
     return MaskedOnnxrtRunner(session, name=name)
 
 
-def check_export(source: str | Path, *, atol: float = 1e-4, rtol: float = 1e-4,
-                 seq: int = 8, seed: int = 0) -> tuple[Any, bool]:
+def check_export(folder: ExportFolder, *, atol: float = 1e-4, rtol: float = 1e-4,
+                 seq: int = 8, seed: int = 0) -> tuple[Table, bool]:
     """(rich table of pass/fail per expert, all passed)."""
-    try:
-        from polygraphy.comparator import Comparator, CompareFunc
-        from polygraphy.logger import G_LOGGER
-    except ImportError:
-        raise MissingDependencyError("chmc check needs `pip install polygraphy`") from None
     G_LOGGER.module_severity = G_LOGGER.WARNING  # the table below is the report
-    from chmc.runtime import cached_export, folder_kind, read_export_manifest
-    from chmc.runtime.onnxruntime_backend import session_for
-    from chmc.runtime.torch_backend import reconstruct
-    from rich.table import Table
-
-    path = Path(source)
-    folder = path if folder_kind(path) == "export" else cached_export(path)
-    manifest = read_export_manifest(folder)
-    export = manifest["export"]
-    src = Path(export["source"])
+    export = folder.section
+    src = Path(export.source)
     if not src.is_dir():
-        raise ChmcError(f"{folder}: its source {src} is gone; check needs the artifact")
-    session = session_for(folder, export, providers=["CPUExecutionProvider"])
-    experts = [e["name"] for e in manifest.get("experts", [])] or [None]
+        raise ChmcError(f"{folder.path}: its source {src} is gone; check needs the artifact")
+    source = open_folder(src, expect=("artifact", "checkpoint"))
+    session = session_for(folder, OnnxRuntimeOptions(providers=("CPUExecutionProvider",)))
+    experts: list[str | None] = [*folder.manifest.experts] or [None]
     table = Table(title=f"ONNX Runtime vs PyTorch reconstruction (atol {atol}, rtol {rtol})")
     for col in ("expert", "max |diff|", "result"):
         table.add_column(col)
     all_ok = True
     for n, name in enumerate(experts):
         eid = None if name is None else n
-        model = reconstruct(src, eid, None if export["dtype"] == "float16" else "float32")
+        model = reconstruct(source, eid, None if export.dtype == "float16" else "float32")
         runners = [_masked_onnx_runner(session, "onnxrt"), _torch_runner(model, "torch")]
         results = Comparator.run(runners, data_loader=_inputs(export, eid, seq, seed + n))
         ok = bool(Comparator.compare_accuracy(

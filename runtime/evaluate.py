@@ -16,12 +16,23 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from rich.console import Console
+from rich.table import Table
 
 from chmc.errors import ChmcError
-
-if TYPE_CHECKING:
-    import torch
+from chmc.formats.artifact import Artifact
+from chmc.formats.checkpoint import Checkpoint, GenerationIds
+from chmc.formats.folders import open_folder
+from chmc.jsonl import read_jsonl
+from chmc.models.inputs import left_pad
+from chmc.models.reference import answer_nll, greedy
+from chmc.models.router import AUTO, Router, no_router
+from chmc.progress import Stages
 
 BATCH = 256
 
@@ -48,8 +59,6 @@ class Scores:
 
 def read_examples(file: str | Path) -> list[dict[str, str]]:
     """Read a JSONL task file; a malformed line is a ChmcError naming the file and line."""
-    from chmc.jsonl import read_jsonl
-
     rows: list[dict[str, str]] = []
     for i, row in read_jsonl(file, "task file"):
         if not all(isinstance(row.get(k), str) for k in ("prompt", "answer")):
@@ -61,74 +70,21 @@ def read_examples(file: str | Path) -> list[dict[str, str]]:
     return rows
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ids, attention mask and position ids [B, S] for left-padded sequences (the runtime's own
-    padding, as torch tensors)."""
-    import torch
-    from chmc.runtime.generation import left_pad, positions
-
-    ids, mask = left_pad(seqs, pad_id)
-    return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(positions(mask))
-
-
-def greedy(model: Any, prompts: list[list[int]], max_new: int, eos_id: int, pad_id: int) -> list[list[int]]:
-    """Greedy continuations (without the EOS) of a batch of prompts; full recompute per step."""
-    import torch
-
-    seqs = [list(p) for p in prompts]
-    out: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    with torch.no_grad():
-        for _ in range(max_new):
-            ids, mask, pos = _left_pad(seqs, pad_id)
-            nxt = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].argmax(-1)
-            for i, t in enumerate(nxt.tolist()):
-                if done[i]:
-                    continue
-                if t == eos_id:
-                    done[i] = True
-                else:
-                    out[i].append(t)
-                seqs[i].append(t)
-            if all(done):
-                break
-    return out
-
-
-def answer_nll(model: Any, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> torch.Tensor:
-    """-log p of every answer token given the prompt, summed per example: [B]."""
-    import torch
-
-    ids, mask, pos = _left_pad([p + a for p, a in zip(prompts, answers)], pad_id)
-    with torch.no_grad():
-        logp = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float().log_softmax(-1)
-    width = ids.shape[1]
-    sums = torch.zeros(len(prompts))
-    for i, a in enumerate(answers):
-        start = width - len(a)  # answer token j sits at start + j, predicted at start + j - 1
-        targets = ids[i, start:]
-        sums[i] = -logp[i, start - 1:width - 1].gather(-1, targets[:, None]).sum()
-    return sums
-
-
 class Encoder:
-    """Prompt/answer ids and decoding for a model folder: its tokenizer, EOS and pad ids."""
+    """Prompt/answer ids and decoding for a model folder: its tokenizer, EOS and pad ids (the
+    tokenizer's where it names them: answers end with its EOS token)."""
 
-    def __init__(self, folder: Path, config: Any):
-        from transformers import AutoTokenizer
-
+    def __init__(self, folder: Path):
         try:
-            self.tok = AutoTokenizer.from_pretrained(str(folder))
+            self.tok = transformers.AutoTokenizer.from_pretrained(str(folder))
         except Exception as e:  # noqa: BLE001  transformers raises many types for bad tokenizers
             raise ChmcError(f"{folder}: cannot load the tokenizer ({e})") from None
-        eos = self.tok.eos_token_id if self.tok.eos_token_id is not None else config.eos_token_id
-        if isinstance(eos, list):
-            eos = eos[0]
+        ids = GenerationIds.of(folder)
+        eos = self.tok.eos_token_id if self.tok.eos_token_id is not None else (ids.eos or (None,))[0]
         if eos is None:
             raise ChmcError(f"{folder}: no eos_token_id in the tokenizer or config.json")
         self.eos_id = int(eos)
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else config.pad_token_id
-        self.pad_id = int(pad if pad is not None else self.eos_id)
+        self.pad_id = int(self.tok.pad_token_id if self.tok.pad_token_id is not None else ids.pad)
 
     def prompt(self, text: str) -> list[int]:
         return list(self.tok(text).input_ids)
@@ -174,44 +130,35 @@ def parse_task_args(specs: list[str]) -> dict[str, Path]:
         path = Path(file) if sep else Path(spec)
         name = name if sep else task_name(path)
         if name in tasks:
-            raise ChmcError(f"task '{name}' given twice ({tasks[name]} and {path}); name them NAME=FILE")
+            raise ChmcError(f"task '{name}' given twice ({tasks[name]} and {path}); name them "
+                            "NAME=FILE")
         tasks[name] = path
     return tasks
 
 
-def stored_parameters(path: Path) -> tuple[int, float | None]:
+def stored_parameters(folder: Artifact | Checkpoint) -> tuple[int, float | None]:
     """Parameters stored on disk, and the ratio to the ensemble for an artifact (else None)."""
-    if (path / "chmc.json").is_file():
-        from chmc.compiler.artifact import read_manifest
-
-        acc = read_manifest(path)["accounting"]
-        return int(acc["artifact"]), float(acc["ratio"])
-    from chmc.compiler.checkpoints import Checkpoint
-
-    return sum(t.numel for t in Checkpoint(path).tensors.values()), None
+    if isinstance(folder, Artifact):
+        acc = folder.manifest.accounting
+        return acc.artifact, acc.ratio
+    return sum(t.numel for t in folder.tensors.values()), None
 
 
-def load_model(path: Path, expert: str | None = None) -> tuple[Any, Encoder]:
+def load_model(folder: Artifact | Checkpoint, expert: str | None = None) -> tuple[Any, Encoder]:
     """A transformers causal LM from a model folder, or an artifact expert's reconstructed weights."""
-    import torch
-    import transformers
-
     transformers.utils.logging.disable_progress_bar()  # our own bar counts examples
-    is_artifact = (path / "chmc.json").is_file()
-    if expert is not None and not is_artifact:
+    path = folder.path
+    if expert is not None and not isinstance(folder, Artifact):
         raise ChmcError(f"{path}: --expert '{expert}' needs a chmc artifact (no chmc.json here)")
     try:
         config = transformers.AutoConfig.from_pretrained(str(path))
     except Exception as e:  # noqa: BLE001  missing or unreadable config.json
         raise ChmcError(f"{path}: cannot read config.json ({e})") from None
-    if not is_artifact:
+    if not isinstance(folder, Artifact):
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        return model.eval(), Encoder(path, config)
-    from chmc.compiler.artifact import Artifact
-
-    art = Artifact(path)
+        return model.eval(), Encoder(path)
     model = transformers.AutoModelForCausalLM.from_config(config).float()
-    state = {name: t.float() for name, t in art.expert_state_dict(expert if expert is not None else 0)}
+    state = {name: t.float() for name, t in folder.expert_state_dict(expert if expert else 0)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
@@ -219,27 +166,23 @@ def load_model(path: Path, expert: str | None = None) -> tuple[Any, Encoder]:
         raise ChmcError(f"{path}: artifact tensors do not fit {config.architectures}: '{bad[0]}'")
     if tied:
         model.tie_weights()
-    return model.eval(), Encoder(path, config)
+    return model.eval(), Encoder(path)
 
 
-def score_routed(path: Path, data: dict[str, list[dict[str, str]]], advance: Any = None) -> list[dict[str, Any]]:
-    """expert 'auto': route every prompt with the artifact's router (`compiler.router.route` on its
-    token ids), then score it with the routed expert; one expert's model loaded at a time."""
-    import numpy as np
-    import transformers
-    from chmc.compiler.artifact import expert_names, read_manifest
-    from chmc.compiler.router import route_prompts
-    from chmc.runtime.generation import left_pad
-
-    names = expert_names(read_manifest(path))
-    enc = Encoder(path, transformers.AutoConfig.from_pretrained(str(path)))
+def score_routed(art: Artifact, data: dict[str, list[dict[str, str]]],
+                 advance: Any = None) -> list[dict[str, Any]]:
+    """expert 'auto': route every prompt with the artifact's router (`models.router.route` on
+    its token ids), then score it with the routed expert; one expert's model loaded at a time."""
+    names = art.experts
+    router = Router(art.path, art.manifest.router)
+    enc = Encoder(art.path)
     routes = {}
     for task, rows in data.items():
         ids, mask = left_pad([enc.prompt(r["prompt"]) or [enc.pad_id] for r in rows], enc.pad_id)
-        routes[task] = route_prompts(path, ids, mask)  # [n] expert id per prompt
+        routes[task] = router.route(ids, mask)  # [n] expert id per prompt
     totals = {task: Scores(task, 0, 0, 0.0, 0, [""] * len(rows)) for task, rows in data.items()}
     for e in sorted({int(x) for r in routes.values() for x in r}):
-        model, _ = load_model(path, names[e])
+        model, _ = load_model(art, names[e])
         for task, rows in data.items():
             idx = np.flatnonzero(routes[task] == e)
             if not len(idx):
@@ -249,8 +192,9 @@ def score_routed(path: Path, data: dict[str, list[dict[str, str]]], advance: Any
                                                      t.nll_sum + s.nll_sum, t.n_tokens + s.n_tokens)
             for i, text in zip(idx, s.outputs):
                 t.outputs[i] = text
-    return [{"expert": "auto", "task": task, "n": t.n, "correct": t.correct, "exact_match": t.accuracy,
-             "nll": t.nll, "answer_tokens": t.n_tokens, "outputs": t.outputs,
+    return [{"expert": AUTO, "task": task, "n": t.n, "correct": t.correct,
+             "exact_match": t.accuracy, "nll": t.nll, "answer_tokens": t.n_tokens,
+             "outputs": t.outputs,
              "routed": {n: int((routes[task] == i).sum()) for i, n in enumerate(names)}}
             for task, t in totals.items()]
 
@@ -258,44 +202,43 @@ def score_routed(path: Path, data: dict[str, list[dict[str, str]]], advance: Any
 def evaluate(path: str | Path, tasks: dict[str, Path], *, experts: list[str] | None = None,
              progress: bool = True) -> dict[str, Any]:
     """Score a model folder (or each listed artifact expert; all by default) on every task file."""
-    import torch
-    from rich.progress import Progress
-
     torch.set_num_threads(min(2, torch.get_num_threads()))
     path = Path(path)
     if not path.is_dir():
         raise ChmcError(f"{path}: no such model folder or artifact")
     data = {name: read_examples(file) for name, file in tasks.items()}
-    if (path / "chmc.json").is_file():
-        from chmc.compiler.artifact import expert_index, expert_names, read_manifest
-
-        manifest = read_manifest(path)
+    folder = open_folder(path, expect=("artifact", "checkpoint"))
+    assert isinstance(folder, (Artifact, Checkpoint))
+    if isinstance(folder, Artifact):
         for e in experts or []:
-            if e == "auto" and "router" not in manifest:
-                from chmc.compiler.router import no_router
-
+            if e == AUTO and folder.manifest.router is None:
                 raise no_router(path)
-            if e != "auto":
-                expert_index(manifest, e)  # unknown names fail before any work
-        runs: list[str | None] = list(experts or expert_names(manifest))
+            if e != AUTO:
+                folder.manifest.expert_index(e)  # unknown names fail before any work
+        runs: list[str | None] = list(experts or folder.experts)
     elif experts:
         raise ChmcError(f"{path}: --expert needs a chmc artifact (no chmc.json here)")
     else:
         runs = [None]
-    params, ratio = stored_parameters(path)
+    params, ratio = stored_parameters(folder)
     results = []
     start = time.time()
     total = len(runs) * sum(len(rows) for rows in data.values())
-    with Progress(disable=not progress, transient=True) as bar:
-        job = bar.add_task(f"evaluating {path.name}", total=total)
+    with Stages(progress).bar(f"evaluating {path.name}", total) as advance:
         for expert in runs:
-            if expert == "auto":  # every task's prompts routed, each scored by its routed expert
-                results += [{**r, "file": str(tasks[r["task"]])} for r in
-                            score_routed(path, data, advance=lambda n: bar.advance(job, n))]
+            label = expert or path.name
+
+            def examples(n: int, label: str = label) -> None:
+                advance(label, n)
+
+            if expert == AUTO:  # every task's prompts routed, each scored by its routed expert
+                assert isinstance(folder, Artifact)
+                results += [{**r, "file": str(tasks[r["task"]])}
+                            for r in score_routed(folder, data, examples)]
                 continue
-            model, enc = load_model(path, expert)
+            model, enc = load_model(folder, expert)
             for name, rows in data.items():
-                s = score_task(model, enc, name, rows, advance=lambda n: bar.advance(job, n))
+                s = score_task(model, enc, name, rows, examples)
                 results.append({"expert": expert, "task": name, "file": str(tasks[name]), "n": s.n,
                                 "correct": s.correct, "exact_match": s.accuracy, "nll": s.nll,
                                 "answer_tokens": s.n_tokens, "outputs": s.outputs})
@@ -305,9 +248,6 @@ def evaluate(path: str | Path, tasks: dict[str, Path], *, experts: list[str] | N
 
 def print_report(report: dict[str, Any]) -> None:
     """Exact match and NLL as a rich table, one row per (expert, task)."""
-    from rich.console import Console
-    from rich.table import Table
-
     ratio = report["ratio_to_ensemble"]
     title = f"{report['model']}: {report['stored_parameters']:,} stored parameters"
     title += f" ({100 * ratio:.1f}% of the ensemble)" if ratio is not None else ""
@@ -322,9 +262,9 @@ def print_report(report: dict[str, Any]) -> None:
 
 def plot_accuracy(points: list[tuple[str, float, float]], file: str | Path, title: str = "") -> None:
     """Scatter of mean accuracy (%) against stored parameters (% of the ensemble or count)."""
-    import matplotlib
+    import matplotlib  # plotting only: kept off every other path
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))

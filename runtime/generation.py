@@ -10,14 +10,16 @@ that expert for the rest of the sequence (`state.expert_ids`). numpy only.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from chmc.compiler.artifact import expert_index, expert_names
-from chmc.errors import ChmcError
 
-AUTO = "auto"  # the expert name that asks the model's router to pick
-ROUTED = -1  # its expert id: the backend routes the row on its prompt, then keeps that expert
+from chmc.errors import ChmcError
+from chmc.formats.artifact import resolve_expert
+from chmc.formats.checkpoint import GenerationIds
+from chmc.models.inputs import left_pad, positions
+from chmc.models.router import AUTO, ROUTED, no_router
 
 
 class StepState(Protocol):
@@ -29,21 +31,14 @@ class Backend(Protocol):
     def start(self, expert_ids: np.ndarray) -> StepState: ...
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """input_ids and attention_mask [B, L], shorter rows padded on the left."""
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = r
-            mask[i, width - len(r):] = 1
-    return ids, mask
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the generation loop needs to know of a loaded model, whatever its folder kind."""
 
-
-def positions(mask: np.ndarray) -> np.ndarray:
-    """position_ids as transformers derives them from the mask: cumsum - 1, padding at 0."""
-    return np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
+    source: str  # the folder, for error messages
+    experts: tuple[str, ...]  # empty for a dense model
+    routed: bool  # has a router: expert 'auto' works
+    ids: GenerationIds
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float,
@@ -99,16 +94,13 @@ def generate_ids(backend: Backend, prompts: list[list[int]], expert_ids: list[in
 class Runner:
     """One loaded model serving every expert: `generate` for batches, `stream` for one prompt."""
 
-    def __init__(self, backend: Backend, manifest: dict[str, Any], tokenizer: Any):
-        export = manifest.get("export", {})
-        self.backend, self.manifest, self.tokenizer = backend, manifest, tokenizer
-        self.eos_ids = tuple(export.get("eos_token_ids") or ())
-        pad = export.get("pad_token_id")
-        self.pad_id = int(pad if pad is not None else (self.eos_ids or (0,))[0])
+    def __init__(self, backend: Backend, info: ModelInfo, tokenizer: Any):
+        self.backend, self.info, self.tokenizer = backend, info, tokenizer
+        self.eos_ids, self.pad_id = info.ids.eos, info.ids.pad
 
     @property
     def experts(self) -> list[str]:
-        return expert_names(self.manifest) if self.manifest.get("experts") else []
+        return list(self.info.experts)
 
     def expert_ids(self, experts: list[str | int] | None, rows: int) -> list[int]:
         """Resolve names/ids before any compute; a dense model serves only 'expert' 0."""
@@ -121,11 +113,9 @@ class Runner:
             raise ChmcError(f"got {rows} prompts but {len(experts)} experts (one per prompt)")
         if not self.experts:
             raise ChmcError("this is a dense model without experts: pass experts=None")
-        if AUTO in experts and "router" not in self.manifest:
-            from chmc.compiler.router import no_router
-
-            raise no_router(self.manifest.get("export", {}).get("source", "this model"))
-        return [ROUTED if e == AUTO else expert_index(self.manifest, e) for e in experts]
+        if AUTO in experts and not self.info.routed:
+            raise no_router(self.info.source)
+        return [ROUTED if e == AUTO else resolve_expert(self.experts, e) for e in experts]
 
     def generate_ids(self, prompts: list[list[int]], experts: list[str | int] | None = None,
                      max_new_tokens: int = 64, **kw: Any) -> list[list[int]]:
@@ -151,7 +141,7 @@ class Runner:
     def _text(self, ids: list[int], stop: list[str] | None) -> str:
         text = self.tokenizer.decode([t for t in ids if t not in self.eos_ids])
         cut = min((text.index(s) for s in stop or () if s in text), default=len(text))
-        return text[:cut]
+        return str(text[:cut])
 
     def generate(self, prompts: list[str], experts: list[str | int] | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chmc.errors import ChmcError, MissingDependencyError
+from chmc.formats.repository import TritonRepository
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -52,11 +52,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def is_repository(path: Path) -> bool:
-    """A Triton model repository: folders holding config.pbtxt."""
-    return path.is_dir() and any(path.glob("*/config.pbtxt"))
 
 
 class TritonServer:
@@ -180,28 +175,18 @@ def _interrupted_by_signals() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def serve(source: str | Path, *, port: int = 8000, host: str = "127.0.0.1",
+def serve(repository: TritonRepository, *, port: int = 8000, host: str = "127.0.0.1",
           tritonserver: str | Path | None = None, models: list[str] | None = None) -> None:
-    """Serve a repository (or an artifact/export, turned into a temporary repository) until Ctrl-C."""
-    source = Path(source)
-    if not source.exists():
-        raise ChmcError(f"{source}: no such file or directory")
-    executable = find_tritonserver(tritonserver)
-    with tempfile.TemporaryDirectory(prefix="chmc-serve-") as tmp:
-        repo = source
-        if not is_repository(source):
-            from chmc.compiler.triton_repo import write_triton_repo
-
-            repo = write_triton_repo(source, Path(tmp) / "repo")
-        server = TritonServer(repo, port=port, host=host, grpc_port=port + 1, executable=executable,
-                              models=models)
-        with _interrupted_by_signals(), server:
-            print(f"serving {repo} at {server.url} (HTTP), {host}:{port + 1} (gRPC); Ctrl-C stops",
-                  flush=True)
-            try:
-                while (code := server.process.poll()) is None:  # type: ignore[union-attr]
-                    time.sleep(0.5)
-            except KeyboardInterrupt:
-                print("stopping tritonserver", flush=True)
-                return
+    """Serve a model repository until Ctrl-C (chmc.serve also takes an artifact or export)."""
+    server = TritonServer(repository.path, port=port, host=host, grpc_port=port + 1,
+                          executable=find_tritonserver(tritonserver), models=models)
+    with _interrupted_by_signals(), server:
+        print(f"serving {repository.path} at {server.url} (HTTP), {host}:{port + 1} (gRPC); "
+              "Ctrl-C stops", flush=True)
+        try:
+            while (code := server.process.poll()) is None:  # type: ignore[union-attr]
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("stopping tritonserver", flush=True)
+            return
     raise ChmcError(f"tritonserver exited by itself with status {code}")

@@ -3,32 +3,52 @@
     transformers model, cached per expert, rows grouped by expert. The reference the ONNX graph
     is checked against.
   - merged (the CUDA default, `merged=True` elsewhere): one model reads the banks directly, the
-    expert chosen per batch row (chmc.runtime.torch_merged: Triton kernels, CUDA-graph decode)."""
+    expert chosen per batch row (chmc.runtime.torch_merged: Triton kernels, CUDA-graph decode).
+A plain checkpoint is served as it is, in transformers."""
 
 from __future__ import annotations
 
 import inspect
-import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import transformers
+
 from chmc.errors import ChmcError
+from chmc.formats.artifact import Artifact
+from chmc.formats.checkpoint import Checkpoint
+from chmc.formats.folders import open_folder
+from chmc.models.router import Router, no_router
+from chmc.runtime.torch_merged import MergedDecoder, MergedState, require_artifact
 
 
-def reconstruct(path: Path, expert: int | None, dtype: str | None = None) -> Any:
-    """The transformers model of one expert of an artifact (or the checkpoint itself if None)."""
-    import torch
-    import transformers
-    from chmc.compiler.artifact import Artifact
+@dataclass(frozen=True)
+class TorchOptions:
+    """`device`: cpu or cuda[:n]; `dtype`: the weights' (default the artifact's); `merged`: one
+    model reading the banks (default on CUDA) or one transformers model per expert (CPU)."""
 
-    if expert is None:
+    device: str = "cpu"
+    dtype: str | None = None
+    merged: bool | None = None
+
+
+def reconstruct(folder: Artifact | Checkpoint | str | Path, expert: int | None,
+                dtype: str | None = None) -> Any:
+    """The transformers model of one expert of an artifact (or the checkpoint itself)."""
+    if isinstance(folder, (str, Path)):
+        folder = open_folder(folder, expect=("artifact", "checkpoint"))  # type: ignore[assignment]
+    assert isinstance(folder, (Artifact, Checkpoint))
+    path = folder.path
+    if not isinstance(folder, Artifact):
         model = transformers.AutoModelForCausalLM.from_pretrained(path)
     else:
         config = transformers.AutoConfig.from_pretrained(path)
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(config)
-        state = dict(Artifact(path).expert_state_dict(expert))
+        state = dict(folder.expert_state_dict(0 if expert is None else expert))
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         missing = [m for m in missing if not (config.tie_word_embeddings and "lm_head" in m)]
         if missing or unexpected:
@@ -45,69 +65,45 @@ def reconstruct(path: Path, expert: int | None, dtype: str | None = None) -> Any
 
 
 class TorchBackend:
-    """Serves an artifact (one reconstructed model per expert) or a plain checkpoint."""
+    """Serves an artifact (per expert, or merged) or a plain checkpoint."""
 
-    def __init__(self, path: Path, kind: str, device: str = "cpu", dtype: str | None = None,
-                 merged: bool | None = None):
-        import torch
-        from chmc.compiler.artifact import read_manifest
-        from chmc.compiler.export import _generation_ids
-        from chmc.models.spec import decoder_config
-        from chmc.runtime import read_export_manifest
-
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ChmcError(f"--device {device}: torch sees no CUDA device here "
+    def __init__(self, folder: Artifact | Checkpoint, options: TorchOptions | None = None):
+        options = options or TorchOptions()
+        if options.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ChmcError(f"--device {options.device}: torch sees no CUDA device here "
                             f"(torch {torch.__version__}); use --device cpu")
-        self.folder = path  # tokenizer and manifest live here
-        self.device, self.dtype = device, dtype
-        if kind == "export":
-            manifest = read_export_manifest(path)
-            source = Path(manifest["export"]["source"])
-            if not source.is_dir():
-                raise ChmcError(f"{path}: the export's source {source} is gone; the torch backend "
-                                "needs the artifact or checkpoint")
-            path, kind = source, ("artifact" if (source / "chmc.json").is_file() else "checkpoint")
-        self.source, self.is_artifact = path, kind == "artifact"
-        self.manifest: dict[str, Any] = read_manifest(path) if self.is_artifact else {"experts": []}
-        config = json.loads((path / "config.json").read_text())
-        eos, pad = _generation_ids(path, decoder_config(config))
-        self.manifest = {**self.manifest, "export": {"eos_token_ids": eos, "pad_token_id": pad}}
+        self.folder, self.options = folder, options
+        self.is_artifact = isinstance(folder, Artifact)
+        section = folder.manifest.router if isinstance(folder, Artifact) else None
+        self.router = Router(folder.path, section) if section is not None else None
         self._models: dict[int | None, Any] = {}
+        merged = options.merged
         if merged is None:
-            merged = self.is_artifact and device.startswith("cuda")
-        if merged and not self.is_artifact:
-            raise ChmcError(f"{path}: merged=True serves a chmc artifact; this is a plain checkpoint")
-        self.decoder: Any = None
-        if merged:
-            from chmc.runtime.torch_merged import MergedDecoder
-
-            self.decoder = MergedDecoder(path, device, dtype)
+            merged = self.is_artifact and options.device.startswith("cuda")
+        self.decoder = (MergedDecoder(require_artifact(folder), options.device, options.dtype)
+                        if merged else None)
 
     def model(self, expert: int | None) -> Any:
         if expert not in self._models:
-            self._models[expert] = reconstruct(self.source, expert, self.dtype).to(self.device)
+            self._models[expert] = reconstruct(self.folder, expert, self.options.dtype).to(
+                self.options.device)
         return self._models[expert]
-
-    def start(self, expert_ids: np.ndarray) -> Any:
-        if (np.asarray(expert_ids) < 0).any() and "router" not in self.manifest:
-            from chmc.compiler.router import no_router
-
-            raise no_router(self.source)
-        if self.decoder is None:
-            return TorchState(self, expert_ids)
-        from chmc.runtime.torch_merged import MergedState
-
-        return MergedState(self.decoder, expert_ids, self.route)
 
     def route(self, expert_ids: np.ndarray, input_ids: np.ndarray,
               attention_mask: np.ndarray) -> np.ndarray:
-        """expert_ids [B] with the -1 rows routed on their prompts (compiler.router)."""
-        if not (expert_ids < 0).any():
+        """expert_ids [B] with the ROUTED rows routed on their prompts (models.router)."""
+        if self.router is None:
+            if (expert_ids < 0).any():
+                raise no_router(self.folder.path)
             return expert_ids
-        from chmc.compiler.router import route_prompts
+        return self.router.resolve(expert_ids, input_ids, attention_mask)
 
-        return np.where(expert_ids < 0, route_prompts(self.source, input_ids, attention_mask),
-                        expert_ids)
+    def start(self, expert_ids: np.ndarray) -> Any:
+        if (np.asarray(expert_ids) < 0).any() and self.router is None:
+            raise no_router(self.folder.path)
+        if self.decoder is None:
+            return TorchState(self, expert_ids)
+        return MergedState(self.decoder, expert_ids, self.route)
 
 
 class TorchState:
@@ -119,7 +115,7 @@ class TorchState:
         self.groups: dict[Any, list[int]] = {}
 
     def _group(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
-        """Route the -1 rows on their prompts, then group rows by expert."""
+        """Route the ROUTED rows on their prompts, then group rows by expert."""
         ids = self.expert_ids = self.b.route(self.expert_ids, input_ids, attention_mask)
         keys = ids.tolist() if self.b.is_artifact else [None] * len(ids)
         for row, e in enumerate(keys):
@@ -131,12 +127,10 @@ class TorchState:
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              position_ids: np.ndarray) -> np.ndarray:
-        import torch
-
         if not self.groups:
             self._group(input_ids, attention_mask)
         out: np.ndarray | None = None
-        dev = self.b.device
+        dev = self.b.options.device
         for e, rows in self.groups.items():
             with torch.no_grad():
                 res = self.b.model(e)(
@@ -144,8 +138,9 @@ class TorchState:
                     attention_mask=torch.from_numpy(attention_mask[rows]).to(dev),
                     position_ids=torch.from_numpy(position_ids[rows]).to(dev),
                     use_cache=True, **{self.cache_arg: self.caches[e]})
-            # transformers 5.x renamed the output `cache` too (past_key_values warns there)
-            self.caches[e] = res["cache"] if "cache" in res else res.past_key_values
+            # transformers 5.x renamed the output `cache` too; reading past_key_values there warns,
+            # so it is not evaluated as a .get() default would be
+            self.caches[e] = res["cache"] if "cache" in res else res.past_key_values  # noqa: SIM401
             logits = res.logits[:, -1].float().cpu().numpy()  # [rows, V]
             if out is None:
                 out = np.empty((len(input_ids), logits.shape[-1]), dtype=np.float32)

@@ -2,61 +2,61 @@
 
 The artifact's banks and index tables are used as stored: every channel-merged Linear is
 ChannelGatherMatMul (the Triton kernels on CUDA, the PyTorch reference op on CPU), the per-expert
-vectors (norms, biases) are gathered by expert_id. The decoder is the ONNX graph's (same spec, same
-numerics: chmc.compiler.onnx_graph) over a static KV cache, so on CUDA the decode step is captured
+vectors (norms, biases) are gathered by expert_id. The forward pass is chmc.models.decoder's, the
+same the ONNX graph is built from, over a static KV cache, so on CUDA the decode step is captured
 once in a CUDA graph and replayed: one launch per token for the whole model.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from chmc.compiler.onnx_graph import Weights
+
 from chmc.errors import ChmcError
-from chmc.models.spec import decoder_config, get_spec
+from chmc.formats.artifact import Artifact
+from chmc.formats.checkpoint import read_config
+from chmc.formats.weights import ModelWeights
+from chmc.models import decoder
+from chmc.models.registry import describe
+from chmc.plugins.channel_gather_matmul.reference import channel_gather_matmul_torch
 
 CACHE_BLOCK = 64  # KV-cache capacity grows in these steps; each capacity captures one graph
+Route = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (ids, input_ids, mask)
 
 
 def gather_matmul_op(device: torch.device) -> Any:
     """The ChannelGatherMatMul implementation for a device: Triton on CUDA, reference on CPU."""
-    if device.type == "cuda":
+    if device.type == "cuda":  # triton is on CUDA machines only
         from chmc.plugins.channel_gather_matmul.kernels import channel_gather_matmul
 
         return channel_gather_matmul
-    from chmc.plugins.channel_gather_matmul.reference import channel_gather_matmul_torch
-
     return channel_gather_matmul_torch
 
 
 class MergedDecoder:
     """The decoder of an artifact with its tensors on `device`: forward() over a static cache."""
 
-    def __init__(self, path: Path, device: str = "cpu", dtype: str | None = None):
-        w = Weights(path)
-        if not w.merged:
-            raise ChmcError(f"{path}: not a chmc artifact (the merged torch path serves artifacts)")
-        self.cfg = decoder_config(w.config)
-        self.spec = get_spec(self.cfg.architecture)
+    def __init__(self, artifact: Artifact, device: str = "cpu", dtype: str | None = None):
+        w = ModelWeights(artifact)
+        self.spec, self.cfg = describe(read_config(artifact.path))
         self.device = torch.device(device)
-        self.dtype = getattr(torch, dtype or w.manifest["dtype"])  # type: ignore[index]
+        self.dtype = getattr(torch, dtype or artifact.manifest.dtype or "float32")
         self.op = gather_matmul_op(self.device)
         self.banks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name: (bank, index int32)
         self.vectors: dict[str, torch.Tensor] = {}  # name: [N, D]
-        for name in w.manifest["tensors"]:  # type: ignore[index]
+        for name in artifact.tensor_names:
             if len(w.shape(name)) == 2:
                 bank, index = w.bank(name)
                 self.banks[name] = (self._put(bank), index.to(torch.int32).contiguous().to(device))
             elif len(w.shape(name)) == 1:
-                self.vectors[name] = self._put(w.read(f"{name}.experts"))
+                self.vectors[name] = self._put(w.stacked(name))
         self.experts = len(w.experts)
-        hd = self.cfg.head_dim
-        inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64)
-                                                  .float() / hd))
-        self.inv_freq = inv_freq.to(self.device)  # float32, like the graph and transformers
+        # array constants (RoPE frequencies) made on the device once: a copy from the host
+        # cannot be captured in a CUDA graph
+        self.constants: dict[bytes, torch.Tensor] = {}
         self.replays = 0  # decode steps served from a CUDA graph, all generations together
 
     def _put(self, t: torch.Tensor) -> torch.Tensor:
@@ -68,103 +68,140 @@ class MergedDecoder:
         return [torch.zeros(2, batch, c.kv_heads, capacity, c.head_dim, dtype=self.dtype,
                             device=self.device) for _ in range(c.layers)]
 
-    # -- pieces --------------------------------------------------------------------------------
-    def linear(self, x: torch.Tensor, prefix: str, expert_id: torch.Tensor) -> torch.Tensor:
-        bank, index = self.banks[f"{prefix}.weight"]
-        y = self.op(x.contiguous(), bank, index, expert_id)  # [B, S, out]
-        bias = self.vectors.get(f"{prefix}.bias")
-        return y if bias is None else y + bias[expert_id][:, None]
-
-    def rms_norm(self, x: torch.Tensor, name: str, expert_id: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + self.cfg.eps)
-        return h.to(self.dtype) * self.vectors[name][expert_id][:, None]
-
-    def embed(self, ids: torch.Tensor, expert_id: torch.Tensor) -> torch.Tensor:
-        bank, index = self.banks[self.spec.embed]
-        group = index[expert_id[:, None], ids].long()  # [B, S]: each token row's bank
-        return bank[group, ids]  # [B, S, D]
-
-    def lm_head(self, h: torch.Tensor, expert_id: torch.Tensor) -> torch.Tensor:
-        spec = self.spec
-        if self.cfg.tie_word_embeddings or spec.lm_head not in self.banks:
-            bank, index = self.banks[spec.embed]
-            return self.op(h.contiguous(), bank, index, expert_id)
-        return self.linear(h, spec.lm_head.removesuffix(".weight"), expert_id)
-
-    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
-
-    def attention(self, x: torch.Tensor, i: int, cos: torch.Tensor, sin: torch.Tensor,
-                  allowed: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
-                  expert_id: torch.Tensor) -> torch.Tensor:
-        c, names = self.cfg, {p: t.format(i=i) for p, t in self.spec.attention.items()}
-        b, s, _ = x.shape
-        q = self.rope(self.linear(x, names["q"], expert_id).view(b, s, c.heads, c.head_dim), cos, sin)
-        k = self.rope(self.linear(x, names["k"], expert_id).view(b, s, c.kv_heads, c.head_dim),
-                      cos, sin)
-        v = self.linear(x, names["v"], expert_id).view(b, s, c.kv_heads, c.head_dim)
-        cache[0].index_copy_(2, slots, k.transpose(1, 2))  # [B, kvh, cap, hd] at slots P..T-1
-        cache[1].index_copy_(2, slots, v.transpose(1, 2))
-        g = c.heads // c.kv_heads
-        q = q.view(b, s, c.kv_heads, g, c.head_dim).permute(0, 2, 3, 1, 4)  # [B, kvh, g, S, hd]
-        scores = torch.matmul(q, cache[0][:, :, None].transpose(-1, -2)).float()  # [B,kvh,g,S,cap]
-        scores = scores * c.head_dim ** -0.5
-        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
-        probs = torch.softmax(scores, dim=-1).to(self.dtype)
-        ctx = torch.matmul(probs, cache[1][:, :, None])  # [B, kvh, g, S, hd]
-        ctx = ctx.permute(0, 3, 1, 2, 4).reshape(b, s, c.heads * c.head_dim)
-        return self.linear(ctx, names["o"], expert_id)
-
-    def mlp(self, x: torch.Tensor, i: int, expert_id: torch.Tensor) -> torch.Tensor:
-        names = {p: t.format(i=i) for p, t in self.spec.mlp.items()}
-        gate = self.linear(x, names["gate"], expert_id)
-        up = self.linear(x, names["up"], expert_id)
-        return self.linear(gate * torch.sigmoid(gate) * up, names["down"], expert_id)
-
-    def masks(self, mask: torch.Tensor, slots: torch.Tensor) -> dict[int | None, torch.Tensor]:
-        """allowed [B, 1, 1, S, cap] per window: padding (mask [B, cap]), causal, sliding window."""
-        kv = torch.arange(mask.shape[1], device=mask.device)  # [cap]
-        q = slots[:, None]  # [S, 1]
-        pad = mask.bool()[:, None, None, None, :]
-        out = {}
-        for window in set(self.cfg.windows):
-            allowed = kv <= q
-            if window is not None:
-                allowed = allowed & (kv > q - window)
-            out[window] = pad & allowed
-        return out
-
-    # -- the step ------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 mask: torch.Tensor, expert_id: torch.Tensor, cache: list[torch.Tensor],
                 ) -> torch.Tensor:
         """Last-position logits [B, V] (float32) for ids/positions [B, S] written at cache slots
         [S]; mask [B, cap] marks the slots (prompt padding excluded) every query may attend to."""
-        cfg, spec = self.cfg, self.spec
-        freqs = positions.float()[..., None] * self.inv_freq  # [B, S, hd/2]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, :, None]  # [B, S, 1, hd]
-        cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-        allowed = self.masks(mask, slots)
-        h = self.embed(ids, expert_id)
-        for i in range(cfg.layers):
-            x = self.rms_norm(h, spec.input_norm.format(i=i), expert_id)
-            h = h + self.attention(x, i, cos, sin, allowed[cfg.windows[i]], cache[i], slots,
-                                   expert_id)
-            h = h + self.mlp(self.rms_norm(h, spec.post_attention_norm.format(i=i), expert_id), i,
-                             expert_id)
-        last = self.rms_norm(h[:, -1:], spec.final_norm, expert_id)  # [B, 1, D]
-        return self.lm_head(last, expert_id)[:, 0].float()
+        ops = TorchOps(self, expert_id, slots, mask, cache)
+        return decoder.logits(ops, self.spec, self.cfg, ids, positions)[:, 0].float()
+
+
+class TorchOps:
+    """chmc.models.decoder.Ops over torch tensors, for one step of a MergedDecoder."""
+
+    def __init__(self, d: MergedDecoder, expert_id: torch.Tensor, slots: torch.Tensor,
+                 mask: torch.Tensor, cache: list[torch.Tensor]):
+        self.d, self.expert_id, self.slots, self.mask, self.kv = d, expert_id, slots, mask, cache
+
+    # -- weights: banks and index tables as stored, the expert per batch row -------------------
+    def has(self, name: str) -> bool:
+        return name in self.d.banks or name in self.d.vectors
+
+    def project(self, x: torch.Tensor, weight: str) -> torch.Tensor:
+        bank, index = self.d.banks[weight]
+        return self.d.op(x.contiguous(), bank, index, self.expert_id)  # [B, S, out]
+
+    def vector(self, name: str, rank: int = 3) -> torch.Tensor:
+        v = self.d.vectors[name][self.expert_id]  # [B, D]
+        return v.view(v.shape[0], *([1] * (rank - 2)), v.shape[1])
+
+    def embed(self, ids: torch.Tensor, weight: str) -> torch.Tensor:
+        bank, index = self.d.banks[weight]
+        group = index[self.expert_id[:, None], ids].long()  # [B, S]: each token row's bank
+        return bank[group, ids]  # [B, S, D]
+
+    # -- the static cache: slots P..T-1 of a capacity-sized cache, masks over the capacity -----
+    def masks(self, windows: set[int | None]) -> dict[int | None, torch.Tensor]:
+        kv = torch.arange(self.mask.shape[1], device=self.mask.device)  # [cap]
+        q = self.slots[:, None]  # [S, 1]
+        pad = self.mask.bool()[:, None, None, None, :]
+        out = {}
+        for window in windows:
+            allowed = kv <= q
+            if window is not None:
+                allowed = allowed & (kv > q - window)
+            out[window] = pad & allowed
+        return out
+
+    def cache(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.kv[layer]
+        cache[0].index_copy_(2, self.slots, k)  # [B, G, cap, hd] at slots P..T-1
+        cache[1].index_copy_(2, self.slots, v)
+        return cache[0], cache[1]
+
+    def logit_positions(self, h: torch.Tensor) -> torch.Tensor:
+        return h[:, -1:]  # the next token's only
+
+    # -- arithmetic and layout -----------------------------------------------------------------
+    def const(self, value: float | np.ndarray) -> Any:
+        if not isinstance(value, np.ndarray):
+            return value  # a Python scalar: torch keeps the tensor's dtype
+        key = value.tobytes() + str(value.shape).encode()
+        if key not in self.d.constants:
+            self.d.constants[key] = torch.from_numpy(value).to(self.d.device)
+        return self.d.constants[key]
+
+    def add(self, a: Any, b: Any) -> torch.Tensor:
+        return a + b
+
+    def sub(self, a: Any, b: Any) -> torch.Tensor:
+        return a - b
+
+    def mul(self, a: Any, b: Any) -> torch.Tensor:
+        return a * b
+
+    def div(self, a: Any, b: Any) -> torch.Tensor:
+        return a / b
+
+    def neg(self, x: torch.Tensor) -> torch.Tensor:
+        return -x
+
+    def sqrt(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(x)
+
+    def sigmoid(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x)
+
+    def cos(self, x: torch.Tensor) -> torch.Tensor:
+        return x.cos()
+
+    def sin(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sin()
+
+    def where(self, cond: torch.Tensor, a: Any, b: Any) -> torch.Tensor:
+        return torch.where(cond, a, b)
+
+    def mean(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        return x.mean(axis, keepdim=True)
+
+    def softmax(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        return torch.softmax(x, dim=axis)
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a, b)
+
+    def upcast(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+    def downcast(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.d.dtype)
+
+    def int_to_float(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+    def reshape(self, x: torch.Tensor, shape: list[int]) -> torch.Tensor:
+        return x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(shape)])
+
+    def transpose(self, x: torch.Tensor, perm: list[int]) -> torch.Tensor:
+        return x.permute(perm)
+
+    def unsqueeze(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        return x.unsqueeze(axis)
+
+    def concat(self, xs: list[torch.Tensor], axis: int) -> torch.Tensor:
+        return torch.cat(xs, dim=axis)
+
+    def split(self, x: torch.Tensor, sizes: list[int], axis: int) -> list[torch.Tensor]:
+        return list(torch.split(x, sizes, dim=axis))
 
 
 class MergedState:
     """One generation: a static KV cache for the batch and, on CUDA, the captured decode graph."""
 
-    def __init__(self, decoder: MergedDecoder, expert_ids: np.ndarray, route: Any):
-        """`route(expert_ids, input_ids, attention_mask)` resolves -1 rows at the first step."""
+    def __init__(self, decoder: MergedDecoder, expert_ids: np.ndarray, route: Route):
+        """`route(expert_ids, input_ids, attention_mask)` resolves ROUTED rows at the first step."""
         self.d, self.route = decoder, route
         self.expert_ids = np.asarray(expert_ids, dtype=np.int64)  # [B]; -1: routed at step 1
         self.cache: list[torch.Tensor] = []
@@ -219,3 +256,10 @@ class MergedState:
 def _tensor(a: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(a))
     return t if device is None else t.to(device)
+
+
+def require_artifact(folder: Any) -> Artifact:
+    if not isinstance(folder, Artifact):
+        raise ChmcError(f"{folder.path}: merged=True serves a chmc artifact; this is a plain "
+                        "checkpoint")
+    return folder

@@ -63,7 +63,7 @@ class TritonPythonModel:
         if len(experts) != len(texts):
             raise RequestError(f"'expert' has {len(experts)} rows but 'text' has {len(texts)}")
         for e in experts:
-            if e == "auto" and "router" not in self.runner.manifest:
+            if e == "auto" and not self.runner.info.routed:
                 raise RequestError("expert 'auto' needs a router, and this model has none: "
                                    f"name one of {self.experts}")
             if e not in self.experts and e != "auto":  # 'auto': the runtime routes the row

@@ -20,7 +20,7 @@ def onnx_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | di
     """A 3-expert Llama family with the tiny tokenizer, merged at K=N (exact) and at K=2, each
     exported to ONNX (gather form, fp32). Keys: base, experts, kn, k2, kn_onnx, k2_onnx."""
     from chmc.compiler.export import export
-    from chmc.compiler.merge import build
+    from chmc import build
     from chmc.models.tiny.random_family import make_random_family
     from chmc.models.tiny.tokenizer import save_tokenizer
 
@@ -32,6 +32,23 @@ def onnx_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | di
         out[key] = build(base, experts, root / key, groups=k, progress=False)
         out[f"{key}_onnx"] = export(out[key], root / f"{key}_onnx")
     return out
+
+
+@pytest.fixture(scope="session")
+def artifact_manifest():
+    """artifact_manifest(expert names) -> a valid ArtifactManifest of an artifact without tensors."""
+    from chmc.formats.artifact import Accounting, ArtifactManifest, Expert, Source
+
+    def make(experts: list[str]) -> ArtifactManifest:
+        return ArtifactManifest(
+            architecture="LlamaForCausalLM", base=Source(path="/base", sha256="0" * 64),
+            groups=1, clustering="cosine", method="mean", parameters={},
+            tie_word_embeddings=False, tensors={}, weight_map={},
+            experts=[Expert(name=n, path=f"/{n}", sha256="0" * 64, rel_error=0.0)
+                     for n in experts],
+            accounting=Accounting(base=0, ensemble=0, artifact=0, index_bytes=0, ratio=0.0))
+
+    return make
 
 
 @pytest.fixture(scope="session")

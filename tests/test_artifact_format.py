@@ -9,18 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chmc.compiler.artifact import (
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
-    ShardedSafetensorsWriter,
-    TensorSpec,
-    expert_index,
-    read_manifest,
-)
-from chmc.compiler.checkpoints import read_safetensors_header
-from chmc.compiler.outputs import staged_output
 from chmc.errors import ChmcError
+from chmc.formats.artifact import FORMAT, MANIFEST, read_manifest, write_manifest
+from chmc.formats.outputs import staged_output
+from chmc.formats.safetensors import ShardedSafetensorsWriter, TensorSpec
+from chmc.formats.safetensors import read_header as read_safetensors_header
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -68,22 +61,21 @@ def test_truncated_safetensors_is_named(tmp_path: Path) -> None:
         read_safetensors_header(file)
 
 
-def test_manifest_checks_format_and_version(tmp_path: Path) -> None:
+def test_manifest_checks_format_and_version(tmp_path: Path, artifact_manifest) -> None:
     with pytest.raises(ChmcError, match="not a chmc artifact"):
         read_manifest(tmp_path)
     (tmp_path / MANIFEST).write_text(json.dumps({"format": FORMAT, "format_version": 99}))
     with pytest.raises(ChmcError, match="format_version 99"):
         read_manifest(tmp_path)
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                "experts": [{"name": "math"}, {"name": "code"}]}
-    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
-    assert read_manifest(tmp_path)["experts"][1]["name"] == "code"
-    assert expert_index(manifest, "code") == 1
-    assert expert_index(manifest, 0) == 0
+    write_manifest(tmp_path, artifact_manifest(["math", "code"]))
+    manifest = read_manifest(tmp_path)
+    assert manifest.experts[1].name == "code"
+    assert manifest.expert_index("code") == 1
+    assert manifest.expert_index(0) == 0
     with pytest.raises(ChmcError, match="unknown expert 'chat'"):
-        expert_index(manifest, "chat")
+        manifest.expert_index("chat")
     with pytest.raises(ChmcError, match="expert id 2 is out of range"):
-        expert_index(manifest, 2)
+        manifest.expert_index(2)
 
 
 def test_staged_output_is_all_or_nothing(tmp_path: Path) -> None:

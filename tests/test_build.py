@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from chmc.compiler.artifact import Artifact, read_manifest
-from chmc.compiler.checkpoints import Checkpoint
+from chmc.formats.artifact import Artifact, read_manifest
+from chmc.formats.checkpoint import Checkpoint
 from chmc.compiler.extract import extract
-from chmc.compiler.merge import build
+from chmc import build
 
 METHODS = ["mean", "task_arithmetic", "ties", "dare_ties", "dare_linear"]
 TINY = {"hidden": 16, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 32, "vocab": 40}
@@ -49,7 +49,7 @@ def test_k_equals_n_is_exact_fp32(random_family, tmp_path, method):
                          parameters={"density": 0.3} if method != "mean" and method != "task_arithmetic"
                          else None, progress=False))
     assert_exact(art, experts)
-    assert all(e["rel_error"] == 0 for e in art.manifest["experts"])
+    assert all(e.rel_error == 0 for e in art.manifest.experts)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -66,7 +66,7 @@ def test_manifest_layout_and_accounting(random_family, tmp_path):
     base, experts = random_family
     art = Artifact(build(base, experts, tmp_path / "art", groups=2, method="ties",
                          parameters={"density": 0.5}, progress=False))
-    m = art.manifest
+    m = art.manifest.model_dump()
     n, k = len(experts), 2
     assert [e["name"] for e in m["experts"]] == list(experts)
     assert all(len(e["sha256"]) == 64 for e in m["experts"])
@@ -119,7 +119,7 @@ def test_extract_loads_in_transformers(random_family, half_families, tmp_path, f
     ids = torch.randint(0, config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
     assert torch.equal(logits_of(loaded, ids), logits_of(direct, ids))
     if family == "bf16-tied":
-        assert "lm_head.weight" not in Artifact(art_path).manifest["tensors"]
+        assert "lm_head.weight" not in Artifact(art_path).manifest.tensors
         assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     # and at K = N the extracted expert gives exactly the original expert's logits
     exact = extract(build(base, experts, tmp_path / "artN", groups=len(experts), progress=False),
@@ -145,8 +145,8 @@ def test_mergekit_yaml_equals_python_api(random_family, tmp_path, chmc_cli):
                          method="ties", parameters=params, progress=False))
     cli = Artifact(tmp_path / "from_yaml")
     assert cli.experts == names  # named after each model path's last component
-    assert cli.manifest["parameters"] == api.manifest["parameters"]
-    for stored in api.manifest["weight_map"]:
+    assert cli.manifest.parameters == api.manifest.parameters
+    for stored in api.manifest.weight_map:
         assert torch.equal(cli.stored(stored), api.stored(stored)), stored
 
 
@@ -157,20 +157,20 @@ def test_cli_build_inspect_and_force(random_family, tmp_path, chmc_cli):
             "--groups", "2", "--method", "linear", "--weight", "e0=2", "--out", "art"]
     r = chmc_cli(*args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    m = read_manifest(tmp_path / "art")
+    m = read_manifest(tmp_path / "art").model_dump()
     assert [e["name"] for e in m["experts"]] == ["e0", "e1", "e2", "e3"]
     assert m["method"] == "mean" and m["parameters"]["weight"]["e0"] == 2.0
     r = chmc_cli(*args, cwd=tmp_path)
     assert r.returncode == 1 and "exists" in r.stderr
     r = chmc_cli(*args[:-4], "--groups", "3", "--out", "art", "--force", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert read_manifest(tmp_path / "art")["groups"] == 3
+    assert read_manifest(tmp_path / "art").model_dump()["groups"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
     r = chmc_cli("inspect", "art", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     ratio = json.loads((tmp_path / "art" / "chmc.json").read_text())["accounting"]["ratio"]
     assert f"{ratio:.3f}" in r.stdout and all(f"e{i}" in r.stdout for i in range(4))
-    errors = [e["rel_error"] for e in read_manifest(tmp_path / "art")["experts"]]
+    errors = [e["rel_error"] for e in read_manifest(tmp_path / "art").model_dump()["experts"]]
     assert all(f"{e:.4f}" in r.stdout for e in errors) and all(0 < e < 1 for e in errors)
 
 
@@ -189,8 +189,8 @@ def test_pytorch_bin_expert_merges_like_safetensors(random_family, tmp_path):
                        method="ties", parameters=params, progress=False))
     b = Artifact(build(base, experts, tmp_path / "b", groups=2, method="ties", parameters=params,
                        progress=False))
-    assert a.manifest["weight_map"] == b.manifest["weight_map"]
-    for stored in b.manifest["weight_map"]:
+    assert a.manifest.weight_map == b.manifest.weight_map
+    for stored in b.manifest.weight_map:
         assert torch.equal(a.stored(stored), b.stored(stored)), stored
 
 
@@ -199,7 +199,7 @@ def test_threads_and_row_blocks_do_not_change_the_artifact(tmp_path, monkeypatch
     """Worker threads and row blocks only schedule the work: the fp16 artifact is bitwise the
     same with 1 thread and whole tensors as with 2 threads and 5-row blocks. Deltas of a few fp16
     steps make many |d| equal, so TIES' last kept tie falls inside a block with blocks after it."""
-    from chmc.compiler import merge
+    from chmc.compiler import deltas
     from chmc.models.tiny.random_family import make_random_family
 
     base, experts = make_random_family(tmp_path / "family", 3, dtype="float16", seed=1,
@@ -207,9 +207,9 @@ def test_threads_and_row_blocks_do_not_change_the_artifact(tmp_path, monkeypatch
     arts = []
     for threads, chunk in (("1", 1 << 30), ("2", 5 * 3 * TINY["hidden"])):
         monkeypatch.setenv("CHMC_THREADS", threads)
-        monkeypatch.setattr(merge, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(deltas, "CHUNK_ELEMENTS", chunk)
         arts.append(Artifact(build(base, experts, tmp_path / threads, groups=2, method=method,
                                    parameters={"density": 0.3}, progress=False)))
-    assert arts[0].manifest["weight_map"].keys() == arts[1].manifest["weight_map"].keys()
-    for stored in arts[0].manifest["weight_map"]:
+    assert arts[0].manifest.weight_map.keys() == arts[1].manifest.weight_map.keys()
+    for stored in arts[0].manifest.weight_map:
         assert torch.equal(arts[0].stored(stored), arts[1].stored(stored)), stored

@@ -130,7 +130,7 @@ def test_existing_output_is_kept(bad_inputs, chmc_cli, tmp_path):
 
 
 def test_extract_rejects_unknown_expert_and_non_artifact(random_family, chmc_cli, tmp_path):
-    from chmc.compiler.merge import build
+    from chmc import build
 
     base, experts = random_family
     art = build(base, experts, tmp_path / "art", groups=1, progress=False)

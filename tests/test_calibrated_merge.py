@@ -31,7 +31,7 @@ def calibration(random_family, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def budget_artifact(random_family, calibration, tmp_path_factory) -> Path:
-    from chmc.compiler.merge import build
+    from chmc import build
 
     base, experts = random_family
     return build(base, experts, tmp_path_factory.mktemp("budget") / "art", groups=4,
@@ -41,7 +41,8 @@ def budget_artifact(random_family, calibration, tmp_path_factory) -> Path:
 
 def test_grams_equal_the_layer_inputs_computed_directly(random_family, calibration, tmp_path):
     """C = X^T X / tokens of q_proj's input (= k_proj's, stored once as an alias)."""
-    from chmc.compiler.calibration import GramFiles, collect_grams, read_sequences
+    from chmc.compiler.calibration import collect_grams, read_sequences
+    from chmc.compiler.grams import GramFiles
 
     path = random_family[1]["expert_0"]
     seqs = read_sequences(calibration["expert_0"], path)
@@ -68,7 +69,8 @@ def test_grams_equal_the_layer_inputs_computed_directly(random_family, calibrati
 
 def test_layerwise_grams_equal_full_forward_hooks(random_family, calibration, tmp_path):
     """Every Linear's Gram (layer-by-layer collection) equals forward hooks on the whole model."""
-    from chmc.compiler.calibration import GramFiles, collect_grams, read_sequences
+    from chmc.compiler.calibration import collect_grams, read_sequences
+    from chmc.compiler.grams import GramFiles
 
     path = random_family[1]["expert_2"]
     seqs = read_sequences(calibration["expert_2"], path)
@@ -148,10 +150,10 @@ def test_output_error_grouping_is_optimal_and_regmean_solves_each_group():
 
 def test_k1_regmean_with_identical_statistics_is_the_mean(random_family, calibration, tmp_path):
     """Same Gram file for every expert: (N C)^-1 C sum d = mean d, for every tensor."""
-    from chmc.compiler.artifact import Artifact
+    from chmc.formats.artifact import Artifact
     from chmc.compiler.calibration import collect_grams, read_sequences
-    from chmc.compiler.checkpoints import Checkpoint
-    from chmc.compiler.merge import build
+    from chmc.formats.checkpoint import Checkpoint
+    from chmc import build
 
     base, experts = random_family
     names = {n for n, i in Checkpoint(base).tensors.items() if len(i.shape) == 2}
@@ -160,7 +162,7 @@ def test_k1_regmean_with_identical_statistics_is_the_mean(random_family, calibra
     reg = Artifact(build(base, experts, tmp_path / "reg", groups=1, method="regmean",
                          calibration=dict.fromkeys(experts, grams), progress=False))
     mean = Artifact(build(base, experts, tmp_path / "mean", groups=1, method="mean", progress=False))
-    banks = [n for n in reg.manifest["tensors"] if reg.manifest["tensors"][n]["kind"] == "merged"]
+    banks = [n for n, e in reg.manifest.tensors.items() if e.kind == "merged"]
     assert len(banks) == 16  # 2 layers x 7 Linears, the embedding (identity: the mean), lm_head
     for name in banks:
         torch.testing.assert_close(reg.stored(f"{name}.bank"), mean.stored(f"{name}.bank"),
@@ -168,8 +170,8 @@ def test_k1_regmean_with_identical_statistics_is_the_mean(random_family, calibra
 
 
 def test_kn_calibrated_build_reconstructs_every_expert_exactly(random_family, calibration, tmp_path):
-    from chmc.compiler.artifact import Artifact
-    from chmc.compiler.merge import build
+    from chmc.formats.artifact import Artifact
+    from chmc import build
 
     base, experts = random_family
     art = Artifact(build(base, experts, tmp_path / "kn", groups=4, clustering="output-error",
@@ -183,21 +185,21 @@ def test_kn_calibrated_build_reconstructs_every_expert_exactly(random_family, ca
 @pytest.mark.parametrize("clustering", ["cosine", "error"])
 def test_weight_space_clusterings_with_regmean(random_family, calibration, tmp_path, clustering):
     """regmean has no merge weights; the weight-space clusterings then weigh experts alike."""
-    from chmc.compiler.artifact import read_manifest
-    from chmc.compiler.merge import build
+    from chmc.formats.artifact import read_manifest
+    from chmc import build
 
     base, experts = random_family
     art = build(base, experts, tmp_path / "a", groups=2, clustering=clustering, method="regmean",
                 calibration=calibration, progress=False)
-    assert read_manifest(art)["method"] == "regmean"
+    assert read_manifest(art).method == "regmean"
 
 
 def test_output_error_beats_weight_space_grouping_on_calibration_outputs(random_family,
                                                                          calibration, tmp_path):
     """What the issue asks the merge to preserve: each expert's Linear outputs on its own inputs."""
-    from chmc.compiler.artifact import Artifact
-    from chmc.compiler.calibration import GramFiles
-    from chmc.compiler.merge import build
+    from chmc.formats.artifact import Artifact
+    from chmc.compiler.grams import GramFiles
+    from chmc import build
 
     base, experts = random_family
     a = Artifact(build(base, experts, tmp_path / "oe", groups=2, clustering="output-error",
@@ -208,7 +210,7 @@ def test_output_error_beats_weight_space_grouping_on_calibration_outputs(random_
     from chmc.compiler.calibration import collect_grams, read_sequences
 
     files = [collect_grams(experts[n], read_sequences(calibration[n], experts[n]),
-                           folder / n, set(a.manifest["tensors"]), progress=False)
+                           folder / n, set(a.manifest.tensors), progress=False)
              for n in experts]
     grams = GramFiles(files)
     errs = {"oe": 0.0, "w": 0.0}
@@ -237,22 +239,22 @@ def test_choose_groups_greedy_by_error_per_parameter():
 
 
 def test_budget_gives_each_tensor_its_own_k_within_the_budget(budget_artifact):
-    from chmc.compiler.artifact import Artifact, read_manifest
+    from chmc.formats.artifact import Artifact, read_manifest
 
     manifest = read_manifest(budget_artifact)
-    ks = {n: e["groups"] for n, e in manifest["tensors"].items() if e["kind"] == "merged"}
-    assert manifest["accounting"]["ratio"] <= 0.5
+    ks = {n: e.groups for n, e in manifest.tensors.items() if e.kind == "merged"}
+    assert manifest.accounting.ratio <= 0.5
     assert len(set(ks.values())) > 1, ks  # not one K for all
-    assert manifest["groups"] == max(ks.values()) and manifest["budget"]["fraction"] == 0.5
+    assert manifest.groups == max(ks.values()) and manifest.budget.fraction == 0.5
     art = Artifact(budget_artifact)
     for name, k in ks.items():
         assert art.stored(f"{name}.bank").shape[0] == k
         assert int(art.stored(f"{name}.index").max()) < k
     # greedy leaves no room for any further step: the cheapest one would overflow the budget
-    ens = manifest["accounting"]["ensemble"]
-    cheapest = min(e["shape"][0] * e["shape"][1] for n, e in manifest["tensors"].items()
-                   if e["kind"] == "merged" and ks[n] < 4)
-    assert (manifest["accounting"]["artifact"] + cheapest) / ens > 0.5
+    ens = manifest.accounting.ensemble
+    cheapest = min(e.shape[0] * e.shape[1] for n, e in manifest.tensors.items()
+                   if e.kind == "merged" and ks[n] < 4)
+    assert (manifest.accounting.artifact + cheapest) / ens > 0.5
 
 
 @pytest.mark.parametrize("linear", ["gather", "select"])
@@ -301,7 +303,7 @@ def test_triton_repository_configs_do_not_depend_on_k(random_family, budget_arti
     """A budget artifact (K per tensor) and a uniform K=2 one give identical Triton configs."""
     pytest.importorskip("onnxruntime")
     from chmc.compiler.export import export
-    from chmc.compiler.merge import build
+    from chmc import build
     from chmc.compiler.triton_repo import write_triton_repo
 
     base, experts = random_family
@@ -356,8 +358,8 @@ def test_output_error_heuristic_above_the_exhaustive_limit():
 def test_budget_above_the_exhaustive_limit(tmp_path):
     """Nine experts (past the 8 whose partitions are enumerated): the budget scores each K with
     the output-error heuristic, stays within the budget and reconstructs experts from banks."""
-    from chmc.compiler.artifact import Artifact, read_manifest
-    from chmc.compiler.merge import build
+    from chmc.formats.artifact import Artifact, read_manifest
+    from chmc import build
     from chmc.compiler.regmean import MAX_SUBSET_EXPERTS
     from chmc.models.tiny.random_family import make_random_family
 
@@ -365,10 +367,10 @@ def test_budget_above_the_exhaustive_limit(tmp_path):
                                        layers=1, hidden=16, intermediate=32, seed=3)
     path = build(base, experts, tmp_path / "art", groups=len(experts), budget=0.4, progress=False)
     manifest = read_manifest(path)
-    ks = {n: e["groups"] for n, e in manifest["tensors"].items() if e["kind"] == "merged"}
-    assert manifest["accounting"]["ratio"] <= 0.4
+    ks = {n: e.groups for n, e in manifest.tensors.items() if e.kind == "merged"}
+    assert manifest.accounting.ratio <= 0.4
     assert 1 < max(ks.values()) <= len(experts), ks  # the budget bought more than K=1 somewhere
-    curves = manifest["budget"]["curves"]
+    curves = manifest.budget.curves
     assert all(len(c) == len(experts) and c[-1] <= 1e-6 for c in curves.values())  # K=N exact
     art = Artifact(path)
     for name, k in ks.items():

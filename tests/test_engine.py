@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from chmc.compiler.engine import Ranges, build_engine, find_onnx, profiles, read_engine_json
+from chmc.compiler.engine import Ranges, build_engine, find_onnx, profiles
+from chmc.formats.engine import read_engine_manifest
 from chmc.errors import ChmcError
-from chmc.plugins.channel_gather_matmul.tensorrt_plugin import tensorrt_available
+from chmc.plugins.tensorrt import tensorrt_available
 
 onnx = pytest.importorskip("onnx")
 
@@ -25,22 +26,24 @@ def decoder_graph_io(folder: Path, *, plugin_namespace: str | None = "chmc",
                      extra_dim: str | None = None) -> Path:
     """An ONNX folder whose inputs/outputs are exactly what `chmc export` declares for a tiny
     Llama (io_spec), around one plugin-form node; enough for the engine stage's graph checks."""
-    from chmc.compiler.onnx_graph import _onnx_dtype, io_spec
-    from chmc.models.spec import decoder_config
-    from chmc.models.tiny.random_family import tiny_config
     from onnx import helper
 
-    cfg = decoder_config({**tiny_config("llama").to_dict(), "architectures": ["LlamaForCausalLM"]})
-    io = io_spec(cfg, "float16", merged=True)
+    from chmc.compiler.onnx_graph import ONNX_DTYPES, io_spec
+    from chmc.formats.export import TensorIO
+    from chmc.models.registry import describe
+    from chmc.models.tiny.random_family import tiny_config
+
+    _, cfg = describe({**tiny_config("llama").to_dict(), "architectures": ["LlamaForCausalLM"]})
+    inputs, _ = io_spec(cfg, "float16", merged=True)
     if extra_dim:
-        io["inputs"].append({"name": "odd", "dtype": "int64", "shape": [extra_dim]})
+        inputs.append(TensorIO(name="odd", dtype="int64", shape=(extra_dim,)))
     attrs = {} if plugin_namespace is None else {"plugin_namespace": plugin_namespace}
     node = helper.make_node("ChannelGatherMatMul", ["x", "bank", "index", "expert_id"], ["logits"],
                             domain="chmc", name="lm_head", **attrs)
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info(e["name"], _onnx_dtype(e["dtype"]), e["shape"])
-                      for e in io["inputs"]],
-        [helper.make_tensor_value_info("logits", _onnx_dtype("float16"), ["batch", "sequence", 64])])
+        [node], "g", [helper.make_tensor_value_info(e.name, ONNX_DTYPES[e.dtype], list(e.shape))
+                      for e in inputs],
+        [helper.make_tensor_value_info("logits", ONNX_DTYPES["float16"], ["batch", "sequence", 64])])
     folder.mkdir()
     onnx.save(helper.make_model(graph), folder / "model.onnx")
     (folder / "config.json").write_text("{}")
@@ -84,10 +87,10 @@ def test_find_onnx_and_engine_json_errors(tmp_path: Path) -> None:
     with pytest.raises(ChmcError, match="found 2"):
         find_onnx(tmp_path / "two")
     with pytest.raises(ChmcError, match="no engine.json"):
-        read_engine_json(tmp_path)
+        read_engine_manifest(tmp_path)
     (tmp_path / "engine.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ChmcError, match="field 'format' is 'other'"):
-        read_engine_json(tmp_path)
+        read_engine_manifest(tmp_path)
 
 
 def test_engine_command_without_tensorrt_fails_cleanly(tmp_path: Path) -> None:
@@ -169,15 +172,16 @@ def test_engine_matches_onnxruntime(onnx_family: dict[str, Any], tmp_path: Path)
     import onnxruntime as ort
     import torch
     from chmc.compiler.export import export
+    from chmc.formats.engine import EngineFolder
     from chmc.runtime.tensorrt_backend import TensorRTRunner
 
     plugin_onnx = export(onnx_family["k2"], tmp_path / "plugin", linear="plugin")
     engine_dir = build_engine(plugin_onnx, tmp_path / "engine",
                               ranges=Ranges((1, 2, 4), (1, 8, 32), (0, 8, 32)))
-    meta = read_engine_json(engine_dir)
+    meta = read_engine_manifest(engine_dir).model_dump()
     assert [p["name"] for p in meta["profiles"]] == ["prefill", "decode"]
     assert {b["name"] for b in meta["bindings"]} >= {"input_ids", "expert_id", "logits"}
-    runner = TensorRTRunner(engine_dir)
+    runner = TensorRTRunner(EngineFolder(engine_dir))
     session = ort.InferenceSession(str(Path(onnx_family["k2_onnx"]) / "model.onnx"))
     ids = np.random.default_rng(0).integers(0, 64, (3, 8))
     feeds: dict[str, np.ndarray] = {

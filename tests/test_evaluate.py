@@ -92,7 +92,7 @@ def test_nll_matches_direct_computation_across_padding(random_model: Path, tmp_p
 
 
 def test_artifact_expert_scores_equal_its_checkpoint(random_family, random_model, tmp_path: Path) -> None:
-    from chmc.compiler.merge import build
+    from chmc import build
 
     base, experts = random_family
     for path in experts.values():

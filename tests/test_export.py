@@ -104,7 +104,7 @@ def test_export_folder_layout_and_named_external_initializers(onnx_family):
 def test_families_and_tied_embeddings(tmp_path, arch, kwargs):
     """Mistral, Qwen2 (q/k/v biases), tied embeddings: merged and dense exports match transformers."""
     from chmc.compiler.export import export
-    from chmc.compiler.merge import build
+    from chmc import build
     from chmc.models.tiny.random_family import make_random_family
 
     base, experts = make_random_family(tmp_path / "fam", n_experts=2, arch=arch, **kwargs)
@@ -200,7 +200,7 @@ def test_cli_build_target_onnx_then_run(onnx_family, tmp_path):
     assert (out / "chmc.json").is_file() and (out / "onnx" / "model.onnx").is_file()
     res = chmc("run", str(out / "onnx"), "1+2=", "--expert", "expert_2", "-n", "5")
     assert res.returncode == 0, res.stderr
-    from chmc.runtime import load
+    from chmc import load
 
     assert res.stdout == load(onnx_family["k2_onnx"]).generate(
         ["1+2="], ["expert_2"], max_new_tokens=5)[0] + "\n"

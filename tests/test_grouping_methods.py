@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from chmc.compiler.artifact import Artifact, read_manifest
+from chmc.formats.artifact import Artifact, read_manifest
 from chmc.compiler.grouping import (
     MAX_ENUMERATED,
     RowBatch,
@@ -23,7 +23,7 @@ from chmc.compiler.grouping import (
     partition_cost,
     set_partitions,
 )
-from chmc.compiler.merge import build
+from chmc import build
 from safetensors.numpy import load_file
 
 TOL = 1e-6  # max abs difference between the fp32 artifact and the float64 reference
@@ -83,8 +83,8 @@ def test_k1_matches_numpy_reference(random_family, tmp_path, method, params):
     w_param = params.get("weight", 1.0)
     w = [w_param.get(n, 1.0) if isinstance(w_param, dict) else w_param for n in names]
     checked = 0
-    for name, entry in art.manifest["tensors"].items():
-        if entry["kind"] != "merged":
+    for name, entry in art.manifest.tensors.items():
+        if entry.kind != "merged":
             for i, n in enumerate(names):  # stacked tensors are stored exactly
                 assert np.array_equal(art.stored(f"{name}.experts")[i].numpy(), ex[n][name])
             continue
@@ -133,7 +133,7 @@ def test_error_clustering_never_worse_than_cosine(random_family, tmp_path, group
     totals = {}
     for clustering in ("cosine", "error"):
         m = read_manifest(build(base_path, experts, tmp_path / clustering, groups=groups,
-                                clustering=clustering, progress=False))
+                                clustering=clustering, progress=False)).model_dump()
         merged = [e["stats"] for e in m["tensors"].values() if e["kind"] == "merged"]
         for stats in merged:  # per tensor too, not only in total
             totals.setdefault(clustering, []).append(sum(stats["err_sq"].values()))
@@ -250,7 +250,7 @@ def test_k1_ties_equals_mergekit(random_family, tmp_path):
     theirs = load_file(str(tmp_path / "mk" / "model.safetensors"))
     art = Artifact(build(base, experts, tmp_path / "ours", groups=1, method="ties",
                          parameters={"weight": w, "density": 0.4}, progress=False))
-    for name, entry in art.manifest["tensors"].items():
-        if entry["kind"] == "merged":
+    for name, entry in art.manifest.tensors.items():
+        if entry.kind == "merged":
             diff = (art.expert_tensor(name, 0) - theirs[name]).abs().max().item()
             assert diff <= TOL, name

@@ -284,8 +284,8 @@ def test_greedy_tokens_match_cpu(random_family: tuple[Path, dict[str, Path]],
     """A K=2 artifact served with the kernels (prefill then decode) generates the same greedy
     tokens as its CPU reconstruction, for several experts."""
     device = kernel_device()
-    from chmc.compiler.artifact import Artifact
-    from chmc.compiler.merge import build
+    from chmc.formats.artifact import Artifact
+    from chmc import build
     from chmc.runtime.torch_backend import reconstruct
 
     base, experts = random_family
@@ -298,8 +298,8 @@ def test_greedy_tokens_match_cpu(random_family: tuple[Path, dict[str, Path]],
         model = reconstruct(path, expert).to(device)
         swapped = 0
         for name, module in list(model.named_modules()):
-            entry = artifact.manifest["tensors"].get(f"{name}.weight")
-            if isinstance(module, torch.nn.Linear) and entry and entry["kind"] == "merged":
+            entry = artifact.manifest.tensors.get(f"{name}.weight")
+            if isinstance(module, torch.nn.Linear) and entry and entry.kind == "merged":
                 bank = artifact.stored(f"{name}.weight.bank").to(device)
                 index = artifact.stored(f"{name}.weight.index").to(device)
                 parent, _, attr = name.rpartition(".")

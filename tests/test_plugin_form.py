@@ -141,12 +141,14 @@ def test_plugin_graph_is_what_tensorrt_consumes(plugin_export, onnx_family):
 
 def prefill_and_decode(folder, session=None):
     """Logits of a mixed-expert, left-padded prefill then 3 decode steps with the cache."""
-    import json
+    from chmc.formats.export import ExportFolder
+    from chmc.runtime.graph_state import GraphState
+    from chmc.runtime.onnxruntime_backend import session_for
 
-    from chmc.runtime.onnxruntime_backend import OnnxRuntimeBackend
-
-    export = json.loads((folder / "chmc.json").read_text())["export"]
-    state = OnnxRuntimeBackend(folder, export, session=session).start(np.array([2, 0, 1], np.int64))
+    export = ExportFolder(folder)
+    run = (session or session_for(export)).run
+    state = GraphState(run, export.section, False, folder, np.array([2, 0, 1], np.int64),
+                       np.float32)
     ids = np.random.default_rng(5).integers(0, 46, (3, 6))
     mask = np.ones((3, 6), np.int64)
     mask[1, :2] = 0
@@ -187,7 +189,7 @@ def test_triton_repository_of_a_plugin_graph_carries_its_kernel(plugin_export, o
 
 
 def test_plugin_form_generates_through_the_runtime(plugin_export, onnx_family):
-    from chmc.runtime import load
+    from chmc import load
 
     prompts, experts = ["1+2=", "ab"], ["expert_1", "expert_2"]
     assert load(plugin_export).generate(prompts, experts, max_new_tokens=6) == \

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chmc.compiler.router import RouterConfig, add_router, load_router, route, train_router
+from chmc.compiler.router import RouterConfig, add_router, train_router
 from chmc.errors import ChmcError
+from chmc.formats.artifact import write_manifest
+from chmc.models.router import Router, route
 from chmc.models.tiny.tasks import CONFLICT_TASKS, DISTINCT_TASKS, make_splits, write_jsonl
 from chmc.models.tiny.tokenizer import build_tokenizer, encode
 
@@ -36,11 +38,11 @@ def tokenizer_file(tmp_path: Path) -> Path:
 def test_router_separates_distinct_prompt_formats(tmp_path: Path, tokenizer_file: Path) -> None:
     data = _prompt_files(tmp_path, DISTINCT_TASKS)
     weights, report = train_router(tokenizer_file, data, list(TASKS))
-    assert report["heldout_examples"] == 4 * 30
-    assert report["heldout_accuracy"] >= 0.99
-    confusion = np.array(report["confusion"])
-    assert confusion.sum() == report["heldout_examples"]
-    assert np.trace(confusion) == round(report["heldout_accuracy"] * confusion.sum())
+    assert report.heldout_examples == 4 * 30
+    assert report.heldout_accuracy >= 0.99
+    confusion = np.array(report.confusion)
+    assert confusion.sum() == report.heldout_examples
+    assert np.trace(confusion) == round(report.heldout_accuracy * confusion.sum())
     # the NumPy reference routes fresh prompts of each format to their own expert
     for label, name in enumerate(TASKS):
         fresh = make_splits(DISTINCT_TASKS[name], seed=99, sizes={"eval": 20})["eval"]
@@ -51,7 +53,7 @@ def test_router_separates_distinct_prompt_formats(tmp_path: Path, tokenizer_file
         for i, r in enumerate(rows):  # left padding, as the runtime pads
             ids[i, width - len(r):] = r
             mask[i, width - len(r):] = 1
-        routed = route(weights, ids, mask, report["vocab"], report["config"]["buckets"])
+        routed = route(weights, ids, mask, report.vocab, report.config.buckets)
         assert (routed == label).mean() >= 0.95, name
 
 
@@ -70,7 +72,7 @@ def test_router_on_identical_formats_is_near_chance(tmp_path: Path, tokenizer_fi
     names = ("rev", "sort", "shift", "rot")
     data = _prompt_files(tmp_path, CONFLICT_TASKS, names)
     _, report = train_router(tokenizer_file, data, list(names), RouterConfig(epochs=5))
-    assert report["heldout_accuracy"] < 0.5
+    assert report.heldout_accuracy < 0.5
 
 
 def test_router_data_errors_name_the_expert(tmp_path: Path, tokenizer_file: Path) -> None:
@@ -85,19 +87,17 @@ def test_router_data_errors_name_the_expert(tmp_path: Path, tokenizer_file: Path
         train_router(tokenizer_file, {**data, "add": bad}, list(TASKS))
 
 
-def test_add_router_stores_it_in_the_artifact(tmp_path: Path, tokenizer_file: Path) -> None:
-    from chmc.compiler.artifact import FORMAT, FORMAT_VERSION
-
+def test_add_router_stores_it_in_the_artifact(tmp_path: Path, tokenizer_file: Path,
+                                             artifact_manifest) -> None:
     artifact = tmp_path / "artifact"
     artifact.mkdir()
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                "experts": [{"name": n} for n in TASKS]}
-    (artifact / "chmc.json").write_text(json.dumps(manifest))
+    write_manifest(artifact, artifact_manifest(list(TASKS)))  # no tensors: the router needs none
     shutil.copy(tokenizer_file, artifact / "tokenizer.json")
     with pytest.raises(ChmcError, match="has none: add one with `chmc router"):
-        load_router(artifact)
+        Router.of_artifact(artifact)
     report = add_router(artifact, _prompt_files(tmp_path, DISTINCT_TASKS), RouterConfig(epochs=5))
-    weights, section = load_router(artifact)
-    assert section["heldout_accuracy"] == report["heldout_accuracy"]
-    assert weights["router.weight"].shape == (4, section["config"]["dim"])
+    stored = Router.of_artifact(artifact)
+    assert stored.section.heldout_accuracy == report.heldout_accuracy
+    assert stored.weights["router.weight"].shape == (4, stored.section.config.dim)
     assert sorted(p.name for p in artifact.iterdir()) == ["chmc.json", "router.safetensors", "tokenizer.json"]
+

@@ -3,13 +3,15 @@ the routed quality on the trained tiny families."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from chmc.compiler.router import RouterConfig, add_router, route_prompts
+from chmc.compiler.router import RouterConfig, add_router
+from chmc.models.router import Router
 from chmc.errors import ChmcError
 from chmc.models.tiny.tasks import DISTINCT_TASKS, make_splits, write_jsonl
 from chmc.models.tiny.tokenizer import encode
@@ -69,7 +71,7 @@ def test_graph_routes_like_the_numpy_reference(routed: dict[str, Path]) -> None:
     prompts, labels = _prompts(8)
     ids, mask = _left_padded(prompts)  # rows of different lengths: left padding
     assert (mask == 0).any()
-    reference = route_prompts(routed["artifact"], ids, mask)
+    reference = Router.of_artifact(routed["artifact"]).route(ids, mask)
     assert (reference == labels).mean() >= 0.9  # the router is real, not constant
     auto = np.full(len(ids), -1, np.int64)
     (used,) = session.run(["expert_id_used"], _feed(routed["onnx"], ids, mask, auto))
@@ -86,14 +88,14 @@ def test_graph_routes_like_the_numpy_reference(routed: dict[str, Path]) -> None:
 
 
 def test_mixed_auto_batch_equals_single_rows(routed: dict[str, Path]) -> None:
-    from chmc.runtime import load
+    from chmc import load
 
     runner = load(routed["onnx"])
     prompts, _ = _prompts(2)
     experts: list[str | int] = ["auto", "expert_1", "auto", 0, "auto", "auto"]
     batch = runner.generate_ids([encode(p) for p in prompts], experts, max_new_tokens=6)
     ids, mask = _left_padded(prompts)
-    chosen = route_prompts(routed["artifact"], ids, mask)
+    chosen = Router.of_artifact(routed["artifact"]).route(ids, mask)
     for row, (p, e) in enumerate(zip(prompts, experts)):
         alone = runner.generate_ids([encode(p)], [e], max_new_tokens=6)
         assert batch[row] == alone[0], row
@@ -109,7 +111,7 @@ def test_mixed_auto_batch_equals_single_rows(routed: dict[str, Path]) -> None:
 def test_every_linear_form_routes_alike(routed: dict[str, Path], linear: str, tmp_path: Path) -> None:
     """The plugin form (chmc::ChannelGatherMatMul, TensorRT's graph) reads the resolved id too."""
     from chmc.compiler.export import export
-    from chmc.runtime import load
+    from chmc import load
 
     prompts, _ = _prompts(2)
     experts: list[str | int] = ["auto", 2, "auto", "expert_0", "auto", "auto"]
@@ -120,13 +122,14 @@ def test_every_linear_form_routes_alike(routed: dict[str, Path], linear: str, tm
 
 
 def test_auto_without_a_router_says_how_to_add_one(onnx_family: dict, chmc_cli, tmp_path: Path) -> None:
-    from chmc.runtime import load
+    from chmc import load
 
     runner = load(onnx_family["k2_onnx"])
     with pytest.raises(ChmcError, match="needs a router.*chmc router ARTIFACT --data"):
         runner.generate(["1+2="], experts=["auto"])
     # graphs without a router still report the id they ran with (an identity)
-    assert runner.manifest["export"]["outputs"][-1]["name"] == "expert_id_used"
+    exported = json.loads((onnx_family["k2_onnx"] / "chmc.json").read_text())
+    assert exported["export"]["outputs"][-1]["name"] == "expert_id_used"
     result = chmc_cli("run", onnx_family["k2_onnx"], "1+2=", "--expert", "auto", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "needs a router" in result.stderr
@@ -175,7 +178,7 @@ def test_eval_auto_scores_each_prompt_with_its_routed_expert(routed: dict[str, P
     by_expert = {(r["expert"], r["task"]): r["outputs"] for r in explicit}
     names = list(TASKS)
     for task, rows in prompts.items():
-        chosen = route_prompts(routed["artifact"], *_left_padded(rows))
+        chosen = Router.of_artifact(routed["artifact"]).route(*_left_padded(rows))
         assert auto[task]["routed"] == {n: int((chosen == i).sum()) for i, n in enumerate(names)}
         # every prompt's output is what its routed expert, named explicitly, answers
         expected = [by_expert[(names[e], task)][i] for i, e in enumerate(chosen)]
@@ -190,13 +193,13 @@ def test_distinct_family_auto_keeps_the_oracle_accuracy(distinct_family, tmp_pat
     At K=N the artifact reconstructs every expert exactly, so this measures what routing costs;
     what merging costs at K < N is the quality table's subject (on these fully fine-tuned tiny
     experts K=2 keeps little, routed or not)."""
-    from chmc.compiler.merge import build
+    from chmc import build
     from chmc.demo import add_task_router, quality_row, routed_row
 
     n = len(distinct_family.experts)
     art = build(distinct_family.base, distinct_family.experts, tmp_path / "kn", groups=n,
                 progress=False)
-    assert add_task_router(art, distinct_family)["heldout_accuracy"] >= 0.99
+    assert add_task_router(art, distinct_family).heldout_accuracy >= 0.99
     oracle = quality_row("oracle", distinct_family, progress=False)
     auto = routed_row("auto", distinct_family, art, progress=False)
     assert auto["routing_accuracy"] >= 0.99
@@ -221,8 +224,8 @@ def test_build_with_router_data_serves_auto(onnx_family: dict, chmc_cli, tmp_pat
     run = chmc_cli("run", tmp_path / "m" / "onnx", "12+34=", "--expert", "auto", "-n", "4",
                    cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    from chmc.runtime import load
+    from chmc import load
 
     runner = load(tmp_path / "m" / "onnx")
-    chosen = int(route_prompts(tmp_path / "m", *_left_padded(["12+34="]))[0])
+    chosen = int(Router.of_artifact(tmp_path / "m").route(*_left_padded(["12+34="]))[0])
     assert runner.generate(["12+34="], [chosen], max_new_tokens=4)[0] == run.stdout.rstrip("\n")

@@ -18,7 +18,7 @@ PROMPTS = ["1+2=", "abc:", "x", "hello world|"]
 
 @pytest.fixture(scope="module")
 def runner(onnx_family):
-    from chmc.runtime import load
+    from chmc import load
 
     return load(onnx_family["k2_onnx"])
 
@@ -54,7 +54,7 @@ def test_mixed_expert_batch_equals_rows_alone(runner):
 
 def test_torch_backend_generates_the_same_tokens(onnx_family, runner):
     from chmc.models.tiny.tokenizer import encode
-    from chmc.runtime import load
+    from chmc import load
 
     torch_runner = load(onnx_family["k2"], backend="torch")
     prompts = [encode(p) for p in PROMPTS[:3]]
@@ -138,7 +138,7 @@ def test_cli_check_passes_per_expert(onnx_family):
 
 
 def test_load_artifact_exports_once_into_cache(onnx_family, runner, tmp_path, monkeypatch):
-    from chmc.runtime import load
+    from chmc import load
 
     monkeypatch.setenv("CHMC_CACHE", str(tmp_path))
     first = load(onnx_family["k2"])
@@ -159,7 +159,7 @@ def test_load_artifact_picks_the_native_plugin_form_when_it_builds(onnx_family, 
     import json
     import shutil
 
-    from chmc.runtime import load
+    from chmc import load
 
     if compiler == "machine's" and not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler on this machine")

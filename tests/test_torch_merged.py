@@ -20,7 +20,7 @@ PROMPTS = [[5, 6, 7, 8, 9], [3, 4], [t % 50 + 10 for t in range(60)]]  # vocab 6
 def artifact(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """K=2 of 3 random experts: llama (tied embeddings), mistral (sliding window 8, shorter than
     the prompts), qwen2 (q/k/v biases)."""
-    from chmc.compiler.merge import build
+    from chmc import build
     from chmc.models.tiny.random_family import make_random_family
     from chmc.models.tiny.tokenizer import save_tokenizer
 
@@ -34,7 +34,7 @@ def artifact(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
 def test_merged_logits_equal_the_onnx_graph(artifact: Path) -> None:
     """Prefill and 12 decode steps: last-position logits within 1e-4 of max |logit| (fp32)."""
-    from chmc.runtime import load
+    from chmc import load
     from chmc.runtime.generation import left_pad, positions
 
     merged = load(artifact, backend="torch", merged=True).backend
@@ -54,7 +54,7 @@ def test_merged_logits_equal_the_onnx_graph(artifact: Path) -> None:
 
 def test_merged_generates_what_each_expert_generates(artifact: Path) -> None:
     """Greedy tokens of a mixed batch, past the first cache block, equal the reconstructed experts'."""
-    from chmc.runtime import load
+    from chmc import load
 
     experts = [2, 0, 1]
     want = load(artifact, backend="torch", merged=False).generate_ids(PROMPTS, experts, 20)
@@ -64,7 +64,7 @@ def test_merged_generates_what_each_expert_generates(artifact: Path) -> None:
 
 def test_merged_needs_an_artifact(random_family: tuple[Path, dict[str, Path]]) -> None:
     from chmc.errors import ChmcError
-    from chmc.runtime import load
+    from chmc import load
 
     base, _ = random_family
     with pytest.raises(ChmcError, match="merged=True serves a chmc artifact"):
@@ -93,9 +93,9 @@ def test_cuda_generates_the_cpu_runtimes_tokens(distinct_family: Any, tmp_path: 
     """The tiny `distinct` family merged at K=2: the torch backend on CUDA (Triton kernels, decode
     steps replayed from a CUDA graph) generates the same greedy tokens as the CPU runtime (ONNX
     Runtime), for a batch mixing all four experts."""
-    from chmc.compiler.merge import build
+    from chmc import build
     from chmc.jsonl import read_jsonl
-    from chmc.runtime import load
+    from chmc import load
 
     artifact = build(distinct_family.base, distinct_family.experts, tmp_path / "k2", groups=2,
                      progress=False)

@@ -4,9 +4,9 @@ The server is the one the `nvidia-pytriton` wheel bundles (tritonserver 2.51 wit
 backend): downloaded once with pip, unzipped (never installed: it pins numpy < 2) under
 $CHMC_CACHE (default ~/.cache/chmc). Its Python backend stub embeds this interpreter's libpython
 and runs the interpreter first on PATH in isolated mode (PYTHONPATH ignored), so the stub gets a
-small cached venv of its own: numpy 1.26 (inference fails with numpy 2 in that stub), onnxruntime
-and tokenizers, the serving path's whole dependency set: no torch, no transformers, so the text
-model answering at all shows that path needs neither. chmc is put on its path by a .pth hook
+small cached venv of its own: numpy 1.26 (inference fails with numpy 2 in that stub), onnxruntime,
+tokenizers and pydantic (the manifests), the serving path's whole dependency set: no torch, no
+transformers, so the text model answering at all shows that path needs neither. chmc is put on its path by a .pth hook
 reading CHMC_STUB_PATH, pointing at this checkout for this run only.
 
 That server has no onnxruntime backend, so it cannot load `<name>_engine`; it is started in
@@ -108,12 +108,13 @@ PTH_HOOK = ("import os, sys; sys.path.extend(p for p in "
 def _stub_venv(cache: Path) -> Path:
     """The stub's Python environment: exactly what the serving path needs, keyed by versions."""
     import onnxruntime
+    import pydantic
     import tokenizers
 
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
     where = hashlib.sha256(sys.base_prefix.encode()).hexdigest()[:8]  # the venv links this Python
     key = (f"stubenv-py{py}-{where}-numpy{STUB_NUMPY}-ort{onnxruntime.__version__}"
-           f"-tok{tokenizers.__version__}")
+           f"-tok{tokenizers.__version__}-pydantic{pydantic.VERSION}")
     root = cache / key
     with _locked(root):
         if (root / "ok").exists():
@@ -122,7 +123,7 @@ def _stub_venv(cache: Path) -> Path:
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
         python = str(root / "bin" / "python")
         _pip("--python", python, "install", f"numpy=={STUB_NUMPY}",
-             f"onnxruntime=={onnxruntime.__version__}")
+             f"onnxruntime=={onnxruntime.__version__}", f"pydantic=={pydantic.VERSION}")
         _pip("--python", python, "install", "--no-deps", f"tokenizers=={tokenizers.__version__}")
         (site,) = (root / "lib").glob("python*/site-packages")
         (site / "chmc_stub_path.pth").write_text(PTH_HOOK)
@@ -168,7 +169,7 @@ def repo(exported: Path, chmc_cli: Any, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(scope="module")
 def runner(exported: Path) -> Any:
-    from chmc.runtime import load
+    from chmc import load
 
     return load(exported, backend="onnxruntime")
 
@@ -230,9 +231,11 @@ def _stats(client: Any) -> tuple[int, int]:
 
 
 def test_generated_configs_parse_as_model_configs(exported: Path, repo: Path) -> None:
-    from chmc.compiler.triton_repo import engine_config, graph_io, parse_model_config
+    from chmc.compiler.triton_repo import engine_config, parse_model_config
+    from chmc.formats.export import read_export_manifest
 
-    inputs, outputs = graph_io(exported)
+    section = read_export_manifest(exported).export
+    inputs, outputs = section.inputs, section.outputs
     declared = json.loads((exported / "chmc.json").read_text())["export"]
     for engine, platform in (("onnx", "onnxruntime_onnx"), ("trt", "tensorrt_plan")):
         cfg = parse_model_config(engine_config(f"{NAME}_engine", inputs, outputs, engine))
@@ -282,13 +285,15 @@ def test_bad_triton_inputs_are_one_line_errors(exported: Path, chmc_cli: Any, tm
 def test_trt_repository_from_an_engine_folder(exported: Path, tmp_path: Path) -> None:
     """Layout and configs only: no TensorRT here, so the plan is a placeholder the writer copies."""
     from chmc.compiler.triton_repo import parse_model_config, write_triton_repo
+    from chmc.formats.engine import EngineManifest, write_engine_manifest
 
     engine_dir = tmp_path / "engine"  # what `chmc engine` writes: plan, engine.json, manifest...
     engine_dir.mkdir()
     for f in ("chmc.json", "tokenizer.json", "config.json"):
         shutil.copy2(exported / f, engine_dir / f)
     (engine_dir / "model.plan").write_bytes(b"placeholder: TensorRT cannot build engines here")
-    (engine_dir / "engine.json").write_text("{}")
+    write_engine_manifest(engine_dir, EngineManifest(onnx=str(exported / "model.onnx"),
+                                                     tensorrt="none", profiles=[], bindings=[]))
     repo = write_triton_repo(engine_dir, tmp_path / "repo", engine="trt")
     graph = parse_model_config((repo / "chmc_engine" / "config.pbtxt").read_text())
     assert graph.platform == "tensorrt_plan" and graph.max_batch_size == 0

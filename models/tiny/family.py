@@ -23,10 +23,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
+
 from chmc.cache import cache_root
 from chmc.errors import ChmcError
+from chmc.formats.outputs import staged_output
+from chmc.models.reference import greedy
 from chmc.models.tiny.tasks import ALL_TASKS, BASE_TASKS, Task, make_splits, write_jsonl
 from chmc.models.tiny.tokenizer import EOS_ID, PAD_ID, VOCAB, encode, save_tokenizer
+from chmc.progress import Stages
 
 RECIPE_VERSION = 1  # bump when the training code changes what a recipe produces
 SPLITS = ("train", "validation", "eval")
@@ -111,8 +117,6 @@ def load_family(path: str | Path) -> Family:
 def family(recipe: Recipe | str, out: str | Path | None = None, *, force: bool = False,
            progress: bool = True) -> Family:
     """The family for `recipe`: loaded from `out` (default: the cache) or built there first."""
-    from chmc.compiler.outputs import staged_output
-
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     out = Path(out) if out else cache_root() / "families" / f"{recipe.name}-{recipe.digest()}"
     if (out / "family.json").is_file() and not force:
@@ -141,8 +145,6 @@ def write_tasks(recipe: Recipe, folder: Path) -> dict[str, dict[str, list[dict[s
 
 def build(recipe: Recipe, folder: Path, progress: bool = True) -> dict[str, Any]:
     """Pretrain the base, fine-tune one expert per task, save everything into `folder`."""
-    import torch
-
     # 2 threads on an idle 2-core machine; on a busy one OpenMP's spinning makes 1 several times faster
     torch.set_num_threads(int(os.environ.get("CHMC_TRAIN_THREADS", "2")))
     start = time.time()
@@ -171,17 +173,13 @@ def build(recipe: Recipe, folder: Path, progress: bool = True) -> dict[str, Any]
 
 
 def exact_match(model: Any, rows: list[dict[str, str]]) -> float:
-    """Greedy exact match (see runtime/evaluate.py) with the built-in tokenizer, no files needed."""
-    from chmc.runtime.evaluate import greedy
-
+    """Greedy exact match (as runtime/evaluate.py scores it) with the built-in tokenizer."""
     outs = greedy(model.eval(), [encode(r["prompt"]) for r in rows],
                   max(len(r["answer"]) for r in rows) + 2, EOS_ID, PAD_ID)
     return sum(encode(r["answer"]) == o for r, o in zip(rows, outs)) / len(rows)
 
 
 def new_model(recipe: Recipe) -> Any:
-    import transformers
-
     config = transformers.LlamaConfig(
         hidden_size=recipe.hidden, num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
         num_key_value_heads=recipe.heads, intermediate_size=recipe.intermediate,
@@ -200,8 +198,6 @@ def save_model(model: Any, folder: Path) -> None:
 
 def _batch(rows: list[tuple[list[int], list[int]]]) -> tuple[Any, Any]:
     """Right-padded ids and labels [B, S]; only answer tokens (and EOS) carry a loss."""
-    import torch
-
     width = max(len(p) + len(a) for p, a in rows)
     ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -217,9 +213,6 @@ def train(model: Any, rows: list[dict[str, str]], recipe: Recipe, steps: int, *,
 
     With `check` (validation exact match), stop once it reaches recipe.target.
     """
-    import torch
-    from rich.progress import track
-
     encoded = [(encode(r["prompt"]), encode(r["answer"]) + [EOS_ID]) for r in rows]
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
@@ -227,18 +220,29 @@ def train(model: Any, rows: list[dict[str, str]], recipe: Recipe, steps: int, *,
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.05, (steps - s) / (steps - warm + 1))))
     model.train()
-    for step in track(range(1, steps + 1), description=f"training {desc}", transient=True,
-                      disable=not progress):
-        pick = torch.randint(len(encoded), (recipe.batch,), generator=gen).tolist()
-        ids, labels = _batch([encoded[j] for j in pick])  # [B, S]
-        model(input_ids=ids, labels=labels).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if check is not None and step % recipe.check_every == 0:
-            if check(model) >= recipe.target:
+    step = 0
+    with Stages(progress).bar(f"training {desc}", steps) as advance:
+        for step in range(1, steps + 1):
+            if _train_step(model, encoded, recipe, gen, opt, sched, step, check):
                 break
-            model.train()
+            advance(f"step {step}")
     model.eval()
     return step
+
+
+def _train_step(model: Any, encoded: list[tuple[list[int], list[int]]], recipe: Recipe,
+                gen: torch.Generator, opt: Any, sched: Any, step: int,
+                check: Callable[[Any], float] | None) -> bool:
+    """One optimiser step; True when the validation check says the target is reached."""
+    pick = torch.randint(len(encoded), (recipe.batch,), generator=gen).tolist()
+    ids, labels = _batch([encoded[j] for j in pick])  # [B, S]
+    model(input_ids=ids, labels=labels).loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    if check is not None and step % recipe.check_every == 0:
+        if check(model) >= recipe.target:
+            return True
+        model.train()
+    return False

@@ -14,11 +14,9 @@ registered functions at decoration time and needs them evaluated.
 
 from typing import Any, List, Tuple, Union  # noqa: UP035  tensorrt.plugin checks these hints
 
-from chmc.errors import MissingDependencyError
+from chmc.plugins.tensorrt import require_tensorrt
 from chmc.plugins.channel_gather_matmul.kernels import KERNELS, Launch, fixed_launch
-
-PLUGIN_ID = "chmc::ChannelGatherMatMul"
-PLUGIN_NAMESPACE, PLUGIN_NAME = PLUGIN_ID.split("::")
+from chmc.plugins.channel_gather_matmul.schema import PLUGIN_ID
 TACTICS = {1: "mixed", 2: "prefill"}  # custom tactic ids (0 means "default" to TensorRT)
 TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 TRT_TYPES = {"float16": "FP16", "bfloat16": "BF16", "float32": "FP32"}  # AutoTuneCombination names
@@ -81,25 +79,6 @@ def divisible_dims(**dims: Any) -> tuple[str, ...]:
         except RuntimeError:  # a "fake" expression outside shape calculation: no hint
             pass
     return tuple(out)
-
-
-def tensorrt_available() -> bool:
-    """TensorRT's builder API is present (tensorrt-stubs alone installs an empty namespace)."""
-    try:
-        import tensorrt
-    except ImportError:
-        return False
-    return hasattr(tensorrt, "Builder")
-
-
-def require_tensorrt() -> Any:
-    if not tensorrt_available():
-        raise MissingDependencyError(
-            "TensorRT is not installed (no tensorrt.Builder): install TensorRT >= 10.9 with "
-            "`pip install tensorrt` on a CUDA machine")
-    import tensorrt
-
-    return tensorrt
 
 
 def register_plugin() -> None:

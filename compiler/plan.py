@@ -1,0 +1,184 @@
+"""The build plan: everything `chmc build` will do, validated before any weight is read.
+
+mergekit's planner/executor split: `plan_build` opens every checkpoint from its headers and checks
+names, architectures, tensor sets, shapes, dtypes, K, method parameters and calibration sources,
+then emits one immutable `TensorTask` per base tensor. Planning steps (calibration.calibrate,
+budget.apply_budget) take a plan and return a new one; merge.write_artifact executes the final
+plan. Nothing here writes a byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from math import prod
+from pathlib import Path
+from typing import Any, Literal
+
+from chmc.compiler.grams import GRAMS_INDEX, GramFiles
+from chmc.compiler.grouping import get_clustering
+from chmc.compiler.methods import MergeMethod, Resolved, get_method
+from chmc.errors import ChmcError
+from chmc.formats.artifact import MAX_EXPERTS, Budget
+from chmc.formats.checkpoint import Checkpoint
+from chmc.formats.safetensors import FLOAT_DTYPES, TensorSpec
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One base tensor's work: channel-merged into K banks, or stored per expert."""
+
+    name: str
+    kind: Literal["merged", "stacked"]
+    shape: tuple[int, ...]
+    dtype: str  # source dtype
+    out_dtype: str
+    groups: int  # this tensor's K (the budget step may choose it per tensor)
+
+    def specs(self, n_experts: int) -> list[TensorSpec]:
+        if self.kind == "stacked":
+            return [TensorSpec(f"{self.name}.experts", (n_experts, *self.shape), self.out_dtype)]
+        out, inp = self.shape
+        return [TensorSpec(f"{self.name}.bank", (self.groups, out, inp), self.out_dtype),
+                TensorSpec(f"{self.name}.index", (n_experts, out), "uint8")]
+
+    @property
+    def stored_parameters(self) -> int:
+        """Parameters this tensor stores per K (merged) or per expert (stacked)."""
+        return prod(self.shape)
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    base: Checkpoint
+    experts: dict[str, Checkpoint]
+    tasks: tuple[TensorTask, ...]
+    groups: int  # the largest K a tensor may get
+    clustering: str
+    method: MergeMethod
+    params: Resolved
+    seed: int
+    dtype: str | None
+    calibration: dict[str, Path] | None = None  # expert -> prompts .jsonl or Gram folder
+    budget: float | None = None  # fraction of the ensemble's parameters; K per tensor <= groups
+    gram_files: GramFiles | None = field(default=None, compare=False)  # after calibrate()
+    budget_summary: Budget | None = None  # after apply_budget(): K choice and error curves
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.experts)
+
+    @property
+    def base_parameters(self) -> int:
+        return sum(info.numel for info in self.base.tensors.values())
+
+    def with_(self, **changes: Any) -> BuildPlan:
+        return replace(self, **changes)
+
+
+def plan_build(base: str | Path, experts: Mapping[str, str | Path], *, groups: int,
+               clustering: str = "cosine", method: str = "mean",
+               parameters: Mapping[str, Any] | None = None, seed: int = 0,
+               dtype: str | None = None, calibration: Mapping[str, str | Path] | None = None,
+               budget: float | None = None) -> BuildPlan:
+    """Validate everything and list the per-tensor tasks; reads headers only, writes nothing."""
+    names = list(experts)
+    if len(names) < 2:
+        raise ChmcError(f"need at least two experts to merge, got {len(names)} ({', '.join(names)})")
+    if len(names) > MAX_EXPERTS:
+        raise ChmcError(f"at most {MAX_EXPERTS} experts are supported, got {len(names)}")
+    for name in names:
+        if not name or "=" in name or "/" in name:
+            raise ChmcError(f"invalid expert name '{name}' (no '=', '/' or empty names)")
+    if not 1 <= groups <= len(names):
+        raise ChmcError(f"--groups must be between 1 and the number of experts ({len(names)}), "
+                        f"got {groups}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ChmcError(f"--dtype '{dtype}' is not a float dtype ({', '.join(sorted(FLOAT_DTYPES))})")
+    get_clustering(clustering)
+    merge_method = get_method(method)
+    params = merge_method.resolve(parameters, names)
+    base_ckpt = Checkpoint(base, "base")
+    ckpts = {name: Checkpoint(path, f"expert '{name}'") for name, path in experts.items()}
+    for name, ckpt in ckpts.items():
+        check_compatible(base_ckpt, name, ckpt)
+    calib = check_calibration(calibration, names, clustering, merge_method, budget)
+    plan = BuildPlan(base_ckpt, ckpts, plan_tasks(base_ckpt, groups, dtype), groups, clustering,
+                     merge_method, params, seed, dtype, calib, budget)
+    if budget is not None:
+        smallest = tuple(replace(t, groups=1) for t in plan.tasks)
+        least = stored_parameters(smallest, len(names)) / (len(names) * plan.base_parameters)
+        if least > budget:
+            raise ChmcError(f"--budget {budget} is below the smallest artifact: K=1 everywhere "
+                            f"stores {least:.4f} of the ensemble's parameters")
+    return plan
+
+
+def check_calibration(calibration: Mapping[str, str | Path] | None, names: list[str],
+                      clustering: str, method: MergeMethod,
+                      budget: float | None) -> dict[str, Path] | None:
+    """Every expert or none has calibration (.jsonl prompts or a Gram folder); methods and
+    clusterings that need it get it; the budget is a fraction in (0, 1]."""
+    if budget is not None and not 0 < budget <= 1:
+        raise ChmcError(f"--budget must be a fraction of the ensemble in (0, 1], got {budget}")
+    if not calibration:
+        need = "method 'regmean'" if method.calibrated else (
+            "clustering 'output-error'" if clustering == "output-error" else None)
+        if need:
+            raise ChmcError(f"{need} needs calibration prompts: --calibration NAME=prompts.jsonl "
+                            f"for every expert ({', '.join(names)})")
+        return None
+    for name in calibration:
+        if name not in names:
+            raise ChmcError(f"--calibration names unknown expert '{name}' "
+                            f"(experts: {', '.join(names)})")
+    out = {}
+    for name in names:
+        if name not in calibration:
+            raise ChmcError(f"--calibration has no prompts for expert '{name}' (every expert "
+                            "needs them)")
+        path = Path(calibration[name])
+        if not (path.is_file() and path.suffix == ".jsonl" or (path / GRAMS_INDEX).is_file()):
+            raise ChmcError(f"--calibration {name}={path}: expected an existing .jsonl prompt file "
+                            f"(or a Gram folder from chmc.compiler.calibration.collect_grams)")
+        out[name] = path
+    return out
+
+
+def check_compatible(base: Checkpoint, name: str, expert: Checkpoint) -> None:
+    """Same architecture, same tensor names, shapes and dtypes as the base."""
+    if expert.architecture != base.architecture:
+        raise ChmcError(f"expert '{name}' ({expert.path}) is a {expert.architecture}, "
+                        f"the base is a {base.architecture}")
+    if expert.tied != base.tied:
+        raise ChmcError(f"expert '{name}': tie_word_embeddings is {expert.tied}, "
+                        f"the base has {base.tied}")
+    for tname, info in base.tensors.items():
+        other = expert.tensors.get(tname)
+        if other is None:
+            raise ChmcError(f"expert '{name}' ({expert.path}) has no tensor '{tname}'")
+        if other.shape != info.shape or other.dtype != info.dtype:
+            raise ChmcError(
+                f"expert '{name}': tensor '{tname}' is {list(other.shape)} {other.dtype}, "
+                f"the base has {list(info.shape)} {info.dtype}")
+    extra = sorted(set(expert.tensors) - set(base.tensors))
+    if extra:
+        raise ChmcError(f"expert '{name}' has tensor '{extra[0]}', which the base lacks")
+
+
+def plan_tasks(base: Checkpoint, groups: int, dtype: str | None) -> tuple[TensorTask, ...]:
+    """2-D float tensors are channel-merged; everything else is stored per expert."""
+    tasks = []
+    for name, info in base.tensors.items():
+        if base.tied and name == "lm_head.weight":
+            continue  # tied to the embedding: stored once, re-tied on load
+        merged = len(info.shape) == 2 and info.dtype in FLOAT_DTYPES
+        out_dtype = dtype if dtype is not None and info.dtype in FLOAT_DTYPES else info.dtype
+        tasks.append(TensorTask(name, "merged" if merged else "stacked", info.shape, info.dtype,
+                                out_dtype, groups))
+    return tuple(tasks)
+
+
+def stored_parameters(tasks: tuple[TensorTask, ...] | list[TensorTask], n: int) -> int:
+    """Parameters an artifact of these tasks stores: K per merged tensor, N per stacked one."""
+    return sum((t.groups if t.kind == "merged" else n) * t.stored_parameters for t in tasks)

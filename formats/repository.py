@@ -1,0 +1,61 @@
+"""The Triton model repository `chmc triton` writes (`name` defaults to "chmc"):
+
+  chmc-repository.json              `RepositoryManifest` (Triton ignores files at the top level)
+  <name>_engine/config.pbtxt        the exported graph as it is: onnxruntime_onnx or tensorrt_plan
+  <name>_engine/1/model.onnx(.data) or model.plan (+ chmc_ort_kernel.so for plugin-form graphs)
+  <name>/config.pbtxt               text in, text out: the Python backend, dynamic batching
+  <name>/1/model.py, chmc.json, tokenizer and config files
+
+The text model reads the graph from `../../<name>_engine/1/`, so the weights are on disk once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from chmc.errors import ChmcError
+from chmc.formats.manifest import Manifest, check_format, parse, read_json, write_json
+
+FORMAT = "chmc-triton-repository"
+FORMAT_VERSION = 1
+REPOSITORY_JSON = "chmc-repository.json"
+CONFIG = "config.pbtxt"
+
+
+class RepositoryManifest(Manifest):
+    format: Literal["chmc-triton-repository"] = FORMAT
+    format_version: Literal[1] = FORMAT_VERSION
+    name: str  # the text model; the graph model is `{name}_engine`
+    engine: Literal["onnx", "trt"]
+    source: str  # the export or engine folder it was written from
+
+
+def is_repository(path: Path) -> bool:
+    """A Triton model repository: folders holding config.pbtxt (chmc's or anyone's)."""
+    return path.is_dir() and any(path.glob(f"*/{CONFIG}"))
+
+
+def write_repository_manifest(folder: Path, manifest: RepositoryManifest) -> None:
+    write_json(folder / REPOSITORY_JSON, manifest)
+
+
+class TritonRepository:
+    """A model repository; `manifest` is None for one chmc did not write."""
+
+    kind = "repository"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not is_repository(self.path):
+            raise ChmcError(f"{self.path}: not a Triton model repository (no */{CONFIG})")
+        file = self.path / REPOSITORY_JSON
+        self.manifest: RepositoryManifest | None = None
+        if file.is_file():
+            raw = read_json(file, "chmc Triton repository")
+            check_format(raw, file, FORMAT, FORMAT_VERSION)
+            self.manifest = parse(RepositoryManifest, raw, file)
+
+    @property
+    def models(self) -> list[str]:
+        return sorted(p.parent.name for p in self.path.glob(f"*/{CONFIG}"))
