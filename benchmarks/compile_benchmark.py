@@ -156,6 +156,7 @@ def collect_one(expert: str, prompts: str, out: str) -> None:
     """One expert's calibration as `chmc build` runs it: its prompts, Grams of every merged
     tensor, on the build's threads."""
     import torch
+
     from chmc.compiler.calibration import collect_grams, read_sequences
     from chmc.compiler.merge import build_threads
     from chmc.compiler.plan import plan_tasks

@@ -148,6 +148,7 @@ def bank_select_step(w: dict[str, Any], x: dict[int, Any], expert_id: Any):
 def check_numerics(w: dict[str, Any]) -> float:
     """Max relative error of the kernels vs dense matmul of the materialised expert weights."""
     import torch
+
     from chmc.plugins.channel_gather_matmul.kernels import channel_gather_matmul
 
     worst = 0.0
@@ -170,6 +171,7 @@ def per_shape(iters: int, copies: int = 8) -> dict[str, Any]:
     bank (K=1, every index 0) separates the cost of the gather from Triton's GEMM itself."""
     import torch
     import torch.nn.functional as F
+
     from chmc.plugins.channel_gather_matmul import kernels
 
     rows = {"decode": (1, 1), "mixed": (16, 1), "prefill": (1, 2048)}
@@ -225,6 +227,7 @@ def prefill_variants(iters: int, copies: int = 8, seq: int = 2048,
     per (out, in), the (variant, launch) of the variant fastest over the whole model."""
     import torch
     import torch.nn.functional as F
+
     from chmc.plugins.channel_gather_matmul import kernels
 
     runs: list[tuple[str, Any]] = [("materialise", None), ("default", None)] + [
@@ -315,8 +318,9 @@ def triton_dense_control(x: Any, banks: list[Any], iters: int, dense_us: float) 
     cuBLAS, then timed like the kernels; "ratio" is the fastest correct one's."""
     import torch
     import torch.nn.functional as F
-    from chmc.plugins.channel_gather_matmul import kernels
     from triton_dense_gemm import dense_tma_gemm  # beside this script
+
+    from chmc.plugins.channel_gather_matmul import kernels
 
     kernels._ensure_allocator()  # the descriptors' global scratch
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from chmc.cache import cache_root
 
 RSS_PROBE = """
@@ -166,8 +167,8 @@ def main() -> None:
             print(json.dumps(export_memory(work), indent=1))
         return
 
-    from chmc.compiler.export import export
     from chmc import build
+    from chmc.compiler.export import export
     from chmc.models.tiny.random_family import make_random_family
 
     with tempfile.TemporaryDirectory() as tmp:

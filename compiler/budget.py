@@ -19,10 +19,10 @@ import torch
 from chmc.compiler.deltas import load_deltas, merge_weights, row_blocks, tensor_solver
 from chmc.compiler.grouping import output_error_clustering
 from chmc.compiler.plan import BuildPlan, TensorTask, stored_parameters
-from chmc.progress import Stages
 from chmc.compiler.regmean import MAX_SUBSET_EXPERTS, GramSolver, RowBatch, best_partitions
 from chmc.errors import ChmcError
 from chmc.formats.artifact import Budget
+from chmc.progress import Stages
 
 
 def error_curve(plan: BuildPlan, task: TensorTask) -> list[float]:

@@ -55,7 +55,8 @@ def build(base: str | Path | None = None, experts: Mapping[str, str | Path] | No
         raise ChmcError(f"--target {target!r} is not one of {list(TARGETS)}")
     if target == "trt":
         require_tensorrt()  # before any work: without TensorRT nothing is written
-    cfg = with_overrides(load_merge_config(config) if config else MergeConfig(), base=base,
+    cfg = with_overrides(load_merge_config(config) if config else MergeConfig(),
+                         base=None if base is None else str(base),
                          experts={k: str(v) for k, v in (experts or {}).items()},
                          parameters=dict(parameters or {}), groups=groups,
                          clustering=clustering, method=method, seed=seed, dtype=dtype)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import Field
 
@@ -27,8 +27,8 @@ from chmc.formats.safetensors import TensorInfo, read_header, read_tensor
 if TYPE_CHECKING:
     import torch
 
-FORMAT = "chmc-artifact"
-FORMAT_VERSION = 1
+FORMAT: Final = "chmc-artifact"
+FORMAT_VERSION: Final = 1
 MANIFEST = "chmc.json"
 MAX_EXPERTS = 256  # index tables are uint8
 

@@ -8,14 +8,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from chmc.errors import ChmcError
 from chmc.formats.export import ExportManifest, read_export_manifest
 from chmc.formats.manifest import Manifest, check_format, parse, read_json, write_json
 
-FORMAT = "chmc-trt-engine"
-FORMAT_VERSION = 1
+FORMAT: Final = "chmc-trt-engine"
+FORMAT_VERSION: Final = 1
 PLAN = "model.plan"
 ENGINE_JSON = "engine.json"
 ProfileName = Literal["prefill", "decode"]

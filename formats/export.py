@@ -11,14 +11,14 @@ and outputs, the KV cache layout, the EOS / pad ids.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from chmc.errors import ChmcError
 from chmc.formats.artifact import MANIFEST, RouterSection, resolve_expert
 from chmc.formats.manifest import Manifest, check_format, parse, read_json, write_json
 
-FORMAT = "chmc-export"
-FORMAT_VERSION = 1
+FORMAT: Final = "chmc-export"
+FORMAT_VERSION: Final = 1
 GRAPH = "model.onnx"
 GRAPH_DATA = "model.onnx.data"
 LINEAR_FORMS = ("gather", "select", "plugin")  # how a channel-merged Linear is written

@@ -12,13 +12,13 @@ The text model reads the graph from `../../<name>_engine/1/`, so the weights are
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from chmc.errors import ChmcError
 from chmc.formats.manifest import Manifest, check_format, parse, read_json, write_json
 
-FORMAT = "chmc-triton-repository"
-FORMAT_VERSION = 1
+FORMAT: Final = "chmc-triton-repository"
+FORMAT_VERSION: Final = 1
 REPOSITORY_JSON = "chmc-repository.json"
 CONFIG = "config.pbtxt"
 

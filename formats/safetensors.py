@@ -170,7 +170,7 @@ class ShardedSafetensorsWriter:
             raise RuntimeError(f"writer expected {spec} next, got '{name}' {got}")
         assert self._file is not None
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
+        self._file.write(data.data)
 
     def close(self) -> None:
         if self._pending or self._queue:

@@ -25,8 +25,8 @@ from chmc.formats.checkpoint import Checkpoint, GenerationIds
 from chmc.formats.engine import EngineFolder
 from chmc.formats.export import ExportFolder, ExportManifest
 from chmc.formats.folders import DESCRIPTIONS, folder_kind, open_folder
-from chmc.runtime.generation import ModelInfo, Runner
 from chmc.plugins.tensorrt import require_tensorrt
+from chmc.runtime.generation import ModelInfo, Runner
 from chmc.runtime.onnxruntime_backend import OnnxRuntimeBackend, OnnxRuntimeOptions
 from chmc.runtime.tensorrt_backend import TensorRTBackend, TensorRTOptions
 from chmc.runtime.tokenizer import TextTokenizer

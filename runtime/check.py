@@ -25,6 +25,8 @@ try:  # an optional dependency (chmc[check]): a one-line error where it is missi
     from polygraphy.logger import G_LOGGER
 except ImportError:
     raise MissingDependencyError("chmc check needs `pip install polygraphy`") from None
+from chmc.formats.artifact import Artifact
+from chmc.formats.checkpoint import Checkpoint
 from chmc.formats.export import ExportFolder, ExportSection
 from chmc.formats.folders import open_folder
 from chmc.models.inputs import positions
@@ -98,6 +100,7 @@ def check_export(folder: ExportFolder, *, atol: float = 1e-4, rtol: float = 1e-4
     if not src.is_dir():
         raise ChmcError(f"{folder.path}: its source {src} is gone; check needs the artifact")
     source = open_folder(src, expect=("artifact", "checkpoint"))
+    assert isinstance(source, (Artifact, Checkpoint))
     session = session_for(folder, OnnxRuntimeOptions(providers=("CPUExecutionProvider",)))
     experts: list[str | None] = [*folder.manifest.experts] or [None]
     table = Table(title=f"ONNX Runtime vs PyTorch reconstruction (atol {atol}, rtol {rtol})")

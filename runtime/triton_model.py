@@ -38,6 +38,7 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, Any]) -> None:
         import triton_python_backend_utils as pb
+
         from chmc.runtime import load
 
         self.pb = pb

@@ -19,8 +19,8 @@ def random_family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
 def onnx_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | dict[str, Path]]:
     """A 3-expert Llama family with the tiny tokenizer, merged at K=N (exact) and at K=2, each
     exported to ONNX (gather form, fp32). Keys: base, experts, kn, k2, kn_onnx, k2_onnx."""
-    from chmc.compiler.export import export
     from chmc import build
+    from chmc.compiler.export import export
     from chmc.models.tiny.random_family import make_random_family
     from chmc.models.tiny.tokenizer import save_tokenizer
 

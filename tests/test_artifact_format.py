@@ -80,19 +80,17 @@ def test_manifest_checks_format_and_version(tmp_path: Path, artifact_manifest) -
 
 def test_staged_output_is_all_or_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    with pytest.raises(ValueError):
-        with staged_output(out) as tmp:
-            (tmp / "half.bin").write_bytes(b"x")
-            raise ValueError("stage failed")
+    with pytest.raises(ValueError), staged_output(out) as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise ValueError("stage failed")
     assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary folder remains
 
     with staged_output(out) as tmp:
         (tmp / "done.txt").write_text("v1")
     assert (out / "done.txt").read_text() == "v1"
 
-    with pytest.raises(ChmcError, match="exists"):
-        with staged_output(out):
-            pass
+    with pytest.raises(ChmcError, match="exists"), staged_output(out):
+        pass
     with staged_output(out, force=True) as tmp:
         (tmp / "done.txt").write_text("v2")
     assert (out / "done.txt").read_text() == "v2"

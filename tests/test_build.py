@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from chmc import build
+from chmc.compiler.extract import extract
 from chmc.formats.artifact import Artifact, read_manifest
 from chmc.formats.checkpoint import Checkpoint
-from chmc.compiler.extract import extract
-from chmc import build
 
 METHODS = ["mean", "task_arithmetic", "ties", "dare_ties", "dare_linear"]
 TINY = {"hidden": 16, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 32, "vocab": 40}
@@ -71,7 +72,7 @@ def test_manifest_layout_and_accounting(random_family, tmp_path):
     assert [e["name"] for e in m["experts"]] == list(experts)
     assert all(len(e["sha256"]) == 64 for e in m["experts"])
     assert (m["groups"], m["clustering"], m["method"]) == (k, "cosine", "ties")
-    assert m["parameters"]["density"] == {name: 0.5 for name in experts}
+    assert m["parameters"]["density"] == dict.fromkeys(experts, 0.5)
     base_params = sum(i.numel for i in Checkpoint(base).tensors.values())
     merged = stacked = 0
     for name, entry in m["tensors"].items():

@@ -150,10 +150,10 @@ def test_output_error_grouping_is_optimal_and_regmean_solves_each_group():
 
 def test_k1_regmean_with_identical_statistics_is_the_mean(random_family, calibration, tmp_path):
     """Same Gram file for every expert: (N C)^-1 C sum d = mean d, for every tensor."""
-    from chmc.formats.artifact import Artifact
-    from chmc.compiler.calibration import collect_grams, read_sequences
-    from chmc.formats.checkpoint import Checkpoint
     from chmc import build
+    from chmc.compiler.calibration import collect_grams, read_sequences
+    from chmc.formats.artifact import Artifact
+    from chmc.formats.checkpoint import Checkpoint
 
     base, experts = random_family
     names = {n for n, i in Checkpoint(base).tensors.items() if len(i.shape) == 2}
@@ -170,8 +170,8 @@ def test_k1_regmean_with_identical_statistics_is_the_mean(random_family, calibra
 
 
 def test_kn_calibrated_build_reconstructs_every_expert_exactly(random_family, calibration, tmp_path):
-    from chmc.formats.artifact import Artifact
     from chmc import build
+    from chmc.formats.artifact import Artifact
 
     base, experts = random_family
     art = Artifact(build(base, experts, tmp_path / "kn", groups=4, clustering="output-error",
@@ -185,8 +185,8 @@ def test_kn_calibrated_build_reconstructs_every_expert_exactly(random_family, ca
 @pytest.mark.parametrize("clustering", ["cosine", "error"])
 def test_weight_space_clusterings_with_regmean(random_family, calibration, tmp_path, clustering):
     """regmean has no merge weights; the weight-space clusterings then weigh experts alike."""
-    from chmc.formats.artifact import read_manifest
     from chmc import build
+    from chmc.formats.artifact import read_manifest
 
     base, experts = random_family
     art = build(base, experts, tmp_path / "a", groups=2, clustering=clustering, method="regmean",
@@ -197,9 +197,9 @@ def test_weight_space_clusterings_with_regmean(random_family, calibration, tmp_p
 def test_output_error_beats_weight_space_grouping_on_calibration_outputs(random_family,
                                                                          calibration, tmp_path):
     """What the issue asks the merge to preserve: each expert's Linear outputs on its own inputs."""
-    from chmc.formats.artifact import Artifact
-    from chmc.compiler.grams import GramFiles
     from chmc import build
+    from chmc.compiler.grams import GramFiles
+    from chmc.formats.artifact import Artifact
 
     base, experts = random_family
     a = Artifact(build(base, experts, tmp_path / "oe", groups=2, clustering="output-error",
@@ -302,8 +302,8 @@ def test_bad_calibration_and_budget_input(random_family, chmc_cli, tmp_path, arg
 def test_triton_repository_configs_do_not_depend_on_k(random_family, budget_artifact, tmp_path):
     """A budget artifact (K per tensor) and a uniform K=2 one give identical Triton configs."""
     pytest.importorskip("onnxruntime")
-    from chmc.compiler.export import export
     from chmc import build
+    from chmc.compiler.export import export
     from chmc.compiler.triton_repo import write_triton_repo
 
     base, experts = random_family
@@ -358,9 +358,9 @@ def test_output_error_heuristic_above_the_exhaustive_limit():
 def test_budget_above_the_exhaustive_limit(tmp_path):
     """Nine experts (past the 8 whose partitions are enumerated): the budget scores each K with
     the output-error heuristic, stays within the budget and reconstructs experts from banks."""
-    from chmc.formats.artifact import Artifact, read_manifest
     from chmc import build
     from chmc.compiler.regmean import MAX_SUBSET_EXPERTS
+    from chmc.formats.artifact import Artifact, read_manifest
     from chmc.models.tiny.random_family import make_random_family
 
     base, experts = make_random_family(tmp_path / "family", n_experts=MAX_SUBSET_EXPERTS + 1,

@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from chmc.compiler.engine import Ranges, build_engine, find_onnx, profiles
-from chmc.formats.engine import read_engine_manifest
 from chmc.errors import ChmcError
+from chmc.formats.engine import read_engine_manifest
 from chmc.plugins.tensorrt import tensorrt_available
 
 onnx = pytest.importorskip("onnx")
@@ -171,6 +172,7 @@ def test_engine_matches_onnxruntime(onnx_family: dict[str, Any], tmp_path: Path)
     _gpu_tensorrt()
     import onnxruntime as ort
     import torch
+
     from chmc.compiler.export import export
     from chmc.formats.engine import EngineFolder
     from chmc.runtime.tensorrt_backend import TensorRTRunner

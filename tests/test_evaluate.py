@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from chmc.models.tiny.tokenizer import EOS_ID, VOCAB, save_tokenizer
 from chmc.runtime.evaluate import evaluate
 
@@ -26,6 +27,7 @@ def successor_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real Llama folder whose attention and MLP outputs are zero, so the residual stream is
     the token's one-hot embedding and lm_head maps it to SUCCESSOR[token] (else <eos>)."""
     import transformers
+
     from chmc.models.tiny.random_family import tiny_config
 
     config = tiny_config("llama", hidden=64, layers=1, vocab=len(VOCAB), eos_token_id=EOS_ID)

@@ -103,8 +103,8 @@ def test_export_folder_layout_and_named_external_initializers(onnx_family):
                                                     "attention_bias": True})])
 def test_families_and_tied_embeddings(tmp_path, arch, kwargs):
     """Mistral, Qwen2 (q/k/v biases), tied embeddings: merged and dense exports match transformers."""
-    from chmc.compiler.export import export
     from chmc import build
+    from chmc.compiler.export import export
     from chmc.models.tiny.random_family import make_random_family
 
     base, experts = make_random_family(tmp_path / "fam", n_experts=2, arch=arch, **kwargs)

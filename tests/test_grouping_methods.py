@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from chmc.formats.artifact import Artifact, read_manifest
+from safetensors.numpy import load_file
+
+from chmc import build
 from chmc.compiler.grouping import (
     MAX_ENUMERATED,
     RowBatch,
@@ -23,8 +25,7 @@ from chmc.compiler.grouping import (
     partition_cost,
     set_partitions,
 )
-from chmc import build
-from safetensors.numpy import load_file
+from chmc.formats.artifact import Artifact, read_manifest
 
 TOL = 1e-6  # max abs difference between the fp32 artifact and the float64 reference
 

@@ -284,8 +284,8 @@ def test_greedy_tokens_match_cpu(random_family: tuple[Path, dict[str, Path]],
     """A K=2 artifact served with the kernels (prefill then decode) generates the same greedy
     tokens as its CPU reconstruction, for several experts."""
     device = kernel_device()
-    from chmc.formats.artifact import Artifact
     from chmc import build
+    from chmc.formats.artifact import Artifact
     from chmc.runtime.torch_backend import reconstruct
 
     base, experts = random_family
@@ -379,12 +379,13 @@ def test_persistent_kernel_compiles_to_tma_and_wgmma() -> None:
     if INTERPRETING:
         pytest.skip("under TRITON_INTERPRET=1 kernels are not compilable JIT functions")
     import triton
+    from triton.backends.compiler import GPUTarget
+
     from chmc.plugins.channel_gather_matmul.kernels import (
         PREFILL_VARIANTS,
         _gemm_persistent_kernel,
     )
     from chmc.plugins.channel_gather_matmul.tensorrt_plugin import kernel_signature
-    from triton.backends.compiler import GPUTarget
 
     args = kernel_signature("prefill", "bfloat16")  # inputs, int32 scalars, y, constexprs
     names = list(args)
@@ -395,7 +396,7 @@ def test_persistent_kernel_compiles_to_tma_and_wgmma() -> None:
                   "NUM_SMS": 132, **PREFILL_VARIANTS[variant]}
         hinted = [n for n, t in signature.items() if t.startswith("*")] + ["N_OUT", "N_IN"]
         src = triton.compiler.ASTSource(
-            fn=_gemm_persistent_kernel, signature=signature | {n: "constexpr" for n in consts},
+            fn=_gemm_persistent_kernel, signature=signature | dict.fromkeys(consts, "constexpr"),
             constexprs=consts, attrs={(names.index(n),): [["tt.divisibility", 16]] for n in hinted})
         options = {"num_warps": 8, "num_stages": 3, "enable_fp_fusion": True}
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]

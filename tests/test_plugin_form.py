@@ -23,6 +23,7 @@ def brute_force(x, bank, index, expert_id):
 
 def test_references_match_the_definition():
     import torch
+
     from chmc.plugins.channel_gather_matmul.reference import (
         channel_gather_matmul,
         channel_gather_matmul_torch,
@@ -44,8 +45,9 @@ def test_references_match_the_definition():
 def run_native_op(x, bank, index, expert_id, portable=False):
     """One chmc::ChannelGatherMatMul node in ONNX Runtime with the native kernel; bank and
     index are initializers, as in an exported graph."""
-    from chmc.plugins.channel_gather_matmul.onnxruntime_op import register
     from onnx import TensorProto, helper, numpy_helper
+
+    from chmc.plugins.channel_gather_matmul.onnxruntime_op import register
 
     node = helper.make_node("ChannelGatherMatMul", ["x", "bank", "index", "expert_id"], ["y"],
                             domain="chmc", plugin_namespace="chmc")

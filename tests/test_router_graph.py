@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from chmc.compiler.router import RouterConfig, add_router
-from chmc.models.router import Router
 from chmc.errors import ChmcError
+from chmc.models.router import Router
 from chmc.models.tiny.tasks import DISTINCT_TASKS, make_splits, write_jsonl
 from chmc.models.tiny.tokenizer import encode
 
@@ -110,8 +110,8 @@ def test_mixed_auto_batch_equals_single_rows(routed: dict[str, Path]) -> None:
 @pytest.mark.parametrize("linear", ["select", "plugin"])
 def test_every_linear_form_routes_alike(routed: dict[str, Path], linear: str, tmp_path: Path) -> None:
     """The plugin form (chmc::ChannelGatherMatMul, TensorRT's graph) reads the resolved id too."""
-    from chmc.compiler.export import export
     from chmc import load
+    from chmc.compiler.export import export
 
     prompts, _ = _prompts(2)
     experts: list[str | int] = ["auto", 2, "auto", "expert_0", "auto", "auto"]

@@ -53,8 +53,8 @@ def test_mixed_expert_batch_equals_rows_alone(runner):
 
 
 def test_torch_backend_generates_the_same_tokens(onnx_family, runner):
-    from chmc.models.tiny.tokenizer import encode
     from chmc import load
+    from chmc.models.tiny.tokenizer import encode
 
     torch_runner = load(onnx_family["k2"], backend="torch")
     prompts = [encode(p) for p in PROMPTS[:3]]

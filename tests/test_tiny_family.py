@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from chmc.errors import ChmcError
 from chmc.models.tiny.family import RECIPES, Recipe, family, write_tasks
 

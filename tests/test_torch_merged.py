@@ -63,8 +63,8 @@ def test_merged_generates_what_each_expert_generates(artifact: Path) -> None:
 
 
 def test_merged_needs_an_artifact(random_family: tuple[Path, dict[str, Path]]) -> None:
-    from chmc.errors import ChmcError
     from chmc import load
+    from chmc.errors import ChmcError
 
     base, _ = random_family
     with pytest.raises(ChmcError, match="merged=True serves a chmc artifact"):
@@ -93,9 +93,8 @@ def test_cuda_generates_the_cpu_runtimes_tokens(distinct_family: Any, tmp_path: 
     """The tiny `distinct` family merged at K=2: the torch backend on CUDA (Triton kernels, decode
     steps replayed from a CUDA graph) generates the same greedy tokens as the CPU runtime (ONNX
     Runtime), for a batch mixing all four experts."""
-    from chmc import build
+    from chmc import build, load
     from chmc.jsonl import read_jsonl
-    from chmc import load
 
     artifact = build(distinct_family.base, distinct_family.experts, tmp_path / "k2", groups=2,
                      progress=False)

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from chmc.cache import cache_root
 
 pytestmark = pytest.mark.slow

@@ -24,7 +24,7 @@ def check_shapes(x: Any, bank: Any, index: Any, expert_id: Any) -> None:
     if x.shape[2] != bank.shape[2] or index.shape[1] != bank.shape[1] or x.shape[0] != expert_id.shape[0]:
         raise ValueError(f"ChannelGatherMatMul: x {tuple(x.shape)}, bank {tuple(bank.shape)}, "
                          f"index {tuple(index.shape)}, expert_id {tuple(expert_id.shape)} disagree")
-    if len(expert_id) and not (0 <= int(expert_id.min()) and int(expert_id.max()) < index.shape[0]):
+    if len(expert_id) and not (int(expert_id.min()) >= 0 and int(expert_id.max()) < index.shape[0]):
         raise ValueError(f"ChannelGatherMatMul: expert_id {expert_id.tolist()} out of range "
                          f"[0, {index.shape[0]})")
 

@@ -14,9 +14,10 @@ registered functions at decoration time and needs them evaluated.
 
 from typing import Any, List, Tuple, Union  # noqa: UP035  tensorrt.plugin checks these hints
 
-from chmc.plugins.tensorrt import require_tensorrt
 from chmc.plugins.channel_gather_matmul.kernels import KERNELS, Launch, fixed_launch
 from chmc.plugins.channel_gather_matmul.schema import PLUGIN_ID
+from chmc.plugins.tensorrt import require_tensorrt
+
 TACTICS = {1: "mixed", 2: "prefill"}  # custom tactic ids (0 means "default" to TensorRT)
 TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 TRT_TYPES = {"float16": "FP16", "bfloat16": "BF16", "float32": "FP32"}  # AutoTuneCombination names
