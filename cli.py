@@ -108,7 +108,8 @@ def build(
     groups: Annotated[int | None, Opt("--groups", "-k", help="K banks per row, 1..N.")] = None,
     clustering: Annotated[str | None, Opt(help="cosine (default) | error | output-error.")] = None,
     method: Annotated[str | None, Opt(
-        help="mean|linear (default), task_arithmetic, ties, dare_ties, dare_linear, regmean.")] = None,
+        help="mean|linear (default), task_arithmetic, ties, dare_ties, dare_linear, "
+             "regmean.")] = None,
     density: Annotated[float | None, Opt(help="Kept fraction for ties/dare.")] = None,
     weight: Annotated[list[str] | None, Opt(help="NAME=W merge weight (repeat).")] = None,
     lambda_: Annotated[float | None, Opt("--lambda", help="Scale of the merged delta.")] = None,
@@ -124,7 +125,8 @@ def build(
         "--calibration", help="NAME=prompts.jsonl per expert: activation-aware grouping/merging "
         "(--clustering output-error --method regmean).")] = None,
     budget: Annotated[float | None, Opt(
-        help="Fraction of the ensemble's parameters; each tensor gets its own K <= --groups.")] = None,
+        help="Fraction of the ensemble's parameters; each tensor gets its own "
+             "K <= --groups.")] = None,
     router_data: Annotated[list[str] | None, Opt(
         "--router-data", help="NAME=prompts.jsonl per expert (repeat the option): train a router "
                               "for expert 'auto'.")] = None,
@@ -139,7 +141,8 @@ def build(
     if lambda_ is not None:
         params["lambda"] = lambda_
     if weight:
-        params["weight"] = {k: _float(v, f"--weight {k}") for k, v in _pairs(weight, "--weight").items()}
+        params["weight"] = {k: _float(v, f"--weight {k}")
+                            for k, v in _pairs(weight, "--weight").items()}
     path = build_pipeline(
         base, _experts(experts or []), out, config=config,
         groups=groups, clustering=clustering, method=method, parameters=params, seed=seed,
@@ -238,7 +241,8 @@ def run(
     source: Annotated[str, typer.Argument(help="Export folder, artifact or HF folder.")],
     prompt: Annotated[str, typer.Argument(help="The prompt to continue.")],
     expert: Annotated[str | None, Opt("--expert", help="Expert name or id.")] = None,
-    backend: Annotated[str, Opt(help="onnxruntime (default) | torch | tensorrt (an engine folder).")] = "onnxruntime",
+    backend: Annotated[str, Opt(
+        help="onnxruntime (default) | torch | tensorrt (an engine folder).")] = "onnxruntime",
     device: Annotated[str | None, Opt(help="torch backend: cpu (default) | cuda (one merged model, "
                                            "Triton kernels, CUDA-graph decode).")] = None,
     max_new_tokens: Annotated[int, Opt("--max-new-tokens", "-n")] = 64,
@@ -301,8 +305,8 @@ def serve(
     port: int = typer.Option(8000, "--port", help="HTTP port (gRPC gets PORT+1)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
     tritonserver: str | None = typer.Option(None, "--tritonserver", help="tritonserver binary."),
-    model: list[str] | None = typer.Option(
-        None, "--model", help="Load only this model (repeat); default: every model."),
+    model: Annotated[list[str] | None, Opt(
+        "--model", help="Load only this model (repeat); default: every model.")] = None,
 ) -> None:
     """Run tritonserver on a model repository until Ctrl-C."""
     from chmc.api import serve as run_server  # an artifact needs the compiler
@@ -326,7 +330,8 @@ def engine(
     onnx_dir: Annotated[str, typer.Argument(help="Export folder (chmc export --linear plugin).")],
     out: Annotated[str, Opt("--out", help="Engine folder to write (model.plan, engine.json).")],
     batch: Annotated[str, Opt(help="Batch size MIN,OPT,MAX.")] = "1,1,8",
-    seq: Annotated[str, Opt(help="New tokens per step MIN,OPT,MAX (prefill profile).")] = "1,128,2048",
+    seq: Annotated[str, Opt(
+        help="New tokens per step MIN,OPT,MAX (prefill profile).")] = "1,128,2048",
     past: Annotated[str, Opt(help="Cached tokens MIN,OPT,MAX.")] = "0,256,2048",
     force: Annotated[bool, Opt("--force", help="Replace --out if it exists.")] = False,
 ) -> None:
@@ -339,8 +344,9 @@ def engine(
 
 # --- tiny expert families, evaluation, demo (models/tiny/family.py, runtime/evaluate.py, demo.py)
 
-family_app = typer.Typer(help="The built-in tiny trained expert families (distinct, conflict, distinct8).",
-                         no_args_is_help=True)
+family_app = typer.Typer(
+    help="The built-in tiny trained expert families (distinct, conflict, distinct8).",
+    no_args_is_help=True)
 app.add_typer(family_app, name="family")
 
 
@@ -351,11 +357,14 @@ def family_build(
     out: Annotated[str | None, Opt("--out", help="Folder to write (default: the cache).")] = None,
     force: Annotated[bool, Opt("--force", help="Rebuild even if present.")] = False,
 ) -> None:
-    """Train (or take from $CHMC_CACHE) a tiny family: base/, experts/<task>/, tasks/<task>/*.jsonl."""
+    """
+    Train (or take from $CHMC_CACHE) a tiny family: base/, experts/<task>/, tasks/<task>/*.jsonl.
+    """
     from chmc.models.tiny.family import family  # torch: only for this command
 
     fam = family(name, out, force=force)
-    typer.echo(f"{fam.path}  (built in {fam.info['build_seconds']} s; experts {fam.info['experts']})")
+    typer.echo(f"{fam.path}  (built in {fam.info['build_seconds']} s; "
+               f"experts {fam.info['experts']})")
 
 
 @app.command("eval")
@@ -364,9 +373,11 @@ def eval_(
     source: Annotated[str, typer.Argument(help="HF model folder or chmc artifact.")],
     tasks: Annotated[list[str], typer.Argument(
         metavar="[NAME=]FILE.jsonl...", help="Task files ({prompt, answer} lines).")],
-    expert: Annotated[list[str] | None, Opt("--expert", help="Artifact expert (repeat; default all).")] = None,
+    expert: Annotated[list[str] | None, Opt(
+        "--expert", help="Artifact expert (repeat; default all).")] = None,
     json_out: Annotated[str | None, Opt("--json", help="Write the results as JSON here.")] = None,
-    plot: Annotated[str | None, Opt("--plot", help="Draw accuracy vs stored parameters (PNG).")] = None,
+    plot: Annotated[str | None, Opt(
+        "--plot", help="Draw accuracy vs stored parameters (PNG).")] = None,
 ) -> None:
     """Greedy exact match and mean answer NLL on JSONL tasks, as a table (and JSON, a plot)."""
     from chmc.runtime.evaluate import (  # torch and transformers: only for this command
@@ -390,9 +401,12 @@ def eval_(
 @app.command()
 @user_errors
 def demo(
-    out: Annotated[str | None, Opt("--out", help="Work folder (default: $CHMC_CACHE/demo).")] = None,
+    out: Annotated[str | None, Opt(
+        "--out", help="Work folder (default: $CHMC_CACHE/demo).")] = None,
 ) -> None:
-    """From nothing: build (or reuse) the distinct family, merge it at K=2, print the quality table."""
+    """
+    From nothing: build (or reuse) the distinct family, merge it at K=2, print the quality table.
+    """
     from chmc.demo import run_demo  # the whole stack
 
     run_demo(out)

@@ -40,7 +40,8 @@ def quality_row(label: str, family: Family, source: Path | None = None, split: s
         nll[task] = report["results"][0]["nll"]
     pct = 100.0 if source is None else 100 * read_manifest(source).accounting.ratio
     mean = sum(accuracy.values()) / len(accuracy)
-    return {"label": label, "params_pct": pct, "accuracy": accuracy, "mean": mean, "nll": nll, **extra}
+    return {"label": label, "params_pct": pct, "accuracy": accuracy, "mean": mean, "nll": nll,
+            **extra}
 
 
 def add_task_router(artifact: Path, family: Family) -> RouterSection:
@@ -52,8 +53,8 @@ def add_task_router(artifact: Path, family: Family) -> RouterSection:
                       RouterConfig(dim=16, buckets=512))
 
 
-def routed_row(label: str, family: Family, artifact: Path, split: str = "eval", progress: bool = True,
-               **extra: Any) -> Row:
+def routed_row(label: str, family: Family, artifact: Path, split: str = "eval",
+               progress: bool = True, **extra: Any) -> Row:
     """expert 'auto' on the mixture of every task's prompts: the artifact's router picks each
     prompt's expert. Parameters count the router too; `routing` is the share routed to the expert
     of the prompt's own task."""

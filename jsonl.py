@@ -1,4 +1,5 @@
-"""JSON Lines inputs (task splits, router data, calibration prompts): one reader, one error style."""
+"""JSON Lines inputs (task splits, router data, calibration prompts): one reader, one error
+style."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def read_jsonl(file: str | Path, what: str) -> list[tuple[int, dict[str, Any]]]:
             except json.JSONDecodeError as e:
                 raise ChmcError(f"{file}:{i}: expected a JSON object per line ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ChmcError(f"{file}:{i}: expected a JSON object per line, got {line.strip()[:80]!r}")
+                raise ChmcError(f"{file}:{i}: expected a JSON object per line, "
+                                f"got {line.strip()[:80]!r}")
             rows.append((i, row))
     return rows

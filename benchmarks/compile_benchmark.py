@@ -182,7 +182,8 @@ def mergekit_command(base: Path, experts: dict[str, Path], work: Path) -> list[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=cache_root() / "bench" / "compile_llama_0.17b")
+    parser.add_argument("--cache", type=Path,
+                        default=cache_root() / "bench" / "compile_llama_0.17b")
     parser.add_argument("--skip-mergekit", action="store_true")
     parser.add_argument("--calibration", type=int, default=0, metavar="S",
                         help="also calibrated builds, S sequences of 128 tokens per expert")

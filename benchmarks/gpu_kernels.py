@@ -13,7 +13,8 @@ tensors far beyond L2 per step, without holding 4 copies of the model.
 
 --prefill-variants runs first: each prefill kernel variant (kernels.PREFILL_VARIANTS) with a few
 launches on each linear shape at 2048 tokens, vs cuBLAS and the autotuned default kernel, then
-the whole-model prefill step with the fastest persistent variant ("prefill" -> "best_persistent_ms").
+the whole-model prefill step with the fastest persistent variant
+("prefill" -> "best_persistent_ms").
 Per shape, "control_triton_dense" times a plain Triton TMA GEMM (triton_dense_gemm.py) on the
 dense weight: the ceiling of any Triton prefill kernel on that GPU.
 
@@ -27,7 +28,10 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from chmc.plugins.channel_gather_matmul.kernels import Mode, Variant
 
 HIDDEN, INTER = 4096, 11008
 LINEARS = {"q": (HIDDEN, HIDDEN), "k": (HIDDEN, HIDDEN), "v": (HIDDEN, HIDDEN),
@@ -101,7 +105,7 @@ def dense_step(w: dict[str, Any], x: dict[int, Any], offset: int = 0, rows: Any 
     return step
 
 
-def kernel_step(w: dict[str, Any], x: dict[int, Any], expert_id: Any, mode: str = "auto",
+def kernel_step(w: dict[str, Any], x: dict[int, Any], expert_id: Any, mode: Mode = "auto",
                 choice: dict[tuple[int, int], tuple[str, Any]] | None = None):
     """All layers' linears through the kernel; `choice` maps (out, in) to a prefill (variant,
     launch), else the default kernel, autotuned."""
@@ -111,8 +115,9 @@ def kernel_step(w: dict[str, Any], x: dict[int, Any], expert_id: Any, mode: str 
         for bank, index in zip(w["banks"], w["index"]):
             for n, shape in LINEARS.items():
                 variant, launch = (choice or {}).get(shape, ("default", None))
+                # `choice` holds PREFILL_VARIANTS keys (model_prefill picks them by name)
                 channel_gather_matmul(x[shape[1]], bank[n], index[n], expert_id, mode=mode,
-                                      variant=variant, launch=launch)
+                                      variant=cast("Variant", variant), launch=launch)
     return step
 
 
@@ -174,7 +179,7 @@ def per_shape(iters: int, copies: int = 8) -> dict[str, Any]:
 
     from chmc.plugins.channel_gather_matmul import kernels
 
-    rows = {"decode": (1, 1), "mixed": (16, 1), "prefill": (1, 2048)}
+    rows: dict[Mode, tuple[int, int]] = {"decode": (1, 1), "mixed": (16, 1), "prefill": (1, 2048)}
     table: dict[str, Any] = {}
     for o, i in sorted(set(LINEARS.values())):
         banks = [torch.randn(2, o, i, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
@@ -184,7 +189,7 @@ def per_shape(iters: int, copies: int = 8) -> dict[str, Any]:
             x = torch.randn(b, s, i, device="cuda", dtype=torch.bfloat16)
             ids = torch.arange(b, device="cuda") % 4
 
-            def kernel(mode: str = mode, x: Any = x, ids: Any = ids, banks: Any = banks,
+            def kernel(mode: Mode = mode, x: Any = x, ids: Any = ids, banks: Any = banks,
                        index: Any = index) -> None:
                 for bank in banks:
                     kernels.channel_gather_matmul(x, bank, index, ids, mode=mode)
@@ -196,7 +201,8 @@ def per_shape(iters: int, copies: int = 8) -> dict[str, Any]:
             row: dict[str, Any] = {"kernel_us": timed(kernel, iters) * 1e3 / copies,
                    "dense_us": timed(dense, iters) * 1e3 / copies}
             tuner = kernels._TUNED.get(mode)
-            row["config"] = str(tuner.best_config) if tuner is not None and tuner.best_config else None
+            row["config"] = (str(tuner.best_config) if tuner is not None and tuner.best_config
+                             else None)
             if mode == "prefill":
                 def one_bank(x: Any = x, ids: Any = ids, banks: Any = banks,
                              zeros: Any = zeros) -> None:
@@ -265,10 +271,13 @@ def prefill_variants(iters: int, copies: int = 8, seq: int = 2048,
                     return y
                 return gather_gemm
 
+            # past "materialise", `variant` is one of the PREFILL_VARIANTS keys `runs` holds
+            kernel_variant = cast("Variant", variant)
+
             def step() -> Any:
                 for bank in banks:
                     y = kernels.channel_gather_matmul(x, bank, index, ids, mode="prefill",
-                                                      variant=variant, launch=launch)
+                                                      variant=kernel_variant, launch=launch)
                 return y
             return step
 
@@ -292,7 +301,8 @@ def prefill_variants(iters: int, copies: int = 8, seq: int = 2048,
                 tuner = kernels._TUNED.get("prefill")
                 entry["config"] = str(tuner.best_config) if tuner is not None else None
             row["kernels"][name(variant, launch)] = entry
-            if "us" in entry and not entry["wrong"] and (fastest is None or entry["us"] < fastest[0]):
+            if ("us" in entry and not entry["wrong"]
+                    and (fastest is None or entry["us"] < fastest[0])):
                 fastest = (entry["us"], variant, launch)
         if fastest is not None:
             _, variant, launch = fastest
@@ -496,7 +506,8 @@ def main() -> int:
         r["goal"] = goal
         r["met"] = r["ratio"] <= goal
         ok &= r["met"]
-    result["decode"]["physical_limit_ratio"] = result["physical_limit_ms"] / result["decode"]["dense_ms"]
+    result["decode"]["physical_limit_ratio"] = (result["physical_limit_ms"]
+                                                / result["decode"]["dense_ms"])
     print(json.dumps(result, indent=2))
     return 0 if ok or not args.check else 1
 

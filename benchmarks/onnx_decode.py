@@ -1,4 +1,5 @@
-"""Merged ONNX graph vs the same model exported dense, side by side on ONNX Runtime (CPU). Prints JSON.
+"""Merged ONNX graph vs the same model exported dense, side by side on ONNX Runtime (CPU).
+Prints JSON.
 
     python3 benchmarks/onnx_decode.py [--hidden 512 --intermediate 1408 --layers 8 --vocab 32000]
     python3 benchmarks/onnx_decode.py --export-memory   # export peak RSS vs artifact size
@@ -149,7 +150,7 @@ def folder_mb(folder: Path) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     for name, default in (("hidden", 512), ("intermediate", 1408), ("layers", 8), ("heads", 8),
                           ("kv-heads", 8), ("vocab", 32000), ("experts", 4), ("groups", 2),
                           ("threads", 2), ("prefill", 128), ("context", 32),

@@ -35,7 +35,8 @@ from chmc.demo import Row, add_task_router, print_quality_table, quality_row, ro
 
 BASELINES: dict[str, list[dict[str, float]]] = {
     "task_arithmetic": [{"lambda": x} for x in (0.25, 0.5, 0.75, 1.0)],
-    "ties": [{"density": d, "lambda": x} for d, x in itertools.product((0.2, 0.5, 0.8), (1.0, 2.0))],
+    "ties": [{"density": d, "lambda": x}
+             for d, x in itertools.product((0.2, 0.5, 0.8), (1.0, 2.0))],
     "dare_ties": [{"density": d, "lambda": x}
                   for d, x in itertools.product((0.2, 0.5, 0.8), (1.0, 2.0))],
 }
@@ -92,7 +93,8 @@ def calibrated_rows(fam: Any, work: Path) -> list[Row]:
 
     matrices = {name for name, info in Checkpoint(fam.base).tensors.items() if len(info.shape) == 2}
     start = time.time()
-    grams = {task: collect_grams(fam.experts[task], read_sequences(files["train"], fam.experts[task]),
+    grams = {task: collect_grams(fam.experts[task],
+                                 read_sequences(files["train"], fam.experts[task]),
                                  work / f"grams-{task}", matrices, progress=False)
              for task, files in fam.tasks.items()}
     calib_s = round(time.time() - start, 1)
@@ -122,7 +124,8 @@ def baseline_rows(fam: Any, work: Path) -> list[Row]:
         label = f"{method} K=1 ({', '.join(f'{k}={v}' for k, v in params.items())})"
         rows.append(quality_row(label, fam, art, progress=False, method=method, groups=1,
                                 parameters=params, validation_mean=best_mean,
-                                sweep=[{"parameters": p, "validation_mean": m} for m, p, _ in tried]))
+                                sweep=[{"parameters": p, "validation_mean": m}
+                                       for m, p, _ in tried]))
     return rows
 
 

@@ -16,6 +16,7 @@ reads it when trained), {"text"} rows, or {"input_ids": [...]} rows of token ids
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Self
@@ -112,10 +113,8 @@ def _layer_inputs(model: Any, batches: list[torch.Tensor]) -> tuple[list[Any], l
     handle = model.model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for ids in batches:
-            try:
+            with contextlib.suppress(_Caught):
                 model(input_ids=ids, use_cache=False)
-            except _Caught:
-                pass
     finally:
         handle.remove()
     return hidden, kwargs

@@ -61,7 +61,8 @@ class Ranges:
     def check(self) -> None:
         for kind, (lo, opt, hi) in asdict(self).items():
             if not 0 <= lo <= opt <= hi or hi < 1:
-                raise ChmcError(f"{kind} range min={lo} opt={opt} max={hi}: need 0 <= min <= opt <= max")
+                raise ChmcError(f"{kind} range min={lo} opt={opt} max={hi}: "
+                                "need 0 <= min <= opt <= max")
 
 
 def dim_kind(name: str) -> str | None:
@@ -183,7 +184,8 @@ def _build(onnx_path: Path, shapes: list[dict[str, ShapeRange]]) -> trt.ICudaEng
         trt_profiles.append(p)
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
     with Console(stderr=True).status(f"building TensorRT engine from {onnx_path.name}"):
-        engine: trt.ICudaEngine = EngineFromNetwork(network, config=CreateConfig(profiles=trt_profiles))()
+        engine: trt.ICudaEngine = EngineFromNetwork(
+            network, config=CreateConfig(profiles=trt_profiles))()
     return engine
 
 

@@ -18,7 +18,8 @@ from chmc.formats.outputs import check_output_path, staged_output
 from chmc.formats.safetensors import ShardedSafetensorsWriter, TensorSpec
 
 
-def extract(artifact: str | Path, expert: str | int, out: str | Path, *, force: bool = False) -> Path:
+def extract(artifact: str | Path, expert: str | int, out: str | Path, *,
+            force: bool = False) -> Path:
     """Write expert `expert` (name or id) of `artifact` as a loadable HF checkpoint at `out`."""
     art = Artifact(artifact)
     n = art.manifest.expert_index(expert)  # unknown names fail here, before anything is written

@@ -1,4 +1,5 @@
-"""Clusterings: for every row (output channel) of a tensor, partition the N experts into <= K groups.
+"""Clusterings: for every row (output channel) of a tensor, partition the N experts into
+<= K groups.
 
 A clustering is a small callable registered by name. It gets a `RowBatch` (the experts' row
 deltas for a block of rows, with their Gram matrix computed once) and K, and returns group labels
@@ -51,7 +52,8 @@ def group_rows(name: str, batch: RowBatch, k: int) -> torch.Tensor:
 
 
 def partition_cost(gram: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_n ||d_n - m_g(n)||^2 per row for labels [R, N] (m_g: weighted mean of group g). -> [R]."""
+    """sum_n ||d_n - m_g(n)||^2 per row for labels [R, N] (m_g: weighted mean of group g).
+    -> [R]."""
     n = gram.shape[1]
     onehot = torch.nn.functional.one_hot(labels, n).transpose(1, 2).to(gram.dtype)  # [R, G, N]
     wb = onehot * weights  # [R, G, N]
@@ -72,7 +74,8 @@ def _pair_coefficients(parts: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     size = same.sum(-1)  # [P, N]
     tw = torch.where(total_w == 0, torch.ones_like(total_w), total_w)
     w_j = weights.expand(n, n)
-    return same * (2 * w_j / tw[:, :, None] - size[:, :, None] * weights[:, None] * w_j / tw[:, :, None] ** 2)
+    return same * (2 * w_j / tw[:, :, None]
+                   - size[:, :, None] * weights[:, None] * w_j / tw[:, :, None] ** 2)
 
 
 def error_clustering(batch: RowBatch, k: int) -> torch.Tensor:
@@ -95,7 +98,8 @@ def _error_heuristic(batch: RowBatch, k: int,
         def cost_of(labels: torch.Tensor) -> torch.Tensor:
             return partition_cost(g, labels, w)
 
-    candidates = [canonical(_agglomerate(g, k, _ward_score)), canonical(cosine_clustering(batch, k))]
+    candidates = [canonical(_agglomerate(g, k, _ward_score)),
+                  canonical(cosine_clustering(batch, k))]
     costs = torch.stack([cost_of(c) for c in candidates])  # [2, R]
     labels = torch.where((costs[0] <= costs[1])[:, None], candidates[0], candidates[1])
     cost = costs.min(0).values
@@ -118,7 +122,8 @@ def _error_heuristic(batch: RowBatch, k: int,
 
 
 def _ward_score(sums: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
-    """Minus Ward's merge cost from block sums S[a, b] = sum G over a x b and sizes. -> [R, C, C]."""
+    """Minus Ward's merge cost from block sums S[a, b] = sum G over a x b and sizes.
+    -> [R, C, C]."""
     diag = sums.diagonal(dim1=1, dim2=2) / size.clamp_min(1)  # [R, C]
     s = size[:, :, None] + size[:, None, :]
     aa = sums.diagonal(dim1=1, dim2=2)
@@ -132,7 +137,8 @@ def _average_score(sums: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
 
 
 def _agglomerate(sim: torch.Tensor, k: int, score: Callable[..., torch.Tensor]) -> torch.Tensor:
-    """Merge the best-scoring pair of blocks until k remain, all rows at once. sim [R, N, N] -> [R, N]."""
+    """Merge the best-scoring pair of blocks until k remain, all rows at once.
+    sim [R, N, N] -> [R, N]."""
     r, n, _ = sim.shape
     labels = torch.arange(n).expand(r, n).clone()  # block id = its smallest member
     eye = torch.eye(n, dtype=torch.bool)

@@ -95,12 +95,12 @@ def _add_model(cfg: MergeConfig, entry: Any, where: str, file: Path) -> None:
         return  # mergekit configs often list the base among the models
     name = str(entry.get("name") or Path(model).name)
     if name in cfg.experts:
-        raise ChmcError(f"{file}: duplicate expert name '{name}' ({cfg.experts[name]} and {model}); "
-                        "give one a 'name:'")
+        raise ChmcError(f"{file}: duplicate expert name '{name}' "
+                        f"({cfg.experts[name]} and {model}); give one a 'name:'")
     cfg.experts[name] = model
     for key, value in (entry.get("parameters") or {}).items():
-        cfg.expert_parameters.setdefault(key, {})[name] = _scalar(value, f"{where}.parameters.{key}",
-                                                                  file)
+        cfg.expert_parameters.setdefault(key, {})[name] = _scalar(
+            value, f"{where}.parameters.{key}", file)
 
 
 def with_overrides(cfg: MergeConfig, *, base: str | None, experts: dict[str, str],

@@ -5,7 +5,8 @@ A method is a registry entry (mergekit style) with typed parameters and two smal
   tensor (TIES' top-k trim, DARE's random drop + L1 rescale), it looks at each expert's whole
   tensor once (experts mapped with pmap, maybe on threads) and returns an `apply(rows [N, R, in],
   i)` that sparsifies block i of all experts' rows as it streams past; None for dense methods.
-- `combine(deltas [N, R, in], labels [R, N], k, params)`: the merged delta of every group [K, R, in].
+- `combine(deltas [N, R, in], labels [R, N], k, params)`: the merged delta of every group
+  [K, R, in].
 
 Semantics (mergekit's, so K=1 reproduces a mergekit merge):
 - mean / linear:   sum_g(w_n d_n) / sum_g(w_n)
@@ -50,10 +51,12 @@ class Param:
         if isinstance(value, bool) and self.type is not bool or not isinstance(value, ok_type):
             raise ChmcError(f"parameter '{where}' must be {self.type.__name__}, got {value!r}")
         value = self.type(value)
-        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_low = self.low is not None and (value <= self.low if self.low_open
+                                            else value < self.low)
         if too_low or (self.high is not None and value > self.high):
             lo = "(" if self.low_open else "["
-            raise ChmcError(f"parameter '{where}' = {value} is outside {lo}{self.low}, {self.high}]")
+            raise ChmcError(f"parameter '{where}' = {value} is outside "
+                            f"{lo}{self.low}, {self.high}]")
         return value
 
 
@@ -190,7 +193,8 @@ def sign_consensus(deltas: torch.Tensor, labels: torch.Tensor, k: int, p: Resolv
 
 
 def _scale(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """x * factor in place; a factor of 1 (the default lambda) is skipped: same bits, one pass less."""
+    """x * factor in place; a factor of 1 (the default lambda) is skipped: same bits, one pass
+    less."""
     return x if factor == 1 else x.mul_(factor)
 
 
@@ -314,7 +318,8 @@ METHODS: dict[str, MergeMethod] = {m.name: m for m in (
                 params=(WEIGHT, DENSITY, LAMBDA, _normalize(True))),
     MergeMethod("dare_ties", sign_consensus, dare_drop,
                 params=(WEIGHT, DENSITY, LAMBDA, _normalize(True))),
-    MergeMethod("dare_linear", lambda d, lab, k, p: weighted_sum(d, lab, k, p, p.values["normalize"]),
+    MergeMethod("dare_linear",
+                lambda d, lab, k, p: weighted_sum(d, lab, k, p, p.values["normalize"]),
                 dare_drop, params=(WEIGHT, DENSITY, LAMBDA, _normalize(False))),
     MergeMethod("regmean", regmean_combine, calibrated=True,
                 params=(Param("damping", float, 0.01, low=0.0, low_open=True),)),

@@ -83,8 +83,9 @@ class GraphBuilder:
     def op(self, op_type: str, *inputs: str, n_out: int = 1, domain: str = "",
            out: str | None = None, **attrs: Any) -> Any:
         self._count += 1
-        outs = [out] if out else [f"{op_type.lower()}_{self._count}" + (f"_{i}" if n_out > 1 else "")
-                                  for i in range(n_out)]
+        outs = [out] if out else [
+            f"{op_type.lower()}_{self._count}" + (f"_{i}" if n_out > 1 else "")
+            for i in range(n_out)]
         self.nodes.append(onnx.helper.make_node(op_type, list(inputs), outs,
                                                 name=f"{op_type}_{self._count}", domain=domain,
                                                 **attrs))

@@ -84,7 +84,8 @@ def plan_build(base: str | Path, experts: Mapping[str, str | Path], *, groups: i
     """Validate everything and list the per-tensor tasks; reads headers only, writes nothing."""
     names = list(experts)
     if len(names) < 2:
-        raise ChmcError(f"need at least two experts to merge, got {len(names)} ({', '.join(names)})")
+        raise ChmcError(f"need at least two experts to merge, got {len(names)} "
+                        f"({', '.join(names)})")
     if len(names) > MAX_EXPERTS:
         raise ChmcError(f"at most {MAX_EXPERTS} experts are supported, got {len(names)}")
     for name in names:
@@ -94,7 +95,8 @@ def plan_build(base: str | Path, experts: Mapping[str, str | Path], *, groups: i
         raise ChmcError(f"--groups must be between 1 and the number of experts ({len(names)}), "
                         f"got {groups}")
     if dtype is not None and dtype not in FLOAT_DTYPES:
-        raise ChmcError(f"--dtype '{dtype}' is not a float dtype ({', '.join(sorted(FLOAT_DTYPES))})")
+        raise ChmcError(f"--dtype '{dtype}' is not a float dtype "
+                        f"({', '.join(sorted(FLOAT_DTYPES))})")
     get_clustering(clustering)
     merge_method = get_method(method)
     params = merge_method.resolve(parameters, names)

@@ -40,12 +40,14 @@ def read_prompts(file: Path) -> list[str]:
             raise ChmcError(f"{file}:{i}: expected a JSON object with a 'prompt' field")
         prompts.append(str(text))
     if len(prompts) < MIN_PROMPTS:
-        raise ChmcError(f"{file}: needs at least {MIN_PROMPTS} example prompts, found {len(prompts)}")
+        raise ChmcError(f"{file}: needs at least {MIN_PROMPTS} example prompts, "
+                        f"found {len(prompts)}")
     return prompts
 
 
 def _encode(tokenizer: Any, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded ids and mask [B, S], as the runtime pads (padding is masked out of the features)."""
+    """Left-padded ids and mask [B, S], as the runtime pads (padding is masked out of the
+    features)."""
     return left_pad([tokenizer.encode(p).ids or [0] for p in prompts], pad_id=0)
 
 
@@ -167,7 +169,8 @@ def router_graph(b: Any, expert_id: str, weights: Weights, section: RouterSectio
 
 
 def print_router_report(section: RouterSection) -> None:
-    """Held-out accuracy and the confusion matrix (rows: true expert, columns: routed) as a table."""
+    """Held-out accuracy and the confusion matrix (rows: true expert, columns: routed) as a
+    table."""
     table = Table(title="router confusion (held out)")
     table.add_column("true \\ routed")
     for e in section.experts:

@@ -15,6 +15,7 @@ anything is renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -40,7 +41,8 @@ MODEL_PY = Path(__file__).resolve().parent.parent / "runtime" / "triton_model.py
 TRITON_TYPES = {
     "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8", "int16": "TYPE_INT16",
     "int32": "TYPE_INT32", "int64": "TYPE_INT64", "float16": "TYPE_FP16",
-    "bfloat16": "TYPE_BF16", "float32": "TYPE_FP32", "float64": "TYPE_FP64", "string": "TYPE_STRING",
+    "bfloat16": "TYPE_BF16", "float32": "TYPE_FP32", "float64": "TYPE_FP64",
+    "string": "TYPE_STRING",
 }
 
 
@@ -67,7 +69,8 @@ def _tensor_entries(tensors: list[TensorIO]) -> str:
             raise ChmcError(f"graph tensor '{t.name}' has dtype {t.dtype!r}, which Triton has no "
                             "type for")
         dims = ", ".join(str(d) for d in _dims(t))
-        items.append(f'  {{ name: "{t.name}" data_type: {TRITON_TYPES[t.dtype]} dims: [ {dims} ] }}')
+        items.append(f'  {{ name: "{t.name}" data_type: {TRITON_TYPES[t.dtype]} '
+                     f'dims: [ {dims} ] }}')
     return ",\n".join(items)
 
 
@@ -170,10 +173,9 @@ def write_triton_repo(source: str | Path, out: str | Path, *, engine: str = "onn
         }
         for model, text in configs.items():
             (tmp / model / "config.pbtxt").write_text(text)
-            try:
+            # validation is a check, not a requirement for writing the repository
+            with contextlib.suppress(MissingDependencyError):
                 parse_model_config(text, f"{out}/{model}/config.pbtxt")
-            except MissingDependencyError:
-                pass  # validation is a check, not a requirement for writing the repository
         shutil.rmtree(tmp / ".export", ignore_errors=True)
         write_repository_manifest(tmp, RepositoryManifest(name=name, engine=engine,
                                                           source=str(source.resolve())))

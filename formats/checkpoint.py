@@ -172,8 +172,8 @@ class Checkpoint:
                     from None
             self._bin_state[b] = state
             for name, t in state.items():
-                tensors[name] = TensorInfo(name, tuple(t.shape), str(t.dtype).removeprefix("torch."),
-                                           b)
+                tensors[name] = TensorInfo(name, tuple(t.shape),
+                                           str(t.dtype).removeprefix("torch."), b)
         return tensors
 
     def tensor(self, name: str) -> torch.Tensor:

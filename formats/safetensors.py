@@ -28,7 +28,7 @@ DTYPES: dict[str, tuple[str, int]] = {
     "BOOL": ("bool", 1),
 }
 CODES = {name: code for code, (name, _) in DTYPES.items()}
-ITEMSIZE = {name: size for name, size in DTYPES.values()}
+ITEMSIZE = dict(DTYPES.values())
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 MAX_HEADER_BYTES = 100_000_000
 MAX_SHARD_BYTES = 2 * 1024**3
@@ -122,8 +122,8 @@ class ShardedSafetensorsWriter:
     """Append tensors, in the planned order, to safetensors shards whose headers are written first,
     so memory holds one tensor at a time. Shards are named `{prefix}-0000i-of-0000M.safetensors`."""
 
-    def __init__(self, folder: Path, specs: list[TensorSpec], max_shard_bytes: int = MAX_SHARD_BYTES,
-                 prefix: str = "weights"):
+    def __init__(self, folder: Path, specs: list[TensorSpec],
+                 max_shard_bytes: int = MAX_SHARD_BYTES, prefix: str = "weights"):
         self.folder = folder
         shards: list[list[TensorSpec]] = [[]]
         size = 0
@@ -134,7 +134,8 @@ class ShardedSafetensorsWriter:
             shards[-1].append(spec)
             size += spec.nbytes
         total = len(shards)
-        self.shard_names = [f"{prefix}-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+        self.shard_names = [f"{prefix}-{i + 1:05d}-of-{total:05d}.safetensors"
+                            for i in range(total)]
         self.weight_map = {s.name: self.shard_names[i] for i, shard in enumerate(shards)
                            for s in shard}
         self.total_bytes = sum(s.nbytes for s in specs)

@@ -70,7 +70,8 @@ class Ops(Protocol, Generic[V]):
 
 
 def logits(ops: Ops[V], spec: ArchSpec, cfg: DecoderConfig, input_ids: V, position_ids: V) -> V:
-    """Logits [B, S', V] (float32 where the backend casts them) of the positions the backend keeps."""
+    """Logits [B, S', V] (float32 where the backend casts them) of the positions the backend
+    keeps."""
     cos, sin = rotary(ops, cfg, position_ids)
     masks = ops.masks(set(cfg.windows))
     h = ops.embed(input_ids, spec.embed)  # [B, S, D]

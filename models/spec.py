@@ -57,11 +57,13 @@ class DecoderConfig:
 
 
 def _rope_theta(config: dict[str, Any]) -> float:
-    """Default RoPE only: transformers 5 keeps it in rope_parameters, 4.x in rope_theta/rope_scaling."""
+    """Default RoPE only: transformers 5 keeps it in rope_parameters, 4.x in
+    rope_theta/rope_scaling."""
     params = config.get("rope_parameters") or config.get("rope_scaling") or {}
     kind = params.get("rope_type", params.get("type", "default"))
     if kind != "default":
-        raise NotSupportedError(f"not supported: rope type '{kind}' in config.json (default RoPE only)")
+        raise NotSupportedError(f"not supported: rope type '{kind}' in config.json "
+                                "(default RoPE only)")
     if config.get("partial_rotary_factor", 1.0) != 1.0:
         raise NotSupportedError("not supported: partial_rotary_factor != 1 in config.json")
     return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))

@@ -1,4 +1,5 @@
-"""`chmc eval`: greedy exact match and answer NLL of a checkpoint (or an artifact's experts) on JSONL tasks.
+"""`chmc eval`: greedy exact match and answer NLL of a checkpoint (or an artifact's experts) on
+JSONL tasks.
 
 This is the quality yardstick, not the serving path, so it uses torch + transformers. A task file
 is JSONL with {"prompt", "answer"} per line. For each example the model sees the prompt's token
@@ -80,7 +81,8 @@ class Encoder:
         except Exception as e:  # noqa: BLE001  transformers raises many types for bad tokenizers
             raise ChmcError(f"{folder}: cannot load the tokenizer ({e})") from None
         ids = GenerationIds.of(folder)
-        eos = self.tok.eos_token_id if self.tok.eos_token_id is not None else (ids.eos or (None,))[0]
+        eos = (self.tok.eos_token_id if self.tok.eos_token_id is not None
+               else (ids.eos or (None,))[0])
         if eos is None:
             raise ChmcError(f"{folder}: no eos_token_id in the tokenizer or config.json")
         self.eos_id = int(eos)
@@ -145,7 +147,8 @@ def stored_parameters(folder: Artifact | Checkpoint) -> tuple[int, float | None]
 
 
 def load_model(folder: Artifact | Checkpoint, expert: str | None = None) -> tuple[Any, Encoder]:
-    """A transformers causal LM from a model folder, or an artifact expert's reconstructed weights."""
+    """A transformers causal LM from a model folder, or an artifact expert's reconstructed
+    weights."""
     transformers.utils.logging.disable_progress_bar()  # our own bar counts examples
     path = folder.path
     if expert is not None and not isinstance(folder, Artifact):
@@ -260,7 +263,8 @@ def print_report(report: dict[str, Any]) -> None:
     Console().print(table)
 
 
-def plot_accuracy(points: list[tuple[str, float, float]], file: str | Path, title: str = "") -> None:
+def plot_accuracy(points: list[tuple[str, float, float]], file: str | Path,
+                  title: str = "") -> None:
     """Scatter of mean accuracy (%) against stored parameters (% of the ensemble or count)."""
     import matplotlib  # plotting only: kept off every other path
 

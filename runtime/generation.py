@@ -146,7 +146,8 @@ class Runner:
     def generate(self, prompts: list[str], experts: list[str | int] | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  stop: list[str] | None = None, seed: int | None = None) -> list[str]:
-        """The continuation of each prompt (greedy at temperature 0), cut at EOS or a stop string."""
+        """The continuation of each prompt (greedy at temperature 0), cut at EOS or a stop
+        string."""
         encoded = [self.tokenizer.encode(p) for p in prompts]
         new = self.generate_ids(encoded, experts, max_new_tokens, temperature=temperature,
                                 top_p=top_p, seed=seed, done=self._stopper(stop))

@@ -65,7 +65,8 @@ def session_for(folder: ExportFolder, options: OnnxRuntimeOptions | None = None)
     if section.linear == "plugin":
         if section.dtype != "float32":
             raise NotSupportedError(
-                f"{folder.path}: not supported: a {section.dtype} plugin-form graph on ONNX Runtime "
+                f"{folder.path}: not supported: a {section.dtype} plugin-form graph on "
+                "ONNX Runtime "
                 "(its chmc::ChannelGatherMatMul CPU kernel is float32; export with --dtype "
                 "float32, or build a TensorRT engine from this graph)")
         register(opts)

@@ -136,14 +136,10 @@ class TritonServer:
             return
         if p.poll() is None:
             p.terminate()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         p.wait(timeout=10)
 
     def __enter__(self) -> Self:

@@ -77,7 +77,8 @@ class TensorRTRunner:
 
         missing = [n for n in self.inputs if n not in feeds]
         if missing:
-            raise ChmcError(f"TensorRT engine {self.dir}: missing input '{missing[0]}' (expects {self.inputs})")
+            raise ChmcError(f"TensorRT engine {self.dir}: missing input '{missing[0]}' "
+                            f"(expects {self.inputs})")
         self._select_profile(feeds)
         for name in self.inputs:
             t = feeds[name].contiguous()

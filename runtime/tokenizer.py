@@ -9,7 +9,8 @@ from chmc.errors import ChmcError, MissingDependencyError
 
 
 class TextTokenizer:
-    """Wraps tokenizer.json; encode adds the special tokens its post-processor defines (e.g. BOS)."""
+    """Wraps tokenizer.json; encode adds the special tokens its post-processor defines
+    (e.g. BOS)."""
 
     def __init__(self, folder: str | Path):
         file = Path(folder) / "tokenizer.json"

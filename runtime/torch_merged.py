@@ -115,7 +115,8 @@ class TorchOps:
             out[window] = pad & allowed
         return out
 
-    def cache(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cache(self, layer: int, k: torch.Tensor,
+              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cache = self.kv[layer]
         cache[0].index_copy_(2, self.slots, k)  # [B, G, cap, hd] at slots P..T-1
         cache[1].index_copy_(2, self.slots, v)

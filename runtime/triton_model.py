@@ -95,7 +95,8 @@ class TritonPythonModel:
                 texts = self.runner.generate([rows[n][1] for n in group],
                                              [rows[n][2] for n in group], max_new_tokens=limit)
             except Exception as e:  # noqa: BLE001  a failure fails this group's requests, not the server
-                errors.update({rows[n][0]: pb.TritonError(f"generation failed: {e}") for n in group})
+                errors.update({rows[n][0]: pb.TritonError(f"generation failed: {e}")
+                               for n in group})
                 continue
             answers.update(zip(group, texts))
         responses = []

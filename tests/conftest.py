@@ -1,4 +1,5 @@
-"""Shared fixtures. Heavy fixtures (trained families, exported graphs) are built once per session."""
+"""Shared fixtures. Heavy fixtures (trained families, exported graphs) are built once per
+session."""
 
 from __future__ import annotations
 
@@ -29,14 +30,16 @@ def onnx_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | di
     save_tokenizer(base)
     out: dict[str, Path | dict[str, Path]] = {"base": base, "experts": experts}
     for key, k in (("kn", 3), ("k2", 2)):
-        out[key] = build(base, experts, root / key, groups=k, progress=False)
-        out[f"{key}_onnx"] = export(out[key], root / f"{key}_onnx")
+        artifact = build(base, experts, root / key, groups=k, progress=False)
+        out[key] = artifact
+        out[f"{key}_onnx"] = export(artifact, root / f"{key}_onnx")
     return out
 
 
 @pytest.fixture(scope="session")
 def artifact_manifest():
-    """artifact_manifest(expert names) -> a valid ArtifactManifest of an artifact without tensors."""
+    """artifact_manifest(expert names) -> a valid ArtifactManifest of an artifact without
+    tensors."""
     from chmc.formats.artifact import Accounting, ArtifactManifest, Expert, Source
 
     def make(experts: list[str]) -> ArtifactManifest:
@@ -72,11 +75,13 @@ def _trained_family(name: str):
 
 @pytest.fixture(scope="session")
 def distinct_family():
-    """The trained 4-task `distinct` family: .base, .experts {task: path}, .tasks {task: {split: jsonl}}."""
+    """The trained 4-task `distinct` family: .base, .experts {task: path},
+    .tasks {task: {split: jsonl}}."""
     return _trained_family("distinct")
 
 
 @pytest.fixture(scope="session")
 def conflict_family():
-    """The trained 4-task `conflict` family (one prompt format, experts disagree); like distinct_family."""
+    """The trained 4-task `conflict` family (one prompt format, experts disagree); like
+    distinct_family."""
     return _trained_family("conflict")

@@ -28,7 +28,8 @@ def _tensors() -> dict[str, torch.Tensor]:
 
 def test_streamed_shards_round_trip_through_safetensors(tmp_path: Path) -> None:
     tensors = _tensors()
-    specs = [TensorSpec(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in tensors.items()]
+    specs = [TensorSpec(n, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+             for n, t in tensors.items()]
     writer = ShardedSafetensorsWriter(tmp_path, specs, max_shard_bytes=64)  # forces several shards
     for name, t in tensors.items():
         writer.write(name, t)

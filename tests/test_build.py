@@ -47,8 +47,9 @@ def assert_exact(art: Artifact, experts: dict[str, Path]) -> None:
 def test_k_equals_n_is_exact_fp32(random_family, tmp_path, method):
     base, experts = random_family
     art = Artifact(build(base, experts, tmp_path / "art", groups=len(experts), method=method,
-                         parameters={"density": 0.3} if method != "mean" and method != "task_arithmetic"
-                         else None, progress=False))
+                         parameters=({"density": 0.3}
+                                     if method != "mean" and method != "task_arithmetic"
+                                     else None), progress=False))
     assert_exact(art, experts)
     assert all(e.rel_error == 0 for e in art.manifest.experts)
 
@@ -133,7 +134,8 @@ def test_extract_loads_in_transformers(random_family, half_families, tmp_path, f
 def test_mergekit_yaml_equals_python_api(random_family, tmp_path, chmc_cli):
     base, experts = random_family
     names = list(experts)
-    models = "\n".join(f"  - model: {experts[n]}\n    parameters: {{weight: {0.5 + i}, density: 0.6}}"
+    models = "\n".join(f"  - model: {experts[n]}\n"
+                       f"    parameters: {{weight: {0.5 + i}, density: 0.6}}"
                        for i, n in enumerate(names))
     (tmp_path / "merge.yml").write_text(
         f"base_model: {base}\nmodels:\n  - model: {base}\n{models}\nmerge_method: ties\n"

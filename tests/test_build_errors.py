@@ -28,11 +28,12 @@ def bad_inputs(random_family, tmp_path_factory):
     (root / "not_a_model" / "notes.txt").write_text("hello")
     config = json.loads((good / "config.json").read_text())
     other = copy("other_arch")
-    (other / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"]}))
+    (other / "config.json").write_text(
+        json.dumps({**config, "architectures": ["MistralForCausalLM"]}))
     tensors = load_file(str(good / "model.safetensors"))
     reshaped = copy("other_shape")
-    save_file({**tensors, PROJ: tensors[PROJ][:-1].contiguous()}, str(reshaped / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file({**tensors, PROJ: tensors[PROJ][:-1].contiguous()},
+              str(reshaped / "model.safetensors"), metadata={"format": "pt"})
     missing = copy("missing_tensor")
     save_file({k: v for k, v in tensors.items() if k != PROJ}, str(missing / "model.safetensors"),
               metadata={"format": "pt"})
@@ -74,7 +75,8 @@ CASES = {
                   ["truncated", "model.safetensors"]),
     "corrupt": (lambda b, e, r: ["--base", b, *e(0), f"odd={r / 'corrupt'}"],
                 ["corrupt", "model.safetensors"]),
-    "duplicate_names": (lambda b, e, r: ["--base", b, *e(0, 1), e(2)[0].replace("expert_2", "expert_0")],
+    "duplicate_names": (lambda b, e, r: ["--base", b, *e(0, 1),
+                                         e(2)[0].replace("expert_2", "expert_0")],
                         ["duplicate expert name 'expert_0'"]),
     "one_expert": (lambda b, e, r: ["--base", b, *e(0)], ["at least two experts"]),
     "k_zero": (lambda b, e, r: ["--base", b, *e(0, 1), "--groups", "0"], ["--groups", "got 0"]),

@@ -58,7 +58,8 @@ def test_grams_equal_the_layer_inputs_computed_directly(random_family, calibrati
     x = torch.cat(xs)  # [tokens, hidden]
     want = (x.T @ x / len(x)).float()
     grams = GramFiles([file])
-    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"):
+    for name in ("model.layers.0.self_attn.q_proj.weight",
+                 "model.layers.0.self_attn.k_proj.weight"):
         got = grams.grams(name)
         assert got is not None
         torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-6)
@@ -143,7 +144,7 @@ def test_output_error_grouping_is_optimal_and_regmean_solves_each_group():
         chosen = [[m for m in range(n) if labels[r, m] == g] for g in set(labels[r])]
         assert len(chosen) <= k
         assert cost(chosen, r) == pytest.approx(best, rel=1e-4)
-        for g, members in enumerate(chosen):
+        for members in chosen:
             np.testing.assert_allclose(merged[labels[r, members[0]], r], merge(members, r),
                                        rtol=1e-3, atol=1e-4)
 
@@ -161,7 +162,8 @@ def test_k1_regmean_with_identical_statistics_is_the_mean(random_family, calibra
                           tmp_path / "same", names, progress=False)
     reg = Artifact(build(base, experts, tmp_path / "reg", groups=1, method="regmean",
                          calibration=dict.fromkeys(experts, grams), progress=False))
-    mean = Artifact(build(base, experts, tmp_path / "mean", groups=1, method="mean", progress=False))
+    mean = Artifact(build(base, experts, tmp_path / "mean", groups=1, method="mean",
+                          progress=False))
     banks = [n for n, e in reg.manifest.tensors.items() if e.kind == "merged"]
     assert len(banks) == 16  # 2 layers x 7 Linears, the embedding (identity: the mean), lm_head
     for name in banks:
@@ -169,7 +171,8 @@ def test_k1_regmean_with_identical_statistics_is_the_mean(random_family, calibra
                                    rtol=1e-4, atol=2e-6)
 
 
-def test_kn_calibrated_build_reconstructs_every_expert_exactly(random_family, calibration, tmp_path):
+def test_kn_calibrated_build_reconstructs_every_expert_exactly(random_family, calibration,
+                                                               tmp_path):
     from chmc import build
     from chmc.formats.artifact import Artifact
 

@@ -1,5 +1,6 @@
 """The TensorRT engine stage: profiles from the graph's named dims, a clean failure without
-TensorRT (nothing written), and, where TensorRT and a GPU exist, an engine that matches ONNX Runtime.
+TensorRT (nothing written), and, where TensorRT and a GPU exist, an engine that matches ONNX
+Runtime.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def decoder_graph_io(folder: Path, *, plugin_namespace: str | None = "chmc",
     graph = helper.make_graph(
         [node], "g", [helper.make_tensor_value_info(e.name, ONNX_DTYPES[e.dtype], list(e.shape))
                       for e in inputs],
-        [helper.make_tensor_value_info("logits", ONNX_DTYPES["float16"], ["batch", "sequence", 64])])
+        [helper.make_tensor_value_info("logits", ONNX_DTYPES["float16"],
+                                       ["batch", "sequence", 64])])
     folder.mkdir()
     onnx.save(helper.make_model(graph), folder / "model.onnx")
     (folder / "config.json").write_text("{}")

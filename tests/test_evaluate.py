@@ -64,7 +64,7 @@ def direct_nll(model_dir: Path, rows: list[tuple[str, str]]) -> float:
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    enc = {ch: i for ch, i in VOCAB.items()}
+    enc = dict(VOCAB)
     total, count = 0.0, 0
     for prompt, answer in rows:
         p, a = [enc[c] for c in prompt], [enc[c] for c in answer] + [EOS_ID]
@@ -93,7 +93,8 @@ def test_nll_matches_direct_computation_across_padding(random_model: Path, tmp_p
     assert math.isfinite(r["nll"]) and r["nll"] > 0
 
 
-def test_artifact_expert_scores_equal_its_checkpoint(random_family, random_model, tmp_path: Path) -> None:
+def test_artifact_expert_scores_equal_its_checkpoint(random_family, random_model,
+                                                     tmp_path: Path) -> None:
     from chmc import build
 
     base, experts = random_family

@@ -102,7 +102,8 @@ def test_export_folder_layout_and_named_external_initializers(onnx_family):
                                          ("llama", {"tie_word_embeddings": True,
                                                     "attention_bias": True})])
 def test_families_and_tied_embeddings(tmp_path, arch, kwargs):
-    """Mistral, Qwen2 (q/k/v biases), tied embeddings: merged and dense exports match transformers."""
+    """Mistral, Qwen2 (q/k/v biases), tied embeddings: merged and dense exports match
+    transformers."""
     from chmc import build
     from chmc.compiler.export import export
     from chmc.models.tiny.random_family import make_random_family
@@ -136,8 +137,8 @@ def test_float16_export_checks_and_tracks_float32(onnx_family, tmp_path):
 
 
 def chmc(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "chmc", *args], check=False, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "chmc", *args], check=False, capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_unsupported_architecture_is_one_line_error(tmp_path):

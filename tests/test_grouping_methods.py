@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -31,11 +32,13 @@ TOL = 1e-6  # max abs difference between the fp32 artifact and the float64 refer
 
 
 def load_np(folder: Path) -> dict[str, np.ndarray]:
-    return {k: v.astype(np.float64) for k, v in load_file(str(folder / "model.safetensors")).items()}
+    return {k: v.astype(np.float64)
+            for k, v in load_file(str(folder / "model.safetensors")).items()}
 
 
 def ref_trim(d: np.ndarray, density: float) -> np.ndarray:
-    """Keep the k = max(1, int(density * numel)) entries of largest |d| (first index among equals)."""
+    """Keep the k = max(1, int(density * numel)) entries of largest |d| (first index among
+    equals)."""
     if density >= 1:
         return d
     flat = d.reshape(-1)
@@ -50,10 +53,11 @@ def ref_merge(method: str, deltas: list[np.ndarray], w: list[float], density: fl
               lam: float) -> np.ndarray:
     """One group's merged delta, straight from the semantics in the issue."""
     wd = [wi * d for wi, d in zip(w, deltas)]
+    # sum()'s start value 0 widens its type to ndarray | int; `deltas` is never empty
     if method == "mean":
-        return sum(wd) / sum(w)
+        return cast(np.ndarray, sum(wd)) / sum(w)
     if method == "task_arithmetic":
-        return lam * sum(wd)
+        return lam * cast(np.ndarray, sum(wd))
     assert method == "ties"
     trimmed = np.stack([wi * ref_trim(d, density) for wi, d in zip(w, deltas)])
     elected = np.where(trimmed.sum(0) >= 0, 1.0, -1.0)
@@ -72,7 +76,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("method", "params"), CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+@pytest.mark.parametrize(("method", "params"), CASES,
+                         ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
 def test_k1_matches_numpy_reference(random_family, tmp_path, method, params):
     base_path, experts = random_family
     out = build(base_path, experts, tmp_path / "art", groups=1, method=method, parameters=params,

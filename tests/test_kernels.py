@@ -13,12 +13,19 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+# For mypy: torch's own types, and the kernels' Literal types (at run time the tests import
+# kernels.py themselves: it picks the interpreter when imported).
+if TYPE_CHECKING:
+    import torch
+
+    from chmc.plugins.channel_gather_matmul.kernels import Mode, Variant
+else:
+    torch = pytest.importorskip("torch")
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -33,7 +40,7 @@ def reference(x: Any, bank: Any, index: Any, expert_id: Any) -> Any:
     return torch.einsum("bsi,boi->bso", x.float(), w.float())
 
 
-def random_op(batch: int, seq: int, groups: int, experts: int, n_out: int, n_in: int,
+def random_op(batch: int, seq: int, groups: int, experts: int, n_out: int, n_in: int, *,
               dtype: Any = torch.float32, device: str = "cpu", seed: int = 0) -> tuple[Any, ...]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, seq, n_in, generator=g).to(dtype)
@@ -114,7 +121,7 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["auto", "decode", "mixed", "prefill"])
 @pytest.mark.parametrize("shape", SMALL + LARGE, ids=str)
-def test_kernel_matches_reference(shape: tuple[int, ...], mode: str, dtype: Any) -> None:
+def test_kernel_matches_reference(shape: tuple[int, ...], mode: Mode, dtype: Any) -> None:
     device = kernel_device()
     if device == "cpu" and shape in LARGE:
         pytest.skip("large shapes run on CUDA only (the interpreter is slow)")
@@ -136,7 +143,7 @@ def assert_close_to_reference(y: Any, x: Any, bank: Any, index: Any, expert_id: 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["decode", "mixed", "prefill"])
-def test_every_candidate_launch(mode: str) -> None:
+def test_every_candidate_launch(mode: Mode) -> None:
     """Autotuning may pick any candidate: each one is right on odd shapes, K=3, mixed experts."""
     device = kernel_device()
     from chmc.plugins.channel_gather_matmul.kernels import CANDIDATES, channel_gather_matmul
@@ -202,14 +209,15 @@ PERSISTENT_CASES = [(v, d) for v in PERSISTENT for d in DTYPES
 def persistent_op(shape: tuple[Any, ...], dtype: Any, device: str) -> tuple[Any, ...]:
     """random_op with the batch's experts fixed, so entries differ in expert."""
     batch, seq, groups, experts, n_out, n_in, ids = shape
-    x, bank, index, _ = random_op(batch, seq, groups, experts, n_out, n_in, dtype, device)
+    x, bank, index, _ = random_op(batch, seq, groups, experts, n_out, n_in, dtype=dtype,
+                                  device=device)
     return x, bank, index, torch.tensor(ids, device=device)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("variant", "dtype"), PERSISTENT_CASES, ids=str)
 @pytest.mark.parametrize("shape", PERSISTENT_SMALL + PERSISTENT_LARGE, ids=str)
-def test_persistent_prefill_matches_reference(shape: tuple[Any, ...], variant: str,
+def test_persistent_prefill_matches_reference(shape: tuple[Any, ...], variant: Variant,
                                               dtype: Any) -> None:
     """The persistent prefill variants equal the reference (in=33 also checks the pointer-load
     fallback of the TMA variant in every dtype). Under the interpreter: small tiles (several per
@@ -232,7 +240,7 @@ def test_persistent_prefill_matches_reference(shape: tuple[Any, ...], variant: s
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["persistent", "persistent_tma"])
-def test_persistent_candidates_and_capture(variant: str) -> None:
+def test_persistent_candidates_and_capture(variant: Variant) -> None:
     """Every prefill candidate launch is right with the persistent kernel; on CUDA it also
     autotunes, and replays from a CUDA graph (the TMA descriptors' scratch is allocated during
     capture) with new x and experts."""
@@ -363,7 +371,8 @@ def test_aot_kernels_compile_to_ptx(dtype: str) -> None:
         params = re.findall(r"\.param \.(\S+)", entry.group(1))
         ours = [t for t in kernel_signature(mode, dtype).values() if t != "constexpr"]
         # Triton appends its own scratch pointers after ours; ours come first, in order
-        assert [p.startswith("u64") for p in params[:len(ours)]] == [t.startswith("*") for t in ours]
+        assert ([p.startswith("u64") for p in params[:len(ours)]]
+                == [t.startswith("*") for t in ours])
         assert "mma" in ptx or dtype == "float32"  # tensor cores for 16-bit inputs
         assert compiled.metadata.num_warps == AOT_LAUNCH[mode].num_warps
         assert 0 < compiled.metadata.shared <= PORTABLE_SHARED_BYTES  # no opt-in launch needed

@@ -1,4 +1,5 @@
-"""The plugin form: one chmc::ChannelGatherMatMul node per merged Linear, equal to the gather form."""
+"""The plugin form: one chmc::ChannelGatherMatMul node per merged Linear, equal to the gather
+form."""
 
 from __future__ import annotations
 

@@ -98,5 +98,6 @@ def test_add_router_stores_it_in_the_artifact(tmp_path: Path, tokenizer_file: Pa
     stored = Router.of_artifact(artifact)
     assert stored.section.heldout_accuracy == report.heldout_accuracy
     assert stored.weights["router.weight"].shape == (4, stored.section.config.dim)
-    assert sorted(p.name for p in artifact.iterdir()) == ["chmc.json", "router.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in artifact.iterdir()) == ["chmc.json", "router.safetensors",
+                                                          "tokenizer.json"]
 

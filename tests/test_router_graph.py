@@ -108,7 +108,8 @@ def test_mixed_auto_batch_equals_single_rows(routed: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("linear", ["select", "plugin"])
-def test_every_linear_form_routes_alike(routed: dict[str, Path], linear: str, tmp_path: Path) -> None:
+def test_every_linear_form_routes_alike(routed: dict[str, Path], linear: str,
+                                        tmp_path: Path) -> None:
     """The plugin form (chmc::ChannelGatherMatMul, TensorRT's graph) reads the resolved id too."""
     from chmc import load
     from chmc.compiler.export import export
@@ -121,7 +122,8 @@ def test_every_linear_form_routes_alike(routed: dict[str, Path], linear: str, tm
     assert other.generate_ids(encoded, experts, max_new_tokens=5) == reference
 
 
-def test_auto_without_a_router_says_how_to_add_one(onnx_family: dict, chmc_cli, tmp_path: Path) -> None:
+def test_auto_without_a_router_says_how_to_add_one(onnx_family: dict, chmc_cli,
+                                                   tmp_path: Path) -> None:
     from chmc import load
 
     runner = load(onnx_family["k2_onnx"])
@@ -137,7 +139,8 @@ def test_auto_without_a_router_says_how_to_add_one(onnx_family: dict, chmc_cli, 
         load(onnx_family["k2"], backend="torch").generate(["1+2="], experts=["auto"])
 
 
-def test_router_cli_adds_a_router_to_an_artifact(onnx_family: dict, chmc_cli, tmp_path: Path) -> None:
+def test_router_cli_adds_a_router_to_an_artifact(onnx_family: dict, chmc_cli,
+                                                  tmp_path: Path) -> None:
     import json
 
     artifact = tmp_path / "artifact"
@@ -177,8 +180,8 @@ def test_eval_auto_scores_each_prompt_with_its_routed_expert(routed: dict[str, P
     explicit = evaluate(routed["artifact"], files, progress=False)["results"]
     by_expert = {(r["expert"], r["task"]): r["outputs"] for r in explicit}
     names = list(TASKS)
-    for task, rows in prompts.items():
-        chosen = Router.of_artifact(routed["artifact"]).route(*_left_padded(rows))
+    for task, task_prompts in prompts.items():
+        chosen = Router.of_artifact(routed["artifact"]).route(*_left_padded(task_prompts))
         assert auto[task]["routed"] == {n: int((chosen == i).sum()) for i, n in enumerate(names)}
         # every prompt's output is what its routed expert, named explicitly, answers
         expected = [by_expert[(names[e], task)][i] for i, e in enumerate(chosen)]

@@ -49,7 +49,8 @@ def test_mixed_expert_batch_equals_rows_alone(runner):
     alone = [runner.generate_ids([p], [e], max_new_tokens=8)[0] for p, e in zip(prompts, experts)]
     assert batched == alone
     texts = runner.generate(PROMPTS, experts, max_new_tokens=8)
-    assert texts == [runner.generate([p], [e], max_new_tokens=8)[0] for p, e in zip(PROMPTS, experts)]
+    assert texts == [runner.generate([p], [e], max_new_tokens=8)[0]
+                     for p, e in zip(PROMPTS, experts)]
 
 
 def test_torch_backend_generates_the_same_tokens(onnx_family, runner):
@@ -102,17 +103,19 @@ def test_onnxruntime_path_imports_neither_torch_nor_transformers(onnx_family):
         assert not bad, bad
         print("ok")
     """)
-    res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 
 def test_cli_run_streams_and_names_bad_expert(onnx_family, runner):
     base = [sys.executable, "-m", "chmc", "run", str(onnx_family["k2_onnx"]), "abc:", "-n", "6"]
-    res = subprocess.run([*base, "--expert", "expert_1"], check=False, capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run([*base, "--expert", "expert_1"], check=False, capture_output=True,
+                         text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout == runner.generate(["abc:"], ["expert_1"], max_new_tokens=6)[0] + "\n"
-    res = subprocess.run([*base, "--expert", "nope"], check=False, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([*base, "--expert", "nope"], check=False, capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == [
         ("chmc: error: unknown expert 'nope': this artifact has "

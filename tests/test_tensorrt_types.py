@@ -45,7 +45,8 @@ def repaired_stubs(dest: Path) -> Path:
     try:
         dist = importlib.metadata.distribution("tensorrt-stubs")
     except importlib.metadata.PackageNotFoundError:
-        pytest.skip("tensorrt-stubs is not installed (python3 -m pip install --no-deps tensorrt-stubs)")
+        pytest.skip("tensorrt-stubs is not installed "
+                    "(python3 -m pip install --no-deps tensorrt-stubs)")
     for f in dist.files or []:
         if not str(f).endswith(".pyi"):
             continue
@@ -58,7 +59,8 @@ def repaired_stubs(dest: Path) -> Path:
     return dest
 
 
-def run_mypy(files: list[str], stubs: Path, cwd: Path, config: Path) -> subprocess.CompletedProcess[str]:
+def run_mypy(files: list[str], stubs: Path, cwd: Path,
+             config: Path) -> subprocess.CompletedProcess[str]:
     env = {"MYPYPATH": str(stubs), "PATH": "/usr/bin:/bin"}
     return subprocess.run(
         [sys.executable, "-m", "mypy", "--config-file", str(config), "--no-incremental", *files],

@@ -19,7 +19,8 @@ SMALL = Recipe("small", "distinct", ("add", "rev"), hidden=32, layers=1, heads=2
 
 
 def test_recipe_hash_is_stable_and_sensitive() -> None:
-    assert Recipe(**dataclasses.asdict(RECIPES["distinct"])).digest() == RECIPES["distinct"].digest()
+    assert (Recipe(**dataclasses.asdict(RECIPES["distinct"])).digest()
+            == RECIPES["distinct"].digest())
     assert dataclasses.replace(RECIPES["distinct"], seed=1).digest() != RECIPES["distinct"].digest()
     assert len({r.digest() for r in RECIPES.values()}) == len(RECIPES)
     assert len(RECIPES["distinct8"].tasks) == 8
@@ -37,7 +38,8 @@ def test_task_data_is_deterministic_and_held_out(tmp_path: Path) -> None:
                     .read_text().splitlines()] for s in ("train", "validation", "eval")}
         prompts = {s: {r["prompt"] for r in rs} for s, rs in rows.items()}
         assert len(rows["eval"]) >= 200 and len(prompts["eval"]) == len(rows["eval"])
-        assert not prompts["eval"] & prompts["train"] and not prompts["validation"] & prompts["train"]
+        assert (not prompts["eval"] & prompts["train"]
+                and not prompts["validation"] & prompts["train"])
         assert not prompts["eval"] & prompts["validation"]
     # conflict: one prompt format, different answers for the same prompt
     first = {t: json.loads((tmp_path / "a/tasks" / t / "eval.jsonl").read_text().splitlines()[0])
@@ -59,7 +61,8 @@ def test_small_family_builds_loads_and_is_cached(tmp_path: Path, monkeypatch) ->
         assert (folder / "model.safetensors").is_file()
         auto = transformers.AutoTokenizer.from_pretrained(folder)
         raw = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-        for line in fam.tasks["add"]["eval"].read_text().splitlines()[:5] + ['{"prompt": "rev:a z>"}']:
+        for line in (fam.tasks["add"]["eval"].read_text().splitlines()[:5]
+                     + ['{"prompt": "rev:a z>"}']):
             prompt = json.loads(line)["prompt"]
             assert raw.encode(prompt).ids == auto(prompt).input_ids
             assert len(raw.encode(prompt).ids) == len(prompt)  # one token per character

@@ -53,7 +53,8 @@ def test_merged_logits_equal_the_onnx_graph(artifact: Path) -> None:
 
 
 def test_merged_generates_what_each_expert_generates(artifact: Path) -> None:
-    """Greedy tokens of a mixed batch, past the first cache block, equal the reconstructed experts'."""
+    """Greedy tokens of a mixed batch, past the first cache block, equal the reconstructed
+    experts'."""
     from chmc import load
 
     experts = [2, 0, 1]
@@ -83,12 +84,13 @@ def test_cli_run_device_errors_are_one_line(artifact: Path, chmc_cli: Any, tmp_p
                    "--device", "cuda", cwd=tmp_path)
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == [
-        f"chmc: error: --device cuda: torch sees no CUDA device here (torch {torch.__version__}); "
-        "use --device cpu"]
+        (f"chmc: error: --device cuda: torch sees no CUDA device here (torch {torch.__version__}); "
+         "use --device cpu")]
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels, CUDA graphs)")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU (Triton kernels, CUDA graphs)")
 def test_cuda_generates_the_cpu_runtimes_tokens(distinct_family: Any, tmp_path: Path) -> None:
     """The tiny `distinct` family merged at K=2: the torch backend on CUDA (Triton kernels, decode
     steps replayed from a CUDA graph) generates the same greedy tokens as the CPU runtime (ONNX

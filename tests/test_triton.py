@@ -6,8 +6,8 @@ $CHMC_CACHE (default ~/.cache/chmc). Its Python backend stub embeds this interpr
 and runs the interpreter first on PATH in isolated mode (PYTHONPATH ignored), so the stub gets a
 small cached venv of its own: numpy 1.26 (inference fails with numpy 2 in that stub), onnxruntime,
 tokenizers and pydantic (the manifests), the serving path's whole dependency set: no torch, no
-transformers, so the text model answering at all shows that path needs neither. chmc is put on its path by a .pth hook
-reading CHMC_STUB_PATH, pointing at this checkout for this run only.
+transformers, so the text model answering at all shows that path needs neither. chmc is put on
+its path by a .pth hook reading CHMC_STUB_PATH, pointing at this checkout for this run only.
 
 That server has no onnxruntime backend, so it cannot load `<name>_engine`; it is started in
 explicit mode loading only the text model, which runs the engine's graph itself through
@@ -29,7 +29,7 @@ import sysconfig
 import time
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,8 @@ def _pip(*args: str) -> None:
 
 
 def _tritonserver_dist(cache: Path) -> Path:
-    """pytriton's tritonserver tree plus its bundled libraries, with this Python's stub installed."""
+    """pytriton's tritonserver tree plus its bundled libraries, with this Python's stub
+    installed."""
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
     root = cache / f"pytriton-{PYTRITON}-py{py}"
     with _locked(root):
@@ -154,7 +155,8 @@ def triton_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def exported(onnx_family: dict[str, Any]) -> Path:
-    """random_family (3 experts, tiny tokenizer) -> artifact at K=2 -> ONNX export with expert_id."""
+    """random_family (3 experts, tiny tokenizer) -> artifact at K=2 -> ONNX export with
+    expert_id."""
     return Path(onnx_family["k2_onnx"])
 
 
@@ -183,7 +185,8 @@ def expected(runner: Any) -> dict[tuple[str, str], str]:
 
 
 @pytest.fixture(scope="module")
-def server(repo: Path, triton_env: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server(repo: Path, triton_env: dict[str, Any],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real tritonserver on a free loopback port, loading only the text model; stopped by pid."""
     from chmc.runtime.serve import TritonServer, free_port
 
@@ -265,7 +268,8 @@ def test_bad_config_text_is_a_named_error() -> None:
         parse_model_config('name: "x"\nmax_batch_size: "many"\n', "bad.pbtxt")
 
 
-def test_bad_triton_inputs_are_one_line_errors(exported: Path, chmc_cli: Any, tmp_path: Path) -> None:
+def test_bad_triton_inputs_are_one_line_errors(exported: Path, chmc_cli: Any,
+                                               tmp_path: Path) -> None:
     out = tmp_path / "r"
     cases = [
         (["triton", exported, "--out", out, "--engine", "trt"], f"{exported}: no model.plan"),
@@ -273,7 +277,8 @@ def test_bad_triton_inputs_are_one_line_errors(exported: Path, chmc_cli: Any, tm
         (["triton", exported, "--out", out, "--name", "a b"], "--name 'a b': use letters"),
         (["triton", exported, "--out", out, "--engine", "tpu"], "--engine 'tpu' is not one of"),
         (["serve", tmp_path / "missing"], "missing: no such file or directory"),
-        (["serve", exported, "--tritonserver", tmp_path], f"--tritonserver {tmp_path}: not an exec"),
+        (["serve", exported, "--tritonserver", tmp_path],
+         f"--tritonserver {tmp_path}: not an exec"),
     ]
     for args, message in cases:
         done = chmc_cli(*args, cwd=tmp_path)
@@ -353,11 +358,12 @@ def test_concurrent_mixed_experts_are_batched(server: str, runner: Any,
     print(json.dumps({"requests": 64, "clients": 8, "seconds": round(seconds, 3),
                       "requests_per_s": round(64 / seconds, 1), "executions": executions}))
     assert inferences == 64
-    assert executions < inferences, f"{executions} executions for {inferences} requests: no batching"
+    assert executions < inferences, (f"{executions} executions for {inferences} requests: "
+                                     "no batching")
 
 
-def test_bad_requests_get_errors_and_server_keeps_serving(server: str, runner: Any,
-                                                          expected: dict[tuple[str, str], str]) -> None:
+def test_bad_requests_get_errors_and_server_keeps_serving(
+        server: str, runner: Any, expected: dict[tuple[str, str], str]) -> None:
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
@@ -388,7 +394,8 @@ def test_artifact_is_exported_first(onnx_family: dict[str, Any], exported: Path,
     graph = repo / "m_engine" / "1"
     assert (graph / "model.onnx").is_file() and (graph / "model.onnx.data").is_file()
     declared = json.loads((exported / "chmc.json").read_text())["export"]
-    assert json.loads((repo / "m" / "1" / "chmc.json").read_text())["export"]["inputs"] == declared["inputs"]
+    assert (json.loads((repo / "m" / "1" / "chmc.json").read_text())["export"]["inputs"]
+            == declared["inputs"])
     assert parse_model_config((repo / "m" / "config.pbtxt").read_text()).name == "m"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no staging leftovers
 
@@ -447,7 +454,8 @@ def test_chmc_serve_binds_loopback_and_stops_on_ctrl_c(exported: Path, triton_en
         started, _, _ = select.select([proc.stdout], [], [], 120)  # serve prints once it is ready
         line = proc.stdout.readline() if started else ""
         assert f"at http://127.0.0.1:{port} " in line, f"chmc serve printed {line!r}"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{NAME}/ready", timeout=10) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{NAME}/ready",
+                                    timeout=10) as r:
             assert r.status == 200
         servers = _pids_with(f"--http-port={port}")
         assert servers, "no tritonserver process for this port"
@@ -462,21 +470,19 @@ def test_chmc_serve_binds_loopback_and_stops_on_ctrl_c(exported: Path, triton_en
             raise AssertionError(f"chmc serve still running 60 s after {stop}; stderr:\n{tail}") \
                 from None
         assert proc.returncode == 0 and "stopping tritonserver" in out
-        assert not [p for p in servers if Path(f"/proc/{p}").exists()], "tritonserver outlived serve"
+        assert not [p for p in servers if Path(f"/proc/{p}").exists()], (
+            "tritonserver outlived serve")
         assert not _listen_addresses(port)
         temp_repo = Path(line.split()[1])  # "serving <repo> at http://..."
-        assert temp_repo.name == "repo" and not temp_repo.exists(), "temporary repository left behind"
+        assert temp_repo.name == "repo" and not temp_repo.exists(), (
+            "temporary repository left behind")
     finally:  # on any failure: Ctrl-C first (serve cleans up), then kill whatever is left
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
-            try:
+            with suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
         for pid in {proc.pid, *servers, *_pids_with(f"--http-port={port}")}:
-            try:
+            with suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         proc.wait(timeout=10)
         stderr.close()

@@ -74,7 +74,8 @@ RECIPES = {
     "distinct": Recipe("distinct", "distinct", ("add", "rev", "sort", "shift"), expert_steps=2500),
     "conflict": Recipe("conflict", "conflict", ("rev", "sort", "shift", "rot")),
     "distinct8": Recipe("distinct8", "distinct",
-                        ("add", "rev", "sort", "shift", "sub", "rot", "dbl", "max"), expert_steps=2500),
+                        ("add", "rev", "sort", "shift", "sub", "rot", "dbl", "max"),
+                        expert_steps=2500),
 }
 
 
@@ -96,7 +97,8 @@ class Family:
 
     @property
     def tasks(self) -> dict[str, dict[str, Path]]:
-        return {t: {s: self.path / "tasks" / t / f"{s}.jsonl" for s in SPLITS} for t in self.recipe.tasks}
+        return {t: {s: self.path / "tasks" / t / f"{s}.jsonl" for s in SPLITS}
+                for t in self.recipe.tasks}
 
 
 def get_recipe(name: str) -> Recipe:
@@ -145,7 +147,8 @@ def write_tasks(recipe: Recipe, folder: Path) -> dict[str, dict[str, list[dict[s
 
 def build(recipe: Recipe, folder: Path, progress: bool = True) -> dict[str, Any]:
     """Pretrain the base, fine-tune one expert per task, save everything into `folder`."""
-    # 2 threads on an idle 2-core machine; on a busy one OpenMP's spinning makes 1 several times faster
+    # 2 threads on an idle 2-core machine; on a busy one OpenMP's spinning makes 1 several times
+    # faster
     torch.set_num_threads(int(os.environ.get("CHMC_TRAIN_THREADS", "2")))
     start = time.time()
     data = write_tasks(recipe, folder)
@@ -181,7 +184,8 @@ def exact_match(model: Any, rows: list[dict[str, str]]) -> float:
 
 def new_model(recipe: Recipe) -> Any:
     config = transformers.LlamaConfig(
-        hidden_size=recipe.hidden, num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
+        hidden_size=recipe.hidden, num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
         num_key_value_heads=recipe.heads, intermediate_size=recipe.intermediate,
         vocab_size=len(VOCAB), max_position_embeddings=64, tie_word_embeddings=False,
         bos_token_id=None, eos_token_id=EOS_ID, pad_token_id=PAD_ID,

@@ -1,4 +1,5 @@
-"""Random-delta expert families: real Hugging Face folders, no training, for shape and plumbing tests.
+"""Random-delta expert families: real Hugging Face folders, no training, for shape and plumbing
+tests.
 
 The base is a randomly initialised decoder; each expert is the base plus its own random delta, so
 experts differ row by row the way fine-tunes do, and every tensor kind (projections, biases, norms,
@@ -56,7 +57,7 @@ def make_random_family(
     config = tiny_config(arch, **config_kwargs)
     base = transformers.AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype)).eval()
     with torch.no_grad():  # norms start at 1.0; perturb them so per-expert storage is exercised
-        for name, p in base.named_parameters():
+        for p in base.parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     base.save_pretrained(out / "base")
@@ -66,7 +67,7 @@ def make_random_family(
         expert = transformers.AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
         expert.load_state_dict(base.state_dict())
         with torch.no_grad():
-            for name, p in expert.named_parameters():
+            for p in expert.parameters():
                 noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * delta_scale
                 p.add_(noise.to(p.dtype))
         path = out / f"expert_{i}"

@@ -71,11 +71,13 @@ class Task:
         return {"prompt": self.template.format(s=s), "answer": fn(s)}
 
 
-DISTINCT_TEMPLATES = {"add": "{a}+{b}=", "sub": "{a}-{b}=", "rev": "rev:{s}>", "sort": "sort:{s}>",
-                      "shift": "shift:{s}>", "rot": "rot:{s}>", "dbl": "dbl:{s}>", "max": "max:{s}>"}
+DISTINCT_TEMPLATES = {"add": "{a}+{b}=", "sub": "{a}-{b}=", "rev": "rev:{s}>",
+                      "sort": "sort:{s}>", "shift": "shift:{s}>", "rot": "rot:{s}>",
+                      "dbl": "dbl:{s}>", "max": "max:{s}>"}
 DISTINCT_TASKS = {op: Task(op, op, t) for op, t in DISTINCT_TEMPLATES.items()}
 CONFLICT_TASKS = {op: Task(op, op, "{s}>") for op in ("rev", "sort", "shift", "rot")}
-BASE_TASKS = {"copy": Task("copy", "copy", "{s}|"), "copy_num": Task("copy_num", "copy_num", "{a}|")}
+BASE_TASKS = {"copy": Task("copy", "copy", "{s}|"),
+              "copy_num": Task("copy_num", "copy_num", "{a}|")}
 ALL_TASKS = {"distinct": DISTINCT_TASKS, "conflict": CONFLICT_TASKS, "base": BASE_TASKS}
 
 

@@ -29,7 +29,8 @@ import triton.language as tl
 
 Mode = Literal["auto", "decode", "mixed", "prefill"]
 MODES: tuple[str, ...] = ("auto", "decode", "mixed", "prefill")
-Variant = Literal["default", "persistent", "persistent_tma", "persistent_flat", "persistent_tma_flat"]
+Variant = Literal["default", "persistent", "persistent_tma", "persistent_flat",
+                  "persistent_tma_flat"]
 PREFILL_MIN_ROWS = 16  # per batch entry; below this the batch is served by the mixed kernel
 
 
@@ -261,18 +262,22 @@ def _meta(mode: str, launch: Launch) -> dict[str, int]:
     return meta
 
 
-def _check(x: torch.Tensor, bank: torch.Tensor, index: torch.Tensor, expert_id: torch.Tensor) -> None:
+def _check(x: torch.Tensor, bank: torch.Tensor, index: torch.Tensor,
+           expert_id: torch.Tensor) -> None:
     if x.ndim != 3 or bank.ndim != 3 or index.ndim != 2 or expert_id.ndim != 1:
-        raise ValueError(f"expected x [B, S, in], bank [K, out, in], index [N, out], expert_id [B]; "
-                         f"got {tuple(x.shape)}, {tuple(bank.shape)}, {tuple(index.shape)}, "
-                         f"{tuple(expert_id.shape)}")
-    if x.shape[2] != bank.shape[2] or index.shape[1] != bank.shape[1] or expert_id.shape[0] != x.shape[0]:
+        raise ValueError(
+            "expected x [B, S, in], bank [K, out, in], index [N, out], expert_id [B]; "
+            f"got {tuple(x.shape)}, {tuple(bank.shape)}, {tuple(index.shape)}, "
+            f"{tuple(expert_id.shape)}")
+    if (x.shape[2] != bank.shape[2] or index.shape[1] != bank.shape[1]
+            or expert_id.shape[0] != x.shape[0]):
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, bank {tuple(bank.shape)}, "
                          f"index {tuple(index.shape)}, expert_id {tuple(expert_id.shape)}")
     if x.dtype != bank.dtype:
         raise ValueError(f"x is {x.dtype} but bank is {bank.dtype}")
     if not (x.is_cuda or interpreting()):
-        raise ValueError("channel_gather_matmul runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1)")
+        raise ValueError("channel_gather_matmul runs on CUDA tensors "
+                         "(or on CPU under TRITON_INTERPRET=1)")
 
 
 def fixed_launch(kind: str, rows: int, launch: Launch | None = None) -> Launch:
@@ -338,7 +343,8 @@ def channel_gather_matmul(x: torch.Tensor, bank: torch.Tensor, index: torch.Tens
                           expert_id: torch.Tensor, *, mode: Mode = "auto", tuned: bool = True,
                           launch: Launch | None = None, out: torch.Tensor | None = None,
                           variant: Variant = "default") -> torch.Tensor:
-    """y [B, S, out] = x [B, S, in] @ (bank [K, out, in] rows picked by index [N, out] for expert_id [B])^T.
+    """y [B, S, out] = x [B, S, in] @ (bank [K, out, in] rows picked by index [N, out] for
+    expert_id [B])^T.
 
     `index` should already be int32 and contiguous (convert once at load time: a conversion here
     allocates on every call). `mode` forces a kernel; "auto" picks from B and S. `tuned` autotunes

@@ -42,7 +42,8 @@ def library_path(portable: bool = False) -> Path:
         res = subprocess.run([cc, *flags, "-o", str(tmp), str(SOURCE)], capture_output=True,
                              check=False, text=True)
     except OSError as e:  # CC names no program, or the cache folder is not writable
-        raise ChmcError(f"{SOURCE}: cannot compile the ONNX Runtime kernel with {cc} ({e})") from None
+        raise ChmcError(
+            f"{SOURCE}: cannot compile the ONNX Runtime kernel with {cc} ({e})") from None
     if res.returncode:
         tmp.unlink(missing_ok=True)
         first = (res.stderr.strip().splitlines() or ["no output"])[0]

@@ -18,10 +18,13 @@ if TYPE_CHECKING:
 
 def check_shapes(x: Any, bank: Any, index: Any, expert_id: Any) -> None:
     """Shapes and ranges, as the plugin checks them; a ValueError names the offending value."""
-    if len(x.shape) != 3 or len(bank.shape) != 3 or len(index.shape) != 2 or len(expert_id.shape) != 1:
+    if (len(x.shape) != 3 or len(bank.shape) != 3 or len(index.shape) != 2
+            or len(expert_id.shape) != 1):
         raise ValueError(f"ChannelGatherMatMul: ranks x {len(x.shape)}, bank {len(bank.shape)}, "
-                         f"index {len(index.shape)}, expert_id {len(expert_id.shape)}; want 3, 3, 2, 1")
-    if x.shape[2] != bank.shape[2] or index.shape[1] != bank.shape[1] or x.shape[0] != expert_id.shape[0]:
+                         f"index {len(index.shape)}, expert_id {len(expert_id.shape)}; "
+                         "want 3, 3, 2, 1")
+    if (x.shape[2] != bank.shape[2] or index.shape[1] != bank.shape[1]
+            or x.shape[0] != expert_id.shape[0]):
         raise ValueError(f"ChannelGatherMatMul: x {tuple(x.shape)}, bank {tuple(bank.shape)}, "
                          f"index {tuple(index.shape)}, expert_id {tuple(expert_id.shape)} disagree")
     if len(expert_id) and not (int(expert_id.min()) >= 0 and int(expert_id.max()) < index.shape[0]):

@@ -29,7 +29,8 @@ _registered = False
 
 
 def kernel_signature(mode: str, dtype: str) -> dict[str, str]:
-    """Triton signature of one kernel: inputs, int32 scalars, output, then constexprs (AOT order)."""
+    """Triton signature of one kernel: inputs, int32 scalars, output, then constexprs
+    (AOT order)."""
     ptr = f"*{TRITON_TYPES[dtype]}"
     sig = {"x": ptr, "bank": ptr, "index": "*i32", "expert_id": "*i64",
            "S": "i32", "N_OUT": "i32", "N_IN": "i32"}
@@ -61,7 +62,8 @@ def compile_kernel(mode: str, dtype: str, launch: Launch, arch: int | None = Non
                                     attrs=attrs)
     target = GPUTarget("cuda", arch, 32) if arch is not None else None
     compiled = triton.compile(src, target=target,
-                              options={"num_warps": launch.num_warps, "num_stages": launch.num_stages,
+                              options={"num_warps": launch.num_warps,
+                                       "num_stages": launch.num_stages,
                                        "enable_fp_fusion": True})  # explicit: the default moves
     if max_shared is not None and compiled.metadata.shared > max_shared:
         raise RuntimeError(f"{mode} kernel needs {compiled.metadata.shared} bytes of shared memory")
@@ -71,7 +73,8 @@ def compile_kernel(mode: str, dtype: str, launch: Launch, arch: int | None = Non
 
 
 def divisible_dims(**dims: Any) -> tuple[str, ...]:
-    """Names of the build-time constant dims (e.g. the bank's out and in) that are multiples of 16."""
+    """Names of the build-time constant dims (e.g. the bank's out and in) that are multiples of
+    16."""
     out = []
     for name, expr in dims.items():
         try:
