@@ -28,6 +28,8 @@ from chmc.formats.folders import folder_kind, open_folder
 from chmc.formats.repository import TritonRepository
 from chmc.runtime import load as load_folder
 from chmc.runtime.onnxruntime_backend import preferred_linear
+from chmc.runtime.serve import find_tritonserver
+from chmc.runtime.serve import serve as serve_repository
 
 __all__ = ["build", "cached_export", "check", "load", "serve"]
 
@@ -77,9 +79,6 @@ def serve(source: str | Path, *, port: int = 8000, host: str = "127.0.0.1",
           tritonserver: str | Path | None = None, models: list[str] | None = None) -> None:
     """`chmc serve`: a Triton repository, or an artifact / export folder turned into a temporary
     one, served until Ctrl-C."""
-    from chmc.runtime.serve import find_tritonserver
-    from chmc.runtime.serve import serve as serve_repository
-
     source = Path(source)
     if not source.exists():
         raise ChmcError(f"{source}: no such file or directory")

@@ -148,9 +148,9 @@ class _GramHooks:
         width = flat.shape[1]
         if name not in self.sums:
             self.sums[name] = torch.zeros(width, width, dtype=torch.float64)
-        total = self.sums[name]  # upper block triangle only (_save mirrors it): at width 2816
-        for a in range(0, width, GRAM_BLOCK):  # 0.15 s per 2048 tokens instead of 0.26 s
-            b = min(a + GRAM_BLOCK, width)  # fp32 within a batch (2x faster), fp64 across
+        total = self.sums[name]  # the upper block triangle only: the Gram is symmetric
+        for a in range(0, width, GRAM_BLOCK):  # (_save mirrors it)
+            b = min(a + GRAM_BLOCK, width)  # fp32 products within a batch, fp64 sums across
             total[a:b, a:] += flat[:, a:b].T @ flat[:, a:]
 
     def __enter__(self) -> Self:

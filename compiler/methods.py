@@ -166,10 +166,10 @@ def _nonzero(x: torch.Tensor) -> torch.Tensor:
 def weighted_sum(deltas: torch.Tensor, labels: torch.Tensor, k: int, p: Resolved,
                  normalize: bool) -> torch.Tensor:
     """sum_g(w_n d_n) per group, optionally / sum_g(w_n), times lambda: [N, R, in] -> [K, R, in]."""
-    groups = GroupSums(labels, k, p.weights())
-    merged = groups(deltas)
+    sums = GroupSums(labels, k, p.weights())
+    merged = sums(deltas)
     if normalize:
-        merged = merged / _nonzero(groups.total_w.clone())
+        merged = merged / _nonzero(sums.total_w.clone())
     return _scale(merged, p.values.get("lambda", 1.0))
 
 
@@ -181,14 +181,14 @@ def sign_consensus(deltas: torch.Tensor, labels: torch.Tensor, k: int, p: Resolv
     members' sum is (S(d) + e S(|d|)) / 2 and their weight (S(|sign d|) + e S(sign d)) / 2, so no
     per-expert gather of the elected sign and no masks are needed.
     """
-    groups = GroupSums(labels, k, p.weights())
-    total = groups(deltas)  # [K, R, in]
+    sums = GroupSums(labels, k, p.weights())
+    total = sums(deltas)  # [K, R, in]
     sign = deltas.sign()  # [N, R, in]
     elected = torch.copysign(torch.tensor(1.0), total)  # -1 only for -0.0: then every term is 0
-    merged = torch.addcmul(total, groups(deltas.abs()), elected)  # 2 x the agreeing sum
+    merged = torch.addcmul(total, sums(deltas.abs()), elected)  # 2 x the agreeing sum
     if not p.values.get("normalize", True):
         return merged * (0.5 * p.values.get("lambda", 1.0))
-    weight = torch.addcmul(groups(sign.abs()), groups(sign), elected)  # 2 x the agreeing weight
+    weight = torch.addcmul(sums(sign.abs()), sums(sign), elected)  # 2 x the agreeing weight
     return _scale(merged.div_(_nonzero(weight)), p.values.get("lambda", 1.0))
 
 

@@ -110,9 +110,9 @@ class GraphBuilder:
 class OnnxOps:
     """chmc.models.decoder.Ops emitting ONNX nodes: values are the names of graph values."""
 
-    def __init__(self, b: GraphBuilder, w: ModelWeights, cfg: DecoderConfig, dtype: str,
+    def __init__(self, graph: GraphBuilder, w: ModelWeights, cfg: DecoderConfig, dtype: str,
                  linear: str, expert_id: str):
-        self.b, self.w, self.cfg, self.dtype = b, w, cfg, dtype
+        self.graph, self.w, self.cfg, self.dtype = graph, w, cfg, dtype
         self.linear = linear if w.merged else "dense"
         self.expert_id = expert_id  # the resolved id [B] every gather reads (merged only)
         self._vectors: dict[tuple[str, int], str] = {}  # (name, rank); 0: stack, 1: dense
@@ -131,22 +131,23 @@ class OnnxOps:
         """[D] dense, or this row's expert copy [B, 1.., D] (`rank` dims in all)."""
         if (name, rank) not in self._vectors:
             if self.w.kind(name) == "dense":
-                stored = self._vectors.get((name, 1)) or self.b.weight(
+                stored = self._vectors.get((name, 1)) or self.graph.weight(
                     name, self._cast(self.w.dense(name)))
                 self._vectors[(name, 1)] = stored
                 out = stored  # [D] broadcasts against any rank
             else:
-                stack = self._vectors.get((name, 0)) or self.b.weight(
+                stack = self._vectors.get((name, 0)) or self.graph.weight(
                     f"{name}.experts", self._cast(self.w.stacked(name)))  # [N, D]
                 self._vectors[(name, 0)] = stack
-                out = self.b.op("Unsqueeze", self.b.op("Gather", stack, self.expert_id, axis=0),
-                                self.b.const(list(range(1, rank - 1))))
+                g = self.graph
+                out = g.op("Unsqueeze", g.op("Gather", stack, self.expert_id, axis=0),
+                           g.const(list(range(1, rank - 1))))
             self._vectors[(name, rank)] = out
         return self._vectors[(name, rank)]
 
     def _rows(self, name: str, index: torch.Tensor, out: int) -> str:
         rows = index.long() * out + torch.arange(out)  # [N, out] rows of the flattened bank
-        return self.b.weight(f"{name}.rows", rows)
+        return self.graph.weight(f"{name}.rows", rows)
 
     def _matrix_rows(self, name: str, transposed: bool = False) -> tuple[str, str]:
         """(bank, row table [N, out] int64) initializers, once. The bank is flat [K*out, in], or
@@ -156,8 +157,8 @@ class OnnxOps:
             k, out, inp = bank.shape
             flat = self._cast(bank).reshape(k * out, inp)
             del bank
-            stored = (self.b.weight(f"{name}.bankT", flat.t()) if transposed
-                      else self.b.weight(f"{name}.bank", flat))
+            stored = (self.graph.weight(f"{name}.bankT", flat.t()) if transposed
+                      else self.graph.weight(f"{name}.bank", flat))
             self._stored[name] = (stored, self._rows(name, index, out))
             self._transposed[name] = transposed
         return self._stored[name]
@@ -166,80 +167,80 @@ class OnnxOps:
         """Plugin form: (bank [K, out, in], index [N, out] int32) initializers, once."""
         if name not in self._stored:
             bank, index = self.w.bank(name)
-            bank_name = self.b.weight(f"{name}.bank", self._cast(bank))
+            bank_name = self.graph.weight(f"{name}.bank", self._cast(bank))
             del bank
-            idx = self.b.weight(f"{name}.index", index.to(torch.int32).contiguous())
+            idx = self.graph.weight(f"{name}.index", index.to(torch.int32).contiguous())
             self._stored[name] = (bank_name, idx)
         return self._stored[name]
 
     def project(self, x: str, name: str) -> str:
         """x [B, S, in] @ W^T -> [B, S, out] for the 2-D tensor `name` in this export's form."""
-        b = self.b
+        g = self.graph
         if self.w.kind(name) == "dense":
             if name in self._dense:  # stored as it is (tied embedding): reuse it transposed
-                return b.op("MatMul", x, b.op("Transpose", self._dense[name], perm=[1, 0]))
+                return g.op("MatMul", x, g.op("Transpose", self._dense[name], perm=[1, 0]))
             if name not in self._stored:
-                self._stored[name] = (b.weight(f"{name}.T", self._cast(self.w.dense(name)).t()), "")
-            return b.op("MatMul", x, self._stored[name][0])  # [in, out] initializer
+                self._stored[name] = (g.weight(f"{name}.T", self._cast(self.w.dense(name)).t()), "")
+            return g.op("MatMul", x, self._stored[name][0])  # [in, out] initializer
         if self.linear == "plugin":
             bank, idx = self._plugin_bank(name)
-            return b.op(schema.NAME, x, bank, idx, self.expert_id, domain=schema.DOMAIN,
+            return g.op(schema.NAME, x, bank, idx, self.expert_id, domain=schema.DOMAIN,
                         plugin_namespace=schema.DOMAIN)  # TensorRT's parser finds chmc::<op>
         flat, rows = self._matrix_rows(name, transposed=self.linear == "select")
-        r = b.op("Gather", rows, self.expert_id, axis=0)  # [B, out]
+        r = g.op("Gather", rows, self.expert_id, axis=0)  # [B, out]
         if self.linear == "select":  # every bank's outputs, then each row's channel from its group
-            y_all = (b.op("MatMul", x, flat) if self._transposed[name]  # [B, S, K*out]
-                     else b.op("FusedMatMul", x, flat, domain="com.microsoft", transB=1))
-            out = b.op("Concat", b.op("Slice", b.op("Shape", x), b.const([0]), b.const([2])),
-                       b.const([self.w.shape(name)[0]]), axis=0)
-            r = b.op("Expand", b.op("Unsqueeze", r, b.const([1])), out)  # [B, S, out]
-            return b.op("GatherElements", y_all, r, axis=2)
-        wb = b.op("Gather", flat, r, axis=0)  # [B, out, in]
-        return b.op("MatMul", x, b.op("Transpose", wb, perm=[0, 2, 1]))  # [B, S, out]
+            y_all = (g.op("MatMul", x, flat) if self._transposed[name]  # [B, S, K*out]
+                     else g.op("FusedMatMul", x, flat, domain="com.microsoft", transB=1))
+            out = g.op("Concat", g.op("Slice", g.op("Shape", x), g.const([0]), g.const([2])),
+                       g.const([self.w.shape(name)[0]]), axis=0)
+            r = g.op("Expand", g.op("Unsqueeze", r, g.const([1])), out)  # [B, S, out]
+            return g.op("GatherElements", y_all, r, axis=2)
+        wb = g.op("Gather", flat, r, axis=0)  # [B, out, in]
+        return g.op("MatMul", x, g.op("Transpose", wb, perm=[0, 2, 1]))  # [B, S, out]
 
     def embed(self, ids: str, name: str) -> str:
         """Token embeddings [B, S, D]: the expert's row of the embedding bank for each token."""
-        b = self.b
+        g = self.graph
         if self.w.kind(name) == "dense":
-            self._dense[name] = b.weight(name, self._cast(self.w.dense(name)))
-            return b.op("Gather", self._dense[name], ids, axis=0)
+            self._dense[name] = g.weight(name, self._cast(self.w.dense(name)))
+            return g.op("Gather", self._dense[name], ids, axis=0)
         if self.linear == "plugin":  # bank [K, V, D]: GatherND on (group, token) pairs
             bank, idx = self._plugin_bank(name)
-            group = b.op("GatherElements", b.op("Gather", idx, self.expert_id, axis=0), ids, axis=1)
-            pairs = b.op("Concat", b.op("Unsqueeze", b.op("Cast", group, to=ONNX_DTYPES["int64"]),
-                                        b.const([-1])),
-                         b.op("Unsqueeze", ids, b.const([-1])), axis=-1)  # [B, S, 2]
-            return b.op("GatherND", bank, pairs)
+            group = g.op("GatherElements", g.op("Gather", idx, self.expert_id, axis=0), ids, axis=1)
+            pairs = g.op("Concat", g.op("Unsqueeze", g.op("Cast", group, to=ONNX_DTYPES["int64"]),
+                                        g.const([-1])),
+                         g.op("Unsqueeze", ids, g.const([-1])), axis=-1)  # [B, S, 2]
+            return g.op("GatherND", bank, pairs)
         flat, rows = self._matrix_rows(name)
-        r = b.op("GatherElements", b.op("Gather", rows, self.expert_id, axis=0), ids, axis=1)
-        return b.op("Gather", flat, r, axis=0)  # [B, S, D]
+        r = g.op("GatherElements", g.op("Gather", rows, self.expert_id, axis=0), ids, axis=1)
+        return g.op("Gather", flat, r, axis=0)  # [B, S, D]
 
     # -- the cache layout: past_key_values inputs concatenated with the new keys and values ------
     def masks(self, windows: set[int | None]) -> dict[int | None, str]:
         """allowed[b, 1, 1, q, k] (bool) per window size: causal, padding, sliding window."""
-        b = self.b
-        total = b.op("Gather", b.op("Shape", "attention_mask"), b.const(1), axis=0)  # T = P + S
-        seq = b.op("Gather", b.op("Shape", "input_ids"), b.const(1), axis=0)  # S
-        kv = b.op("Range", b.const(0), total, b.const(1))  # [T]
-        q = b.op("Unsqueeze", b.op("Range", b.op("Sub", total, seq), total, b.const(1)),
-                 b.const([1]))  # [S, 1] absolute positions of the queries
-        causal = b.op("LessOrEqual", kv, q)  # [S, T]
-        pad = b.op("Unsqueeze", b.op("Cast", "attention_mask", to=ONNX_DTYPES["bool"]),
-                   b.const([1, 2, 3]))  # [B, 1, 1, 1, T]
+        g = self.graph
+        total = g.op("Gather", g.op("Shape", "attention_mask"), g.const(1), axis=0)  # T = P + S
+        seq = g.op("Gather", g.op("Shape", "input_ids"), g.const(1), axis=0)  # S
+        kv = g.op("Range", g.const(0), total, g.const(1))  # [T]
+        q = g.op("Unsqueeze", g.op("Range", g.op("Sub", total, seq), total, g.const(1)),
+                 g.const([1]))  # [S, 1] absolute positions of the queries
+        causal = g.op("LessOrEqual", kv, q)  # [S, T]
+        pad = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=ONNX_DTYPES["bool"]),
+                   g.const([1, 2, 3]))  # [B, 1, 1, 1, T]
         out: dict[int | None, str] = {}
         for window in sorted(windows, key=lambda w: w or 0):
             allowed = causal
             if window is not None:
-                allowed = b.op("And", allowed, b.op("Greater", kv, b.op("Sub", q, b.const(window))))
-            out[window] = b.op("And", pad, allowed)  # [B, 1, 1, S, T]
+                allowed = g.op("And", allowed, g.op("Greater", kv, g.op("Sub", q, g.const(window))))
+            out[window] = g.op("And", pad, allowed)  # [B, 1, 1, S, T]
         return out
 
     def cache(self, layer: int, k: str, v: str) -> tuple[str, str]:
-        b = self.b
-        present = [b.op("Concat", f"past_key_values.{layer}.{part}", new, axis=2)
+        g = self.graph
+        present = [g.op("Concat", f"past_key_values.{layer}.{part}", new, axis=2)
                    for part, new in (("key", k), ("value", v))]
         for part, value in zip(("key", "value"), present):
-            b.op("Identity", value, out=f"present.{layer}.{part}")
+            g.op("Identity", value, out=f"present.{layer}.{part}")
         return present[0], present[1]
 
     def logit_positions(self, h: str) -> str:
@@ -247,70 +248,72 @@ class OnnxOps:
 
     # -- arithmetic and layout -----------------------------------------------------------------
     def const(self, value: float | np.ndarray) -> str:
-        return self.b.const(value, "float32")
+        return self.graph.const(value, "float32")
 
     def add(self, a: str, b: str) -> str:
-        return self.b.op("Add", a, b)
+        return self.graph.op("Add", a, b)
 
     def sub(self, a: str, b: str) -> str:
-        return self.b.op("Sub", a, b)
+        return self.graph.op("Sub", a, b)
 
     def mul(self, a: str, b: str) -> str:
-        return self.b.op("Mul", a, b)
+        return self.graph.op("Mul", a, b)
 
     def div(self, a: str, b: str) -> str:
-        return self.b.op("Div", a, b)
+        return self.graph.op("Div", a, b)
 
     def neg(self, x: str) -> str:
-        return self.b.op("Neg", x)
+        return self.graph.op("Neg", x)
 
     def sqrt(self, x: str) -> str:
-        return self.b.op("Sqrt", x)
+        return self.graph.op("Sqrt", x)
 
     def sigmoid(self, x: str) -> str:
-        return self.b.op("Sigmoid", x)
+        return self.graph.op("Sigmoid", x)
 
     def cos(self, x: str) -> str:
-        return self.b.op("Cos", x)
+        return self.graph.op("Cos", x)
 
     def sin(self, x: str) -> str:
-        return self.b.op("Sin", x)
+        return self.graph.op("Sin", x)
 
     def where(self, cond: str, a: str, b: str) -> str:
-        return self.b.op("Where", cond, a, b)
+        return self.graph.op("Where", cond, a, b)
 
     def mean(self, x: str, axis: int) -> str:
-        return self.b.op("ReduceMean", x, axes=[axis], keepdims=1)
+        return self.graph.op("ReduceMean", x, axes=[axis], keepdims=1)
 
     def softmax(self, x: str, axis: int) -> str:
-        return self.b.op("Softmax", x, axis=axis)
+        return self.graph.op("Softmax", x, axis=axis)
 
     def matmul(self, a: str, b: str) -> str:
-        return self.b.op("MatMul", a, b)
+        return self.graph.op("MatMul", a, b)
 
     def upcast(self, x: str) -> str:
-        return x if self.dtype == "float32" else self.b.op("Cast", x, to=ONNX_DTYPES["float32"])
+        return x if self.dtype == "float32" else self.graph.op("Cast", x, to=ONNX_DTYPES["float32"])
 
     def downcast(self, x: str) -> str:
-        return x if self.dtype == "float32" else self.b.op("Cast", x, to=ONNX_DTYPES[self.dtype])
+        if self.dtype == "float32":
+            return x
+        return self.graph.op("Cast", x, to=ONNX_DTYPES[self.dtype])
 
     def int_to_float(self, x: str) -> str:
-        return self.b.op("Cast", x, to=ONNX_DTYPES["float32"])
+        return self.graph.op("Cast", x, to=ONNX_DTYPES["float32"])
 
     def reshape(self, x: str, shape: list[int]) -> str:
-        return self.b.op("Reshape", x, self.b.const(shape))
+        return self.graph.op("Reshape", x, self.graph.const(shape))
 
     def transpose(self, x: str, perm: list[int]) -> str:
-        return self.b.op("Transpose", x, perm=perm)
+        return self.graph.op("Transpose", x, perm=perm)
 
     def unsqueeze(self, x: str, axis: int) -> str:
-        return self.b.op("Unsqueeze", x, self.b.const([axis]))
+        return self.graph.op("Unsqueeze", x, self.graph.const([axis]))
 
     def concat(self, xs: list[str], axis: int) -> str:
-        return self.b.op("Concat", *xs, axis=axis)
+        return self.graph.op("Concat", *xs, axis=axis)
 
     def split(self, x: str, sizes: list[int], axis: int) -> list[str]:
-        return list(self.b.op("Split", x, self.b.const(sizes), axis=axis, n_out=len(sizes)))
+        return list(self.graph.op("Split", x, self.graph.const(sizes), axis=axis, n_out=len(sizes)))
 
 
 def io_spec(cfg: DecoderConfig, dtype: str, merged: bool) -> tuple[list[TensorIO], list[TensorIO]]:
@@ -342,14 +345,14 @@ def write_model(w: ModelWeights, spec: ArchSpec, cfg: DecoderConfig, folder: Pat
     `router` (an artifact's) resolves rows whose expert_id < 0 inside the graph."""
     data = ExternalData(folder / "model.onnx.data")
     try:
-        b = GraphBuilder(data)
+        graph = GraphBuilder(data)
         expert_id = "expert_id"
         if w.merged:  # every gather reads the resolved id, also returned to the runtime
-            expert_id = router(b, expert_id) if router is not None else expert_id
-            b.op("Identity", expert_id, out="expert_id_used")
-        ops = OnnxOps(b, w, cfg, dtype, linear, expert_id)
+            expert_id = router(graph, expert_id) if router is not None else expert_id
+            graph.op("Identity", expert_id, out="expert_id_used")
+        ops = OnnxOps(graph, w, cfg, dtype, linear, expert_id)
         logits = decoder.logits(ops, spec, cfg, "input_ids", "position_ids")
-        b.op("Identity", logits, out="logits")
+        graph.op("Identity", logits, out="logits")
     finally:
         data.close()
     inputs, outputs = io_spec(cfg, dtype, w.merged)
@@ -357,8 +360,8 @@ def write_model(w: ModelWeights, spec: ArchSpec, cfg: DecoderConfig, folder: Pat
     def info(e: TensorIO) -> onnx.ValueInfoProto:
         return onnx.helper.make_tensor_value_info(e.name, ONNX_DTYPES[e.dtype], list(e.shape))
 
-    graph = onnx.helper.make_graph(b.nodes, "chmc_decoder", [info(e) for e in inputs],
-                                   [info(e) for e in outputs], b.initializers)
+    graph = onnx.helper.make_graph(graph.nodes, "chmc_decoder", [info(e) for e in inputs],
+                                   [info(e) for e in outputs], graph.initializers)
     opsets = [onnx.helper.make_opsetid("", OPSET)]
     if ops.linear == "plugin":
         opsets.append(onnx.helper.make_opsetid(schema.DOMAIN, 1))

@@ -64,8 +64,8 @@ class GramSolver:
 
     def factor(self, mask: int) -> torch.Tensor:
         """Lower Cholesky factor of sum_{n in mask} C_n [in, in], fp32. Factorised in fp64 once
-        per subset: the damping bounds A's condition number only by ~100 x width (3e5 at 2816),
-        too much for an fp32 factorisation; the triangular solves with it run in fp32."""
+        per subset: the damping bounds A's condition number only by about 100 x its width, too
+        much for an fp32 factorisation; the triangular solves with it run in fp32."""
         if mask not in self._factors:
             assert self.c is not None
             if self.n > MAX_SUBSET_EXPERTS:  # the heuristic meets many subsets: bounded FIFO

@@ -133,8 +133,8 @@ def add_router(artifact: str | Path, data: dict[str, Path],
     return section
 
 
-def router_graph(b: Any, expert_id: str, weights: Weights, section: RouterSection) -> str:
-    """ONNX nodes (into GraphBuilder `b`) computing `route` on the graph's inputs; returns the
+def router_graph(g: Any, expert_id: str, weights: Weights, section: RouterSection) -> str:
+    """ONNX nodes (into GraphBuilder `g`) computing `route` on the graph's inputs; returns the
     resolved id [B]: the router's argmax where expert_id < 0, expert_id elsewhere.
 
     attention_mask [B, P+S] spans past and current tokens; the router reads its last S columns.
@@ -142,30 +142,30 @@ def router_graph(b: Any, expert_id: str, weights: Weights, section: RouterSectio
     """
     vocab, buckets = section.vocab, section.config.buckets
     big = np.iinfo(np.int64).max
-    seq = b.op("Slice", b.op("Shape", "input_ids"), b.const([1]), b.const([2]))  # [1] = S
-    mask = b.op("Slice", "attention_mask", b.op("Neg", seq), b.const([big]), b.const([1]))
-    first, rest = b.const([0]), b.const([1])
+    seq = g.op("Slice", g.op("Shape", "input_ids"), g.const([1]), g.const([2]))  # [1] = S
+    mask = g.op("Slice", "attention_mask", g.op("Neg", seq), g.const([big]), g.const([1]))
+    first, rest = g.const([0]), g.const([1])
 
     def pairs(x: str) -> tuple[str, str]:  # x[:, :-1], x[:, 1:]
-        return (b.op("Slice", x, first, b.const([-1]), rest),
-                b.op("Slice", x, rest, b.const([big]), rest))
+        return (g.op("Slice", x, first, g.const([-1]), rest),
+                g.op("Slice", x, rest, g.const([big]), rest))
 
     a, c = pairs("input_ids")
-    bigram = b.op("Add", b.op("Mod", b.op("Add", b.op("Mul", a, b.const(vocab)), c),
-                              b.const(buckets)), b.const(vocab))  # [B, S-1]
+    bigram = g.op("Add", g.op("Mod", g.op("Add", g.op("Mul", a, g.const(vocab)), c),
+                              g.const(buckets)), g.const(vocab))  # [B, S-1]
     ma, mc = pairs(mask)
-    feats = b.op("Concat", "input_ids", bigram, axis=1)  # [B, F]
-    w = b.op("Cast", b.op("Concat", mask, b.op("Mul", ma, mc), axis=1), to=1)  # [B, F] float
-    table = b.weight("router.embedding", torch.from_numpy(weights["router.embedding"]))
-    emb = b.op("Gather", table, feats, axis=0)  # [B, F, D]
-    total = b.op("ReduceSum", b.op("Mul", emb, b.op("Unsqueeze", w, b.const([-1]))),
-                 b.const([1]), keepdims=0)  # [B, D]
-    count = b.op("Max", b.op("ReduceSum", w, b.const([1]), keepdims=1), b.const(1.0, "float32"))
-    linear = b.weight("router.weight.T", torch.from_numpy(weights["router.weight"].T.copy()))
-    bias = b.weight("router.bias", torch.from_numpy(weights["router.bias"]))
-    logits = b.op("Add", b.op("MatMul", b.op("Div", total, count), linear), bias)  # [B, N]
-    routed = b.op("ArgMax", logits, axis=-1, keepdims=0)  # [B] int64
-    return str(b.op("Where", b.op("Less", expert_id, b.const(0)), routed, expert_id))
+    feats = g.op("Concat", "input_ids", bigram, axis=1)  # [B, F]
+    w = g.op("Cast", g.op("Concat", mask, g.op("Mul", ma, mc), axis=1), to=1)  # [B, F] float
+    table = g.weight("router.embedding", torch.from_numpy(weights["router.embedding"]))
+    emb = g.op("Gather", table, feats, axis=0)  # [B, F, D]
+    total = g.op("ReduceSum", g.op("Mul", emb, g.op("Unsqueeze", w, g.const([-1]))),
+                 g.const([1]), keepdims=0)  # [B, D]
+    count = g.op("Max", g.op("ReduceSum", w, g.const([1]), keepdims=1), g.const(1.0, "float32"))
+    linear = g.weight("router.weight.T", torch.from_numpy(weights["router.weight"].T.copy()))
+    bias = g.weight("router.bias", torch.from_numpy(weights["router.bias"]))
+    logits = g.op("Add", g.op("MatMul", g.op("Div", total, count), linear), bias)  # [B, N]
+    routed = g.op("ArgMax", logits, axis=-1, keepdims=0)  # [B] int64
+    return str(g.op("Where", g.op("Less", expert_id, g.const(0)), routed, expert_id))
 
 
 def print_router_report(section: RouterSection) -> None:

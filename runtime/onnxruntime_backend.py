@@ -5,6 +5,7 @@ Imports neither torch nor transformers (a serving image needs onnxruntime, numpy
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +20,23 @@ from chmc.runtime.graph_state import NUMPY_DTYPES, GraphState
 @dataclass(frozen=True)
 class OnnxRuntimeOptions:
     """`providers`: ONNX Runtime's, in order (default: CUDA where available, then CPU);
-    `threads`: intra-op threads (default ORT's); `spinning=False` stops idle pool threads from
-    busy-waiting, so sessions timed in turn on a few shared cores do not slow each other down."""
+    `threads`: intra-op threads (default $CHMC_ORT_THREADS, else ORT's: every core);
+    `spinning=False` stops idle pool threads from busy-waiting, so sessions timed in turn on a
+    few shared cores do not slow each other down."""
 
     providers: tuple[str, ...] | None = None
     threads: int | None = None
     spinning: bool = True
+
+
+def env_threads(var: str) -> int | None:
+    """A thread count from the environment (None when unset); anything else is a one-line error."""
+    value = os.environ.get(var, "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ChmcError(f"{var}={value!r}: expected a positive integer")
+    return int(value)
 
 
 def _ort() -> Any:
@@ -54,8 +66,9 @@ def session_for(folder: ExportFolder, options: OnnxRuntimeOptions | None = None)
     options = options or OnnxRuntimeOptions()
     ort = _ort()
     opts = ort.SessionOptions()
-    if options.threads:
-        opts.intra_op_num_threads = options.threads
+    threads = options.threads or env_threads("CHMC_ORT_THREADS")
+    if threads:
+        opts.intra_op_num_threads = threads
     if not options.spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     available = ort.get_available_providers()

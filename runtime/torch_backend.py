@@ -110,30 +110,30 @@ class TorchState:
     """Rows grouped by expert; each group keeps its own transformers cache."""
 
     def __init__(self, backend: TorchBackend, expert_ids: np.ndarray):
-        self.b = backend
+        self.backend = backend
         self.expert_ids = np.asarray(expert_ids, dtype=np.int64)  # [B]; -1: routed at step 1
-        self.groups: dict[Any, list[int]] = {}
+        self.rows_of: dict[Any, list[int]] = {}  # expert (None: a checkpoint) -> its rows
 
     def _group(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
         """Route the ROUTED rows on their prompts, then group rows by expert."""
-        ids = self.expert_ids = self.b.route(self.expert_ids, input_ids, attention_mask)
-        keys = ids.tolist() if self.b.is_artifact else [None] * len(ids)
+        ids = self.expert_ids = self.backend.route(self.expert_ids, input_ids, attention_mask)
+        keys = ids.tolist() if self.backend.is_artifact else [None] * len(ids)
         for row, e in enumerate(keys):
-            self.groups.setdefault(e, []).append(row)
-        self.caches: dict[Any, Any] = dict.fromkeys(self.groups)
-        model = self.b.model(next(iter(self.groups)))
+            self.rows_of.setdefault(e, []).append(row)
+        self.caches: dict[Any, Any] = dict.fromkeys(self.rows_of)
+        model = self.backend.model(next(iter(self.rows_of)))
         params = inspect.signature(model.forward).parameters  # transformers >= 5.x: `cache`
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              position_ids: np.ndarray) -> np.ndarray:
-        if not self.groups:
+        if not self.rows_of:
             self._group(input_ids, attention_mask)
         out: np.ndarray | None = None
-        dev = self.b.options.device
-        for e, rows in self.groups.items():
+        dev = self.backend.options.device
+        for e, rows in self.rows_of.items():
             with torch.no_grad():
-                res = self.b.model(e)(
+                res = self.backend.model(e)(
                     input_ids=torch.from_numpy(input_ids[rows]).to(dev),
                     attention_mask=torch.from_numpy(attention_mask[rows]).to(dev),
                     position_ids=torch.from_numpy(position_ids[rows]).to(dev),

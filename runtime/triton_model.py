@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from chmc.runtime import load
+
 
 class RequestError(ValueError):
     """A request the model cannot serve; becomes that request's error response."""
@@ -37,9 +39,7 @@ class TritonPythonModel:
     """Loads the graph from the engine model's folder once; serves every expert from it."""
 
     def initialize(self, args: dict[str, Any]) -> None:
-        import triton_python_backend_utils as pb
-
-        from chmc.runtime import load
+        import triton_python_backend_utils as pb  # exists only inside Triton's Python stub
 
         self.pb = pb
         config = json.loads(args["model_config"])

@@ -3,9 +3,33 @@ session."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+# The tests run on shared machines: one thread per library (torch's OpenMP, ONNX Runtime's pool,
+# the build's workers, family training), set before torch is imported and inherited by the CLI
+# subprocesses, so no thread spins or waits at a barrier for a core another job holds. Values
+# already in the environment win.
+for _var in ("OMP_NUM_THREADS", "CHMC_ORT_THREADS", "CHMC_THREADS", "CHMC_TRAIN_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+
+@pytest.fixture(scope="session")
+def ort_session():
+    """ort_session(model, options=None) -> an onnxruntime.InferenceSession on the CPU with the
+    tests' thread count (CHMC_ORT_THREADS) instead of one spinning thread per core."""
+    import onnxruntime as ort
+
+    def make(model: Any, options: Any = None) -> Any:
+        options = options or ort.SessionOptions()
+        options.intra_op_num_threads = int(os.environ["CHMC_ORT_THREADS"])
+        return ort.InferenceSession(str(model) if isinstance(model, Path) else model, options,
+                                    providers=["CPUExecutionProvider"])
+
+    return make
 
 
 @pytest.fixture(scope="session")

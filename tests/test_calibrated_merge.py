@@ -262,14 +262,14 @@ def test_budget_gives_each_tensor_its_own_k_within_the_budget(budget_artifact):
 
 @pytest.mark.parametrize("linear", ["gather", "select"])
 def test_budget_artifact_exports_to_onnx_matching_reconstructed_experts(budget_artifact, tmp_path,
-                                                                        linear):
+                                                                        linear, ort_session):
     """Per-tensor K flows through the export: ORT logits == transformers rebuilt expert, fp32."""
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     from chmc.compiler.export import export
     from chmc.runtime.torch_backend import reconstruct
 
     folder = export(budget_artifact, tmp_path / "onnx", linear=linear)
-    session = ort.InferenceSession(str(folder / "model.onnx"))
+    session = ort_session(folder / "model.onnx")
     ids = np.random.default_rng(3).integers(0, VOCAB, (1, 7))
     for n in range(4):
         with torch.no_grad():

@@ -169,10 +169,10 @@ def _gpu_tensorrt() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not tensorrt_available(),
                     reason="TensorRT is not installed (pip install tensorrt on a CUDA machine)")
-def test_engine_matches_onnxruntime(onnx_family: dict[str, Any], tmp_path: Path) -> None:
+def test_engine_matches_onnxruntime(onnx_family: dict[str, Any], tmp_path: Path,
+                                    ort_session: Any) -> None:
     """Plugin-form export -> engine: prefill logits equal ONNX Runtime's gather form per expert."""
     _gpu_tensorrt()
-    import onnxruntime as ort
     import torch
 
     from chmc.compiler.export import export
@@ -186,7 +186,7 @@ def test_engine_matches_onnxruntime(onnx_family: dict[str, Any], tmp_path: Path)
     assert [p["name"] for p in meta["profiles"]] == ["prefill", "decode"]
     assert {b["name"] for b in meta["bindings"]} >= {"input_ids", "expert_id", "logits"}
     runner = TensorRTRunner(EngineFolder(engine_dir))
-    session = ort.InferenceSession(str(Path(onnx_family["k2_onnx"]) / "model.onnx"))
+    session = ort_session(Path(onnx_family["k2_onnx"]) / "model.onnx")
     ids = np.random.default_rng(0).integers(0, 64, (3, 8))
     feeds: dict[str, np.ndarray] = {
         "input_ids": ids, "attention_mask": np.ones((3, 8), np.int64),

@@ -52,9 +52,9 @@ def hf_logits(model: Any, ids: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(ids)).logits.numpy()
 
 
-def test_kn_export_matches_each_original_expert_prefill_and_decode(onnx_family):
+def test_kn_export_matches_each_original_expert_prefill_and_decode(onnx_family, ort_session):
     """K = N: the graph is exact, so each expert's logits equal its original checkpoint's."""
-    session = ort.InferenceSession(str(onnx_family["kn_onnx"] / "model.onnx"))
+    session = ort_session(onnx_family["kn_onnx"] / "model.onnx")
     ids = np.random.default_rng(0).integers(0, 64, (2, 9))
     for n, path in enumerate(onnx_family["experts"].values()):
         ref = hf_logits(transformers.AutoModelForCausalLM.from_pretrained(path).eval(), ids)
@@ -62,11 +62,11 @@ def test_kn_export_matches_each_original_expert_prefill_and_decode(onnx_family):
         np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
 
 
-def test_k2_export_matches_reconstructed_experts(onnx_family):
+def test_k2_export_matches_reconstructed_experts(onnx_family, ort_session):
     """K < N: each expert's graph output equals the transformers model rebuilt from the artifact."""
     from chmc.runtime.torch_backend import reconstruct
 
-    session = ort.InferenceSession(str(onnx_family["k2_onnx"] / "model.onnx"))
+    session = ort_session(onnx_family["k2_onnx"] / "model.onnx")
     ids = np.random.default_rng(1).integers(0, 64, (1, 7))
     outs = []
     for n in range(3):
@@ -101,7 +101,7 @@ def test_export_folder_layout_and_named_external_initializers(onnx_family):
                                          ("qwen2", {"tie_word_embeddings": True}),
                                          ("llama", {"tie_word_embeddings": True,
                                                     "attention_bias": True})])
-def test_families_and_tied_embeddings(tmp_path, arch, kwargs):
+def test_families_and_tied_embeddings(tmp_path, arch, kwargs, ort_session):
     """Mistral, Qwen2 (q/k/v biases), tied embeddings: merged and dense exports match
     transformers."""
     from chmc import build
@@ -110,8 +110,8 @@ def test_families_and_tied_embeddings(tmp_path, arch, kwargs):
 
     base, experts = make_random_family(tmp_path / "fam", n_experts=2, arch=arch, **kwargs)
     artifact = build(base, experts, tmp_path / "art", groups=2, progress=False)
-    merged = ort.InferenceSession(str(export(artifact, tmp_path / "onnx") / "model.onnx"))
-    dense = ort.InferenceSession(str(export(base, tmp_path / "dense") / "model.onnx"))
+    merged = ort_session(export(artifact, tmp_path / "onnx") / "model.onnx")
+    dense = ort_session(export(base, tmp_path / "dense") / "model.onnx")
     assert "expert_id" not in {i.name for i in dense.get_inputs()}
     ids = np.random.default_rng(2).integers(0, 64, (1, 6))
     for n, path in enumerate(experts.values()):
@@ -121,15 +121,15 @@ def test_families_and_tied_embeddings(tmp_path, arch, kwargs):
     np.testing.assert_allclose(run_with_cache(dense, ids, None, 4), ref, atol=ATOL, rtol=0)
 
 
-def test_float16_export_checks_and_tracks_float32(onnx_family, tmp_path):
+def test_float16_export_checks_and_tracks_float32(onnx_family, tmp_path, ort_session):
     from chmc.compiler.export import export
 
     folder = export(onnx_family["k2"], tmp_path / "fp16", dtype="float16")
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     ids = np.random.default_rng(3).integers(0, 64, (1, 5))
-    s16 = ort.InferenceSession(str(folder / "model.onnx"))
-    s32 = ort.InferenceSession(str(onnx_family["k2_onnx"] / "model.onnx"))
+    s16 = ort_session(folder / "model.onnx")
+    s32 = ort_session(onnx_family["k2_onnx"] / "model.onnx")
     f = feeds(s32, ids, None, [1], 5)
     f16 = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in f.items()}
     got, ref = s16.run(["logits"], f16)[0], s32.run(["logits"], f)[0]
@@ -179,13 +179,13 @@ def test_unsupported_rope_scaling_is_named(onnx_family, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_select_form_equals_gather_form(onnx_family, tmp_path):
+def test_select_form_equals_gather_form(onnx_family, tmp_path, ort_session):
     """`--linear select` (all K banks, then each row's channel) == the gather form, mixed batch."""
     from chmc.compiler.export import export
 
-    select = ort.InferenceSession(str(export(onnx_family["k2"], tmp_path / "sel",
-                                             linear="select") / "model.onnx"))
-    gather = ort.InferenceSession(str(onnx_family["k2_onnx"] / "model.onnx"))
+    select = ort_session(export(onnx_family["k2"], tmp_path / "sel", linear="select")
+                         / "model.onnx")
+    gather = ort_session(onnx_family["k2_onnx"] / "model.onnx")
     ids = np.random.default_rng(4).integers(0, 64, (3, 7))
     np.testing.assert_allclose(run_with_cache(select, ids, [2, 0, 1], 4),
                                run_with_cache(gather, ids, [2, 0, 1], 4), atol=1e-5, rtol=0)

@@ -80,13 +80,11 @@ def gather_form_onnx(groups: int, experts: int, n_out: int, n_in: int) -> bytes:
 
 @pytest.mark.parametrize("shape", [(1, 1, 2, 4, 37, 50), (3, 5, 1, 4, 16, 9), (2, 3, 4, 4, 33, 20),
                                    (4, 2, 3, 8, 21, 64)])
-def test_reference_equals_onnx_gather_form(shape: tuple[int, ...]) -> None:
-    ort = pytest.importorskip("onnxruntime")
+def test_reference_equals_onnx_gather_form(shape: tuple[int, ...], ort_session: Any) -> None:
     batch, _, groups, experts, n_out, n_in = shape
     x, bank, index, expert_id = random_op(*shape)
     rowtable = index.long() * n_out + torch.arange(n_out)  # [N, out] rows of bank_flat
-    session = ort.InferenceSession(gather_form_onnx(groups, experts, n_out, n_in),
-                                   providers=["CPUExecutionProvider"])
+    session = ort_session(gather_form_onnx(groups, experts, n_out, n_in))
     (y,) = session.run(None, {"x": x.numpy(), "bank_flat": bank.reshape(-1, n_in).numpy(),
                               "rowtable": rowtable.numpy(), "expert_id": expert_id.numpy()})
     expected = reference(x, bank, index, expert_id).numpy()

@@ -64,10 +64,8 @@ def _feed(export_dir: Path, ids: np.ndarray, mask: np.ndarray, expert_id: np.nda
     return feed
 
 
-def test_graph_routes_like_the_numpy_reference(routed: dict[str, Path]) -> None:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(routed["onnx"] / "model.onnx"))
+def test_graph_routes_like_the_numpy_reference(routed: dict[str, Path], ort_session) -> None:
+    session = ort_session(routed["onnx"] / "model.onnx")
     prompts, labels = _prompts(8)
     ids, mask = _left_padded(prompts)  # rows of different lengths: left padding
     assert (mask == 0).any()

@@ -147,8 +147,7 @@ def write_tasks(recipe: Recipe, folder: Path) -> dict[str, dict[str, list[dict[s
 
 def build(recipe: Recipe, folder: Path, progress: bool = True) -> dict[str, Any]:
     """Pretrain the base, fine-tune one expert per task, save everything into `folder`."""
-    # 2 threads on an idle 2-core machine; on a busy one OpenMP's spinning makes 1 several times
-    # faster
+    # two threads suit an idle 2-core machine; on a shared one, set CHMC_TRAIN_THREADS=1
     torch.set_num_threads(int(os.environ.get("CHMC_TRAIN_THREADS", "2")))
     start = time.time()
     data = write_tasks(recipe, folder)

@@ -51,6 +51,6 @@ def channel_gather_matmul_torch(x: torch.Tensor, bank: torch.Tensor, index: torc
     import torch
 
     check_shapes(x, bank, index, expert_id)
-    groups = index[expert_id].long()  # [B, out]
-    w = bank[groups, torch.arange(bank.shape[1], device=bank.device)]  # [B, out, in]
+    bank_of = index[expert_id].long()  # [B, out]: each channel's bank per row
+    w = bank[bank_of, torch.arange(bank.shape[1], device=bank.device)]  # [B, out, in]
     return torch.matmul(x, w.transpose(1, 2))  # [B, S, out]
