@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from pydantic import Field
 
 from chmc.errors import ChmcError
-from chmc.formats.manifest import Manifest, check_format, parse, read_json, write_json
+from chmc.formats.manifest import Manifest, read_manifest_file, write_json
 from chmc.formats.safetensors import TensorInfo, read_header, read_tensor
 
 if TYPE_CHECKING:
@@ -144,9 +144,7 @@ class ArtifactManifest(Manifest):
 def read_manifest(path: str | Path) -> ArtifactManifest:
     """An artifact's manifest, checked (torch-free)."""
     file = Path(path) / MANIFEST
-    raw = read_json(file, "chmc artifact")
-    check_format(raw, file, FORMAT, FORMAT_VERSION)
-    return parse(ArtifactManifest, raw, file)
+    return read_manifest_file(ArtifactManifest, file, "chmc artifact")
 
 
 def write_manifest(folder: Path, manifest: ArtifactManifest) -> None:

@@ -12,7 +12,7 @@ from typing import Final, Literal
 
 from chmc.errors import ChmcError
 from chmc.formats.export import ExportManifest, read_export_manifest
-from chmc.formats.manifest import Manifest, check_format, parse, read_json, write_json
+from chmc.formats.manifest import Manifest, read_manifest_file, write_json
 
 FORMAT: Final = "chmc-trt-engine"
 FORMAT_VERSION: Final = 1
@@ -51,9 +51,7 @@ class EngineManifest(Manifest):
 
 def read_engine_manifest(folder: Path) -> EngineManifest:
     file = folder / ENGINE_JSON
-    raw = read_json(file, "chmc TensorRT engine folder")
-    check_format(raw, file, FORMAT, FORMAT_VERSION)
-    return parse(EngineManifest, raw, file)
+    return read_manifest_file(EngineManifest, file, "chmc TensorRT engine folder")
 
 
 def write_engine_manifest(folder: Path, manifest: EngineManifest) -> None:

@@ -15,7 +15,7 @@ from typing import Final, Literal
 
 from chmc.errors import ChmcError
 from chmc.formats.artifact import MANIFEST, RouterSection, resolve_expert
-from chmc.formats.manifest import Manifest, check_format, parse, read_json, write_json
+from chmc.formats.manifest import Manifest, read_manifest_file, write_json
 
 FORMAT: Final = "chmc-export"
 FORMAT_VERSION: Final = 1
@@ -71,9 +71,7 @@ class ExportManifest(Manifest):
 
 def read_export_manifest(folder: Path) -> ExportManifest:
     file = folder / MANIFEST
-    raw = read_json(file, "chmc export folder")
-    check_format(raw, file, FORMAT, FORMAT_VERSION)
-    return parse(ExportManifest, raw, file)
+    return read_manifest_file(ExportManifest, file, "chmc export folder")
 
 
 def write_export_manifest(folder: Path, manifest: ExportManifest) -> None:

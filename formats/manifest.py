@@ -56,6 +56,15 @@ def parse(cls: type[M], raw: Any, file: Path) -> M:
         raise ChmcError(f"{file}: {first_error(e)}") from None
 
 
+def read_manifest_file(cls: type[M], file: Path, what: str) -> M:
+    """A manifest of `cls` from `file`: its format tag and version checked first (the model's
+    own defaults), then every field; `what` names the folder kind in errors."""
+    raw = read_json(file, what)
+    fields = cls.model_fields
+    check_format(raw, file, fields["format"].default, fields["format_version"].default)
+    return parse(cls, raw, file)
+
+
 def validated(cls: type[M], where: str, **values: Any) -> M:
     """A model from keyword values; a bad one is a ChmcError naming `where` and the field."""
     try:

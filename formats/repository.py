@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from chmc.errors import ChmcError
-from chmc.formats.manifest import Manifest, check_format, parse, read_json, write_json
+from chmc.formats.manifest import Manifest, read_manifest_file, write_json
 
 FORMAT: Final = "chmc-triton-repository"
 FORMAT_VERSION: Final = 1
@@ -52,9 +52,7 @@ class TritonRepository:
         file = self.path / REPOSITORY_JSON
         self.manifest: RepositoryManifest | None = None
         if file.is_file():
-            raw = read_json(file, "chmc Triton repository")
-            check_format(raw, file, FORMAT, FORMAT_VERSION)
-            self.manifest = parse(RepositoryManifest, raw, file)
+            self.manifest = read_manifest_file(RepositoryManifest, file, "chmc Triton repository")
 
     @property
     def models(self) -> list[str]:

@@ -32,7 +32,7 @@ from chmc.formats.folders import open_folder
 from chmc.jsonl import read_jsonl
 from chmc.models.inputs import left_pad
 from chmc.models.reference import answer_nll, greedy
-from chmc.models.router import AUTO, Router, no_router
+from chmc.models.router import AUTO, Router
 from chmc.progress import Stages
 
 BATCH = 256
@@ -172,12 +172,11 @@ def load_model(folder: Artifact | Checkpoint, expert: str | None = None) -> tupl
     return model.eval(), Encoder(path)
 
 
-def score_routed(art: Artifact, data: dict[str, list[dict[str, str]]],
+def score_routed(art: Artifact, router: Router, data: dict[str, list[dict[str, str]]],
                  advance: Any = None) -> list[dict[str, Any]]:
     """expert 'auto': route every prompt with the artifact's router (`models.router.route` on
     its token ids), then score it with the routed expert; one expert's model loaded at a time."""
     names = art.experts
-    router = Router(art.path, art.manifest.router)
     enc = Encoder(art.path)
     routes = {}
     for task, rows in data.items():
@@ -212,12 +211,12 @@ def evaluate(path: str | Path, tasks: dict[str, Path], *, experts: list[str] | N
     data = {name: read_examples(file) for name, file in tasks.items()}
     folder = open_folder(path, expect=("artifact", "checkpoint"))
     assert isinstance(folder, (Artifact, Checkpoint))
-    if isinstance(folder, Artifact):
+    router = None
+    if isinstance(folder, Artifact):  # unknown experts and a missing router fail before any work
+        router = Router(path, folder.manifest.router) if AUTO in (experts or []) else None
         for e in experts or []:
-            if e == AUTO and folder.manifest.router is None:
-                raise no_router(path)
             if e != AUTO:
-                folder.manifest.expert_index(e)  # unknown names fail before any work
+                folder.manifest.expert_index(e)
         runs: list[str | None] = list(experts or folder.experts)
     elif experts:
         raise ChmcError(f"{path}: --expert needs a chmc artifact (no chmc.json here)")
@@ -235,9 +234,9 @@ def evaluate(path: str | Path, tasks: dict[str, Path], *, experts: list[str] | N
                 advance(label, n)
 
             if expert == AUTO:  # every task's prompts routed, each scored by its routed expert
-                assert isinstance(folder, Artifact)
+                assert isinstance(folder, Artifact) and router is not None
                 results += [{**r, "file": str(tasks[r["task"]])}
-                            for r in score_routed(folder, data, examples)]
+                            for r in score_routed(folder, router, data, examples)]
                 continue
             model, enc = load_model(folder, expert)
             for name, rows in data.items():
