@@ -66,13 +66,21 @@ def load(path: str | Path, backend: str = "onnxruntime", **options: Any) -> Any:
     return load_folder(path, backend, **options)
 
 
-def check(source: str | Path, *, atol: float = 1e-4, rtol: float = 1e-4,
-          seq: int = 8) -> tuple[Table, bool]:
-    """`chmc check`: an export folder (or an artifact, exported first) against transformers."""
-    from chmc.runtime.check import check_export  # polygraphy, an optional dependency
+def check(source: str | Path, *, atol: float | None = None, rtol: float | None = None,
+          seq: int = 8) -> tuple[str, Table, bool]:
+    """`chmc check`: an export folder (or an artifact, exported first) against transformers,
+    within the tolerances of the graph's dtype (TOLERANCES) unless atol / rtol are given.
+    Returns a line saying which tolerances, the table per expert, and whether all passed."""
+    from chmc.runtime.check import TOLERANCES, check_export  # polygraphy: optional
 
     folder = ExportFolder(_exported(Path(source), "gather"))
-    return check_export(folder, atol=atol, rtol=rtol, seq=seq)
+    dtype = folder.section.dtype
+    default_atol, default_rtol = TOLERANCES[dtype]
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
+    whose = "the defaults" if (atol, rtol) == TOLERANCES[dtype] else "as given"
+    table, ok = check_export(folder, atol=atol, rtol=rtol, seq=seq)
+    return f"{dtype} graph: atol {atol:g}, rtol {rtol:g} ({whose} for it)", table, ok
 
 
 def serve(source: str | Path, *, port: int = 8000, host: str = "127.0.0.1",

@@ -16,11 +16,13 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from typer._click import exceptions as click_errors  # typer vendors click (pyproject pins it)
 
 from chmc.compiler.report import inspect_artifact
 from chmc.errors import ChmcError
 from chmc.formats.artifact import RouterConfig
 from chmc.formats.manifest import validated
+from chmc.formats.outputs import check_output_file
 
 app = typer.Typer(
     name="chmc",
@@ -28,6 +30,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags without a metavar, lines a terminal wraps itself
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -73,10 +76,21 @@ def experts_in_order(args: list[str]) -> list[str]:
 
 
 def main() -> None:
+    """Run the CLI; a usage error (unknown option, a value of the wrong type) is one line too."""
     try:
-        app(args=experts_in_order(sys.argv[1:]))
-    except KeyboardInterrupt:
+        code = app(args=experts_in_order(sys.argv[1:]), standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as e:  # `chmc` alone: the help, as click shows it
+        typer.echo(e.format_message())
+        sys.exit(e.exit_code)
+    except click_errors.UsageError as e:
+        where = f"{e.ctx.command_path}: " if e.ctx is not None else ""
+        typer.echo(f"chmc: error: {where}{e.format_message()} (see --help)", err=True)
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)  # without standalone mode, Exit(n) returns n
 
 
 # Commands are added below, one small function each, grouped by stage.
@@ -116,7 +130,10 @@ def build(
     seed: Annotated[int | None, Opt(help="Seed of DARE's random drop (default 0).")] = None,
     dtype: Annotated[str | None, Opt(help="Output dtype (default: the source's).")] = None,
     out: Annotated[str, Opt("--out", help="Artifact folder to write.")] = "",
-    force: Annotated[bool, Opt("--force", help="Replace --out if it exists.")] = False,
+    force: Annotated[bool, Opt("--force", help="Replace --out if chmc wrote it (or it is empty).")
+                     ] = False,
+    strict: Annotated[bool, Opt("--strict", help="An expert that does not look like a fine-tune "
+                                "of the base is an error, not a warning.")] = False,
     target: Annotated[str, Opt(
         help="artifact (default) | onnx: also export the graph into OUT/onnx | trt: also the "
              "plugin-form graph into OUT/onnx-plugin and a TensorRT engine into OUT/engine.")] = (
@@ -147,9 +164,9 @@ def build(
         base, _experts(experts or []), out, config=config,
         groups=groups, clustering=clustering, method=method, parameters=params, seed=seed,
         dtype=dtype, calibration=_pairs(calibration or [], "--calibration"), budget=budget,
-        router_data=_pairs(router_data or [], "--router-data"), target=target,  # type: ignore[arg-type]
-        force=force)
-    for folder in written(path, target):  # type: ignore[arg-type]
+        router_data=_pairs(router_data or [], "--router-data"), target=target,
+        force=force, strict=strict)
+    for folder in written(path, target):
         typer.echo(f"wrote {folder}")
 
 
@@ -268,14 +285,19 @@ def run(
 @user_errors
 def check(
     source: Annotated[str, typer.Argument(help="Export folder or artifact.")],
-    atol: Annotated[float, Opt(help="Absolute tolerance on logits.")] = 1e-4,
-    rtol: Annotated[float, Opt(help="Relative tolerance on logits.")] = 1e-4,
+    atol: Annotated[float | None, Opt(
+        help="Absolute tolerance on logits (default by the graph's dtype: float32 1e-4, "
+             "float16 0.1, bfloat16 0.25).")] = None,
+    rtol: Annotated[float | None, Opt(
+        help="Relative tolerance on logits (default: float32 1e-4, float16 0.05, "
+             "bfloat16 0.1).")] = None,
     seq: Annotated[int, Opt(help="Tokens per generated input.")] = 8,
 ) -> None:
     """Compare ONNX Runtime with the PyTorch reconstruction of every expert (Polygraphy)."""
     from chmc.api import check as check_source  # torch and transformers: only for this
 
-    table, ok = check_source(source, atol=atol, rtol=rtol, seq=seq)
+    tolerances, table, ok = check_source(source, atol=atol, rtol=rtol, seq=seq)
+    typer.echo(tolerances)
     Console().print(table)
     if not ok:
         raise typer.Exit(1)
@@ -387,6 +409,9 @@ def eval_(
         print_report,
     )
 
+    for file, what in ((json_out, "--json"), (plot, "--plot")):
+        if file:  # before the evaluation, not after it
+            check_output_file(file, what)
     report = evaluate(source, parse_task_args(tasks), experts=expert)
     print_report(report)
     if json_out:

@@ -17,8 +17,13 @@ def read_jsonl(file: str | Path, what: str) -> list[tuple[int, dict[str, Any]]]:
     if not file.is_file():
         raise ChmcError(f"{file}: {what} not found")
     rows: list[tuple[int, dict[str, Any]]] = []
-    with file.open() as f:
-        for i, line in enumerate(f, 1):
+    with file.open("rb") as f:  # bytes, so a line that is not UTF-8 is named like any other
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ChmcError(f"{file}:{i}: not UTF-8 text ({e.reason} at byte {e.start})") \
+                    from None
             if not line.strip():
                 continue
             try:

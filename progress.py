@@ -26,6 +26,11 @@ class Advance(Protocol):
     def __call__(self, label: str, n: int = 1) -> None: ...  # n items done, the last `label`
 
 
+def warn(message: str) -> None:
+    """A doubt worth a user's attention that does not stop the work: one line on stderr."""
+    print(f"chmc: warning: {message}", file=sys.stderr, flush=True)
+
+
 class Stages:
     """Reports progress to stderr; `enabled=False` keeps quiet (tests, library calls)."""
 

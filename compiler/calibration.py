@@ -19,15 +19,18 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
 import torch
 import transformers
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from safetensors.torch import save_file
 
 from chmc.compiler.grams import GRAMS_INDEX, GramFiles
 from chmc.compiler.plan import BuildPlan
 from chmc.errors import ChmcError
+from chmc.formats.checkpoint import read_config
+from chmc.formats.manifest import first_error
 from chmc.jsonl import read_jsonl
 from chmc.progress import Stages
 
@@ -36,21 +39,40 @@ BATCH = 16  # sequences of equal length run together (no padding, so no masked t
 GRAM_BLOCK = 352  # columns per block of the Gram's upper block triangle (symmetric: ~half the work)
 
 
+class CalibrationRow(BaseModel):
+    """One calibration line: {"prompt", "answer"}, {"text"} or {"input_ids"} (other keys are
+    the user's own and ignored)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    prompt: StrictStr | None = None
+    answer: StrictStr = ""
+    text: StrictStr | None = None
+    input_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
+
+
 def read_sequences(file: Path, expert: Path, limit: int = MAX_PROMPTS) -> list[list[int]]:
     """The first `limit` prompts of a JSONL file as token id lists (the expert's tokenizer)."""
-    rows: list[dict[str, Any]] = []
-    for line_no, row in read_jsonl(file, "calibration file"):
+    vocab = int(read_config(Path(expert)).get("vocab_size") or 0)
+    rows: list[CalibrationRow] = []
+    for line_no, raw in read_jsonl(file, "calibration file"):
         if len(rows) >= limit:
             break
-        if not ({"prompt", "text", "input_ids"} & set(row)):
+        try:
+            row = CalibrationRow.model_validate(raw)
+        except ValidationError as e:
+            raise ChmcError(f"{file}:{line_no}: {first_error(e)}") from None
+        if row.prompt is None and row.text is None and row.input_ids is None:
             raise ChmcError(f"{file}:{line_no}: expected a 'prompt', 'text' or 'input_ids' field")
+        if row.input_ids is not None and vocab and max(row.input_ids, default=0) >= vocab:
+            raise ChmcError(f"{file}:{line_no}: token id {max(row.input_ids)} is outside the "
+                            f"expert's vocabulary ({vocab} tokens)")
         rows.append(row)
     if not rows:
         raise ChmcError(f"calibration file {file} has no prompts")
-    if all("input_ids" in r for r in rows):
-        return [[int(t) for t in r["input_ids"]] for r in rows]
+    if all(r.input_ids is not None for r in rows):
+        return [list(r.input_ids or []) for r in rows]
     tok = transformers.AutoTokenizer.from_pretrained(str(expert))
-    texts = [r.get("text") or r.get("prompt", "") + r.get("answer", "") for r in rows]
+    texts = [r.text or (r.prompt or "") + r.answer for r in rows]
     return [list(tok(t, add_special_tokens=False).input_ids) for t in texts]
 
 

@@ -198,10 +198,10 @@ def build_engine(onnx_dir: str | Path, out: str | Path, *, ranges: Ranges | None
 
     ranges = ranges or Ranges()
     onnx_path = find_onnx(onnx_dir)
-    out_path = check_output_path(out, force)
+    out_path = check_output_path(out, force, inputs=[onnx_path.parent])
     shapes = profiles(onnx_path, ranges)
     register_plugin()
-    with staged_output(out_path, force) as tmp:
+    with staged_output(out_path, force, inputs=[onnx_path.parent]) as tmp:
         engine = _build(onnx_path, shapes)
         if engine is None:
             raise ChmcError(f"{onnx_path}: TensorRT could not build an engine (see its log above)")

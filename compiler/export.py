@@ -35,7 +35,7 @@ def export(src: str | Path, out: str | Path, *, linear: str = "gather", dtype: s
         raise ChmcError(f"--linear {linear!r} is not one of {list(LINEAR_FORMS)}")
     if dtype not in DTYPES:
         raise ChmcError(f"--dtype {dtype!r} is not one of {list(DTYPES)}")
-    check_output_path(out, force)
+    check_output_path(out, force, inputs=[src])
     folder = open_folder(src, expect=("artifact", "checkpoint"))
     assert isinstance(folder, (Artifact, Checkpoint))
     config = read_config(src)
@@ -45,7 +45,7 @@ def export(src: str | Path, out: str | Path, *, linear: str = "gather", dtype: s
     router = None
     if section is not None:
         router = partial(router_graph, weights=Router(src, section).weights, section=section)
-    with staged_output(out, force) as tmp:
+    with staged_output(out, force, inputs=[src]) as tmp:
         inputs, outputs = write_model(w, spec, cfg, tmp, linear=linear, dtype=dtype,
                                       router=router)
         copy_side_files(src, tmp)

@@ -23,9 +23,9 @@ def extract(artifact: str | Path, expert: str | int, out: str | Path, *,
     """Write expert `expert` (name or id) of `artifact` as a loadable HF checkpoint at `out`."""
     art = Artifact(artifact)
     n = art.manifest.expert_index(expert)  # unknown names fail here, before anything is written
-    check_output_path(out, force)
+    check_output_path(out, force, inputs=[art.path])
     specs = [TensorSpec(name, tuple(e.shape), e.dtype) for name, e in art.manifest.tensors.items()]
-    with staged_output(out, force) as tmp:
+    with staged_output(out, force, inputs=[art.path]) as tmp:
         writer = ShardedSafetensorsWriter(tmp, specs)
         for name, tensor in art.expert_state_dict(n):
             writer.write(name, tensor.contiguous())

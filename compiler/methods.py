@@ -51,6 +51,8 @@ class Param:
         if isinstance(value, bool) and self.type is not bool or not isinstance(value, ok_type):
             raise ChmcError(f"parameter '{where}' must be {self.type.__name__}, got {value!r}")
         value = self.type(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ChmcError(f"parameter '{where}' must be a finite number, got {value}")
         too_low = self.low is not None and (value <= self.low if self.low_open
                                             else value < self.low)
         if too_low or (self.high is not None and value > self.high):

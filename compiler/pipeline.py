@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from chmc.compiler.budget import apply_budget
 from chmc.compiler.calibration import calibrate
@@ -25,16 +25,15 @@ from chmc.compiler.router import add_router, print_router_report
 from chmc.errors import ChmcError
 from chmc.formats.outputs import check_output_path, staged_output
 from chmc.plugins.tensorrt import require_tensorrt
-from chmc.progress import Stages
+from chmc.progress import Stages, warn
 
-Target = Literal["artifact", "onnx", "trt"]
 # what each target adds inside the artifact folder
 TARGET_FOLDERS: dict[str, tuple[str, ...]] = {"artifact": (), "onnx": ("onnx",),
                                               "trt": ("onnx-plugin", "engine")}
 TARGETS = tuple(TARGET_FOLDERS)
 
 
-def written(out: str | Path, target: Target) -> list[Path]:
+def written(out: str | Path, target: str) -> list[Path]:
     """The folders a build with this target writes: the artifact, then its exports."""
     return [Path(out), *(Path(out) / name for name in TARGET_FOLDERS[target])]
 
@@ -45,10 +44,12 @@ def build(base: str | Path | None = None, experts: Mapping[str, str | Path] | No
           parameters: Mapping[str, Any] | None = None, seed: int | None = None,
           dtype: str | None = None, calibration: Mapping[str, str | Path] | None = None,
           budget: float | None = None, router_data: Mapping[str, str | Path] | None = None,
-          target: Target = "artifact", force: bool = False, progress: bool = True) -> Path:
+          target: str = "artifact", force: bool = False, strict: bool = False,
+          progress: bool = True) -> Path:
     """Channel-merge `experts` (name -> HF folder, in expert-id order) over `base` into an
     artifact at `out`; the options are `chmc build`'s (`config` a mergekit-style merge.yml whose
-    values the others override). Returns `out`."""
+    values the others override). `strict`: an expert that does not look like a fine-tune of the
+    base is an error, not a warning. Returns `out`."""
     if not str(out):
         raise ChmcError("no output folder: pass --out DIR")
     if target not in TARGETS:
@@ -59,12 +60,15 @@ def build(base: str | Path | None = None, experts: Mapping[str, str | Path] | No
                          base=None if base is None else str(base),
                          experts={k: str(v) for k, v in (experts or {}).items()},
                          parameters=dict(parameters or {}), groups=groups,
-                         clustering=clustering, method=method, seed=seed, dtype=dtype)
+                         clustering=clustering, method=method, seed=seed, dtype=dtype,
+                         budget=budget)
     if cfg.base is None:
         raise ChmcError("no base model: pass --base PATH (or base_model: in --config)")
     if cfg.groups is None and budget is None:
         raise ChmcError("no group count: pass --groups K (or groups: in --config)")
-    out = check_output_path(out, force)
+    inputs = [cfg.base, *cfg.experts.values(), *(calibration or {}).values(),
+              *([config] if config else [])]
+    out = check_output_path(out, force, inputs)
     routers = {name: Path(file) for name, file in (router_data or {}).items()}
     for name, file in routers.items():  # before merging: a typo costs nothing
         if name not in cfg.experts or not file.is_file():
@@ -76,8 +80,10 @@ def build(base: str | Path | None = None, experts: Mapping[str, str | Path] | No
         plan = plan_build(cfg.base, cfg.experts, groups=k,
                           clustering=cfg.clustering or "cosine", method=cfg.method or "mean",
                           parameters=cfg.merge_parameters(), seed=cfg.seed or 0, dtype=cfg.dtype,
-                          calibration=calibration, budget=budget)
-        with staged_output(out, force) as tmp:
+                          calibration=calibration, budget=budget, strict=strict)
+        for warning in plan.warnings:
+            warn(warning)
+        with staged_output(out, force, inputs) as tmp:
             plan = calibrate(plan, tmp / ".grams", stages)
             plan = apply_budget(plan, stages)
             write_artifact(plan, tmp, stages, threads)

@@ -60,6 +60,7 @@ class BuildPlan:
     seed: int
     dtype: str | None
     calibration: dict[str, Path] | None = None  # expert -> prompts .jsonl or Gram folder
+    warnings: tuple[str, ...] = ()  # what the planner found doubtful but not wrong
     budget: float | None = None  # fraction of the ensemble's parameters; K per tensor <= groups
     gram_files: GramFiles | None = field(default=None, compare=False)  # after calibrate()
     budget_summary: Budget | None = None  # after apply_budget(): K choice and error curves
@@ -80,7 +81,7 @@ def plan_build(base: str | Path, experts: Mapping[str, str | Path], *, groups: i
                clustering: str = "cosine", method: str = "mean",
                parameters: Mapping[str, Any] | None = None, seed: int = 0,
                dtype: str | None = None, calibration: Mapping[str, str | Path] | None = None,
-               budget: float | None = None) -> BuildPlan:
+               budget: float | None = None, strict: bool = False) -> BuildPlan:
     """Validate everything and list the per-tensor tasks; reads headers only, writes nothing."""
     names = list(experts)
     if len(names) < 2:
@@ -104,9 +105,13 @@ def plan_build(base: str | Path, experts: Mapping[str, str | Path], *, groups: i
     ckpts = {name: Checkpoint(path, f"expert '{name}'") for name, path in experts.items()}
     for name, ckpt in ckpts.items():
         check_compatible(base_ckpt, name, ckpt)
+    warnings = tuple(w for name, ckpt in ckpts.items()
+                     if (w := check_provenance(base_ckpt, name, ckpt)) is not None)
+    if strict and warnings:
+        raise ChmcError(warnings[0].replace("; --strict makes this an error", ""))
     calib = check_calibration(calibration, names, clustering, merge_method, budget)
     plan = BuildPlan(base_ckpt, ckpts, plan_tasks(base_ckpt, groups, dtype), groups, clustering,
-                     merge_method, params, seed, dtype, calib, budget)
+                     merge_method, params, seed, dtype, calib, warnings, budget)
     if budget is not None:
         smallest = tuple(replace(t, groups=1) for t in plan.tasks)
         least = stored_parameters(smallest, len(names)) / (len(names) * plan.base_parameters)
@@ -166,6 +171,38 @@ def check_compatible(base: Checkpoint, name: str, expert: Checkpoint) -> None:
     extra = sorted(set(expert.tensors) - set(base.tensors))
     if extra:
         raise ChmcError(f"expert '{name}' has tensor '{extra[0]}', which the base lacks")
+
+
+PROVENANCE_TENSORS = 8  # 2-D tensors compared per expert, spread over the model
+PROVENANCE_MAX_ELEMENTS = 1 << 26  # skip the largest (embeddings): the sample stays cheap
+MIN_COSINE = 0.5  # cos(base, expert) over the sample; a fine-tune of this base keeps it near 1
+
+
+def check_provenance(base: Checkpoint, name: str, expert: Checkpoint) -> str | None:
+    """A warning when the expert does not look like a fine-tune of this base: over a sample of
+    its 2-D tensors the cosine between expert and base weights is below MIN_COSINE. Real
+    fine-tunes move weights by a few percent (cosine ~1); a model trained apart from the base,
+    with the same shapes, has a cosine near 0."""
+    candidates = [n for n, i in base.tensors.items() if len(i.shape) == 2
+                  and i.dtype in FLOAT_DTYPES and i.numel <= PROVENANCE_MAX_ELEMENTS]
+    if not candidates:
+        return None
+    step = max(1, len(candidates) // PROVENANCE_TENSORS)
+    sample = candidates[::step][:PROVENANCE_TENSORS]
+    dot = base_sq = expert_sq = delta_sq = 0.0
+    for tensor in sample:
+        b, e = base.tensor(tensor).double(), expert.tensor(tensor).double()
+        dot += float((b * e).sum())
+        base_sq, expert_sq = base_sq + float((b * b).sum()), expert_sq + float((e * e).sum())
+        delta_sq += float(((e - b) ** 2).sum())
+    cosine = dot / max((base_sq * expert_sq) ** 0.5, 1e-30)
+    if cosine >= MIN_COSINE:
+        return None
+    return (f"expert '{name}' ({expert.path}) does not look like a fine-tune of the base: over "
+            f"{len(sample)} tensors ({sample[0]}, ...) ||expert - base|| / ||base|| is "
+            f"{(delta_sq / max(base_sq, 1e-30)) ** 0.5:.2f} and the cosine {cosine:.2f} (a "
+            f"fine-tune keeps it near 1, below {MIN_COSINE} is suspect); --strict makes this an "
+            "error")
 
 
 def plan_tasks(base: Checkpoint, groups: int, dtype: str | None) -> tuple[TensorTask, ...]:

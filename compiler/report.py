@@ -1,7 +1,7 @@
-"""`chmc inspect`: an artifact's manifest as rich tables (torch-free: it reads only chmc.json).
+"""`chmc inspect`: an artifact's manifest as rich tables, after checking the artifact against it.
 
 The reconstruction errors were measured at build time and stored in the manifest, so inspecting
-never reopens the experts.
+never reopens the experts; it reads the manifest, the shard headers and the index tables.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from chmc.formats.artifact import ArtifactManifest, read_manifest
+from chmc.formats.artifact import Artifact, ArtifactManifest
 
 
 def _count(n: float) -> str:
@@ -75,8 +75,11 @@ def tensors_table(manifest: ArtifactManifest) -> Table:
 
 
 def inspect_artifact(path: str | Path, tensors: bool = False) -> list[Table]:
-    """The tables `chmc inspect` prints: summary, experts, and optionally every tensor."""
-    manifest = read_manifest(path)
+    """The tables `chmc inspect` prints: summary, experts, and optionally every tensor; the
+    artifact is verified first (headers against file sizes, shapes, index values)."""
+    artifact = Artifact(path)
+    artifact.verify()
+    manifest = artifact.manifest
     tables = [summary_table(manifest, Path(path)), experts_table(manifest)]
     if tensors:
         tables.append(tensors_table(manifest))

@@ -152,7 +152,7 @@ def write_triton_repo(source: str | Path, out: str | Path, *, engine: str = "onn
         raise ChmcError(f"{source}: no model.plan for --engine trt: build one with "
                         "`chmc engine EXPORT --out ENGINE_DIR` and pass ENGINE_DIR")
     folder = open_folder(source, expect=("engine",) if engine == "trt" else ("artifact", "export"))
-    with staged_output(out, force) as tmp:
+    with staged_output(out, force, inputs=[source]) as tmp:
         if isinstance(folder, EngineFolder):
             graph_dir, manifest = folder.path, folder.export
         else:

@@ -218,6 +218,43 @@ class Artifact:
         rows = self.stored(f"{name}.index")[n].long()  # [out]
         return bank[rows, torch.arange(bank.shape[1])]
 
+    def expected(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Every stored tensor's shape and dtype as the manifest describes them."""
+        n = len(self.experts)
+        out: dict[str, tuple[tuple[int, ...], str]] = {}
+        for name, e in self.manifest.tensors.items():
+            if e.kind == "stacked":
+                out[f"{name}.experts"] = ((n, *e.shape), e.dtype)
+                continue
+            if e.groups is None or len(e.shape) != 2:
+                raise ChmcError(f"{self.path / MANIFEST}: merged tensor '{name}' needs 'groups' "
+                                f"and a 2-D shape, has {e.groups} and {list(e.shape)}")
+            out[f"{name}.bank"] = ((e.groups, *e.shape), e.dtype)
+            out[f"{name}.index"] = ((n, e.shape[0]), "uint8")
+        return out
+
+    def verify(self) -> None:
+        """Everything the manifest promises is on disk: each shard's header fits its file, each
+        stored tensor has the manifest's shape and dtype, every index value is below its K.
+        Reads the headers and the (small) index tables, not the banks."""
+        expected = self.expected()
+        missing = sorted(set(expected) - set(self.manifest.weight_map))
+        extra = sorted(set(self.manifest.weight_map) - set(expected))
+        if missing or extra:
+            what = f"no shard for '{missing[0]}'" if missing else f"an unknown tensor '{extra[0]}'"
+            raise ChmcError(f"{self.path / MANIFEST}: weight_map has {what}")
+        for stored, (shape, dtype) in expected.items():
+            info = self.info(stored)  # reads and checks the shard's header against its size
+            if (info.shape, info.dtype) != (shape, dtype):
+                raise ChmcError(f"{info.file}: tensor '{stored}' is {list(info.shape)} "
+                                f"{info.dtype}, the manifest says {list(shape)} {dtype}")
+            if stored.endswith(".index"):
+                groups = expected[stored.removesuffix(".index") + ".bank"][0][0]
+                top = int(self.stored(stored).max()) if info.nbytes else 0
+                if top >= groups:
+                    raise ChmcError(f"{info.file}: index table '{stored}' names group {top}, "
+                                    f"but the bank has K={groups}")
+
     def expert_state_dict(self, expert: str | int) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.tensor_names:
             yield name, self.expert_tensor(name, expert)

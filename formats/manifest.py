@@ -21,11 +21,19 @@ class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
 
+def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    """('models', 1, 'parameters', 'weight') -> 'models[1].parameters.weight'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
 def first_error(e: ValidationError) -> str:
-    """'field.path: message' of a pydantic error's first problem."""
+    """"field 'a.b[0]': message" of a pydantic error's first problem."""
     err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    return f"field '{where}': {err['msg']}"
+    message = str(err["msg"]).removeprefix("Value error, ")
+    return f"field '{field_path(err['loc'])}': {message}"
 
 
 def read_json(file: Path, what: str) -> Any:

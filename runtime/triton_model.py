@@ -35,12 +35,32 @@ def _strings(request: Any, pb: Any, name: str) -> list[str]:
         raise RequestError(f"input '{name}' is not valid UTF-8") from None
 
 
+def check_stub_numpy(stub: Path = Path("/proc/self/exe")) -> None:
+    """Triton's Python backend stub hands tensors over through numpy's C API with pybind11, and a
+    stub built with pybind11 < 2.12 (Triton 2.52 and older: numpy 2 is a known issue of those
+    releases) misreads numpy 2 arrays, so every text request fails deep in
+    triton_python_backend_utils. Such a stub names numpy's 1.x module `numpy.core` only; a newer
+    one also knows `numpy._core`. Checked at load, so the model refuses to start with one line
+    saying what to install instead of failing each request."""
+    if int(np.__version__.split(".")[0]) < 2:
+        return
+    try:
+        knows_numpy2 = b"numpy._core" in stub.read_bytes()
+    except OSError:  # no /proc: nothing to check against
+        return
+    if not knows_numpy2:
+        raise RuntimeError(
+            f"{stub.resolve()} was built for numpy 1 and cannot exchange tensors with numpy "
+            f"{np.__version__}: install numpy<2 in the model's Python environment")
+
+
 class TritonPythonModel:
     """Loads the graph from the engine model's folder once; serves every expert from it."""
 
     def initialize(self, args: dict[str, Any]) -> None:
         import triton_python_backend_utils as pb  # exists only inside Triton's Python stub
 
+        check_stub_numpy()
         self.pb = pb
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}

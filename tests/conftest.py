@@ -4,10 +4,12 @@ session."""
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 # The tests run on shared machines: one thread per library (torch's OpenMP, ONNX Runtime's pool,
 # the build's workers, family training), set before torch is imported and inherited by the CLI
@@ -15,6 +17,28 @@ import pytest
 # already in the environment win.
 for _var in ("OMP_NUM_THREADS", "CHMC_ORT_THREADS", "CHMC_THREADS", "CHMC_TRAIN_THREADS"):
     os.environ.setdefault(_var, "1")
+
+# Generated bad inputs are the same on every run (CI must not flake on a new example), with no
+# time limit per example (a shared machine), and no example database left in the checkout.
+settings.register_profile("chmc", derandomize=True, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("chmc")
+
+BAD_INPUTS: dict[str, set[str]] = defaultdict(set)  # kind -> distinct inputs a test rejected
+
+
+@pytest.fixture(scope="session")
+def rejected() -> Any:
+    """rejected(kind, value): count one distinct bad input the suite saw refused (the summary
+    at the end of the run lists them by kind)."""
+    return lambda kind, value: BAD_INPUTS[kind].add(repr(value))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if BAD_INPUTS:
+        counts = ", ".join(f"{kind} {len(v)}" for kind, v in sorted(BAD_INPUTS.items()))
+        total = sum(len(v) for v in BAD_INPUTS.values())
+        terminalreporter.write_line(f"bad inputs refused with one line: {total} ({counts})")
 
 
 @pytest.fixture(scope="session")

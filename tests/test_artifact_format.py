@@ -88,6 +88,7 @@ def test_staged_output_is_all_or_nothing(tmp_path: Path) -> None:
 
     with staged_output(out) as tmp:
         (tmp / "done.txt").write_text("v1")
+        (tmp / MANIFEST).write_text("{}")  # what --force may replace: an output chmc wrote
     assert (out / "done.txt").read_text() == "v1"
 
     with pytest.raises(ChmcError, match="exists"), staged_output(out):

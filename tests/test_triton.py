@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chmc.cache import cache_root
 
@@ -42,6 +44,7 @@ pytestmark = pytest.mark.slow
 
 PYTRITON = "0.7.0"  # the wheel that bundles tritonserver 2.51
 STUB_NUMPY = "1.26.4"
+STUB_NUMPY_2 = "2.2.6"  # what a serving image gets by default today
 NAME = "chmc"
 PROMPTS = ["1+2=", "abc", "hello world", "7>3|"]
 MAX_NEW = 8
@@ -107,7 +110,7 @@ PTH_HOOK = ("import os, sys; sys.path.extend(p for p in "
             "os.environ.get('CHMC_STUB_PATH', '').split(os.pathsep) if p)\n")
 
 
-def _stub_venv(cache: Path) -> Path:
+def _stub_venv(cache: Path, numpy: str = STUB_NUMPY) -> Path:
     """The stub's Python environment: exactly what the serving path needs, keyed by versions."""
     import onnxruntime
     import pydantic
@@ -115,7 +118,7 @@ def _stub_venv(cache: Path) -> Path:
 
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
     where = hashlib.sha256(sys.base_prefix.encode()).hexdigest()[:8]  # the venv links this Python
-    key = (f"stubenv-py{py}-{where}-numpy{STUB_NUMPY}-ort{onnxruntime.__version__}"
+    key = (f"stubenv-py{py}-{where}-numpy{numpy}-ort{onnxruntime.__version__}"
            f"-tok{tokenizers.__version__}-pydantic{pydantic.VERSION}")
     root = cache / key
     with _locked(root):
@@ -124,7 +127,7 @@ def _stub_venv(cache: Path) -> Path:
         shutil.rmtree(root, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
         python = str(root / "bin" / "python")
-        _pip("--python", python, "install", f"numpy=={STUB_NUMPY}",
+        _pip("--python", python, "install", f"numpy=={numpy}",
              f"onnxruntime=={onnxruntime.__version__}", f"pydantic=={pydantic.VERSION}")
         _pip("--python", python, "install", "--no-deps", f"tokenizers=={tokenizers.__version__}")
         (site,) = (root / "lib").glob("python*/site-packages")
@@ -136,6 +139,10 @@ def _stub_venv(cache: Path) -> Path:
 @pytest.fixture(scope="module")
 def triton_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """tritonserver executable and the environment its Python stub needs."""
+    return _triton_env(tmp_path_factory, STUB_NUMPY)
+
+
+def _triton_env(tmp_path_factory: pytest.TempPathFactory, numpy: str) -> dict[str, Any]:
     import chmc
 
     libdir = sysconfig.get_config_var("LIBDIR") or ""
@@ -144,7 +151,7 @@ def triton_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         pytest.skip(f"this Python has no shared libpython ({libdir}/{soname}) for the backend stub")
     cache = _cache()
     dist = _tritonserver_dist(cache)
-    venv = _stub_venv(cache)
+    venv = _stub_venv(cache, numpy)
     src = tmp_path_factory.mktemp("stub_src")
     (src / "chmc").symlink_to(Path(chmc.__file__).resolve().parent)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "CUDA"))}
@@ -386,6 +393,68 @@ def test_bad_requests_get_errors_and_server_keeps_serving(
             assert _ask(client, *good) == expected[good]  # the next good request is served
 
 
+def _request(rows: list[tuple[bytes, bytes]], limits: list[int] | None) -> list[Any]:
+    """A request of raw rows (text, expert) and optional max_new_tokens values."""
+    import tritonclient.http as httpclient
+
+    inputs = []
+    for i, name in enumerate(("text", "expert")):
+        a = np.array([[r[i]] for r in rows], dtype=object)
+        inputs.append(httpclient.InferInput(name, list(a.shape), "BYTES"))
+        inputs[-1].set_data_from_numpy(a)
+    if limits is not None:
+        a = np.array([[v] for v in limits], dtype=np.int32)
+        inputs.append(httpclient.InferInput("max_new_tokens", list(a.shape), "INT32"))
+        inputs[-1].set_data_from_numpy(a)
+    return inputs
+
+
+@st.composite
+def malformed_requests(draw: Any, experts: list[str]) -> tuple[list[Any], Any]:
+    """A request the text model must refuse: a row with an unknown expert or with bytes that are
+    not UTF-8, or a max_new_tokens below 1 (the other rows are good)."""
+    good = st.tuples(st.sampled_from([p.encode() for p in PROMPTS]),
+                     st.sampled_from([e.encode() for e in experts]))
+    rows = draw(st.lists(good, min_size=0, max_size=3))
+    defect = draw(st.sampled_from(["expert", "text utf8", "expert utf8", "limit"]))
+    limits = None
+    if defect == "expert":
+        name = draw(st.text(min_size=1, max_size=8).filter(lambda t: t not in experts))
+        rows.append((b"1+2=", name.encode()))
+    elif defect.endswith("utf8"):
+        junk = draw(st.binary(min_size=1, max_size=6)) + b"\xff"
+        rows.append((junk, experts[0].encode()) if defect == "text utf8" else (b"1+2=", junk))
+    else:
+        rows.append((b"1+2=", experts[0].encode()))
+        limits = [1] * (len(rows) - 1) + [draw(st.integers(min_value=-(2**31), max_value=0))]
+    order = draw(st.permutations(range(len(rows))))
+    rows = [rows[i] for i in order]
+    if limits is not None:
+        limits = [limits[i] for i in order]
+    return _request(rows, limits), (rows, limits)
+
+
+def test_generated_malformed_requests_are_refused_and_serving_goes_on(
+        server: str, runner: Any, expected: dict[tuple[str, str], str], rejected: Any) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    good = (PROMPTS[0], runner.experts[1])
+
+    @settings(max_examples=40)
+    @given(request=malformed_requests(runner.experts))
+    def check(request: tuple[list[Any], Any]) -> None:
+        inputs, content = request
+        with _client(server) as client:
+            with pytest.raises(InferenceServerException) as err:
+                client.infer(NAME, inputs)
+            assert "[400]" in str(err.value) or "INVALID_ARG" in str(err.value), str(err.value)
+            rejected("Triton request", content)
+
+    check()
+    with _client(server) as client:
+        assert _ask(client, *good) == expected[good]  # and the server still serves
+
+
 def test_artifact_is_exported_first(onnx_family: dict[str, Any], exported: Path,
                                     tmp_path: Path) -> None:
     from chmc.compiler.triton_repo import parse_model_config, write_triton_repo
@@ -486,3 +555,19 @@ def test_chmc_serve_binds_loopback_and_stops_on_ctrl_c(exported: Path, triton_en
                 os.killpg(pid, signal.SIGKILL)
         proc.wait(timeout=10)
         stderr.close()
+
+
+def test_a_numpy2_stub_fails_at_load_with_one_line(
+        repo: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Triton 2.51's Python stub was built against numpy 1: with numpy 2 in its environment the
+    text model must refuse to load, saying what to install, instead of failing every request."""
+    from chmc.errors import ChmcError
+    from chmc.runtime.serve import TritonServer, free_port
+
+    env = _triton_env(tmp_path_factory, STUB_NUMPY_2)
+    log = tmp_path_factory.mktemp("triton_numpy2") / "server.log"
+    srv = TritonServer(repo, port=free_port(), executable=env["executable"], models=[NAME],
+                       env=env["env"], log=log)
+    with pytest.raises(ChmcError, match="exited with status"):
+        srv.start(ready_timeout=180)
+    assert "install numpy<2 in the model's Python environment" in log.read_text()
