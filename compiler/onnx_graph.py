@@ -271,6 +271,9 @@ class OnnxOps:
     def sigmoid(self, x: str) -> str:
         return self.graph.op("Sigmoid", x)
 
+    def tanh(self, x: str) -> str:
+        return self.graph.op("Tanh", x)
+
     def cos(self, x: str) -> str:
         return self.graph.op("Cos", x)
 
@@ -279,6 +282,12 @@ class OnnxOps:
 
     def where(self, cond: str, a: str, b: str) -> str:
         return self.graph.op("Where", cond, a, b)
+
+    def greater(self, a: str, b: str) -> str:
+        return self.graph.op("Greater", a, b)
+
+    def max(self, x: str, axis: int) -> str:
+        return self.graph.op("ReduceMax", x, axes=[axis], keepdims=1)
 
     def mean(self, x: str, axis: int) -> str:
         return self.graph.op("ReduceMean", x, axes=[axis], keepdims=1)

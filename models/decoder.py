@@ -20,6 +20,7 @@ from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
+from chmc.models.rope import RopeTable
 from chmc.models.spec import ArchSpec, DecoderConfig
 
 V = TypeVar("V")
@@ -49,9 +50,12 @@ class Ops(Protocol, Generic[V]):
     def neg(self, x: V) -> V: ...
     def sqrt(self, x: V) -> V: ...
     def sigmoid(self, x: V) -> V: ...
+    def tanh(self, x: V) -> V: ...
     def cos(self, x: V) -> V: ...
     def sin(self, x: V) -> V: ...
     def where(self, cond: V, a: V, b: V) -> V: ...
+    def greater(self, a: V, b: V) -> V: ...  # bool
+    def max(self, x: V, axis: int) -> V: ...  # keeps the axis
     def mean(self, x: V, axis: int) -> V: ...  # keeps the axis
     def softmax(self, x: V, axis: int) -> V: ...
     def matmul(self, a: V, b: V) -> V: ...
@@ -70,20 +74,31 @@ class Ops(Protocol, Generic[V]):
 
 
 def logits(ops: Ops[V], spec: ArchSpec, cfg: DecoderConfig, input_ids: V, position_ids: V) -> V:
-    """Logits [B, S', V] (float32 where the backend casts them) of the positions the backend
-    keeps."""
-    cos, sin = rotary(ops, cfg, position_ids)
+    """Logits [B, S', V] of the positions the backend keeps."""
+    rotaries = {table: rotary(ops, table, position_ids) for table in dict.fromkeys(cfg.rope)}
     masks = ops.masks(set(cfg.windows))
     h = ops.embed(input_ids, spec.embed)  # [B, S, D]
+    if spec.embed_scale:
+        h = ops.downcast(ops.mul(ops.upcast(h), ops.const(cfg.hidden ** 0.5)))
     for i in range(cfg.layers):
-        x = rms_norm(ops, cfg, h, spec.input_norm.format(i=i))
-        h = ops.add(h, attention(ops, spec, cfg, i, x, cos, sin, masks[cfg.windows[i]]))
-        x = rms_norm(ops, cfg, h, spec.post_attention_norm.format(i=i))
-        h = ops.add(h, mlp(ops, spec, cfg, i, x))
-    h = rms_norm(ops, cfg, ops.logit_positions(h), spec.final_norm)
+        cos, sin = rotaries[cfg.rope[i]]
+        x = rms_norm(ops, spec, cfg, h, spec.attn_norm.format(i=i))
+        a = attention(ops, spec, cfg, i, x, cos, sin, masks[cfg.windows[i]])
+        if spec.attn_out_norm:
+            a = rms_norm(ops, spec, cfg, a, spec.attn_out_norm.format(i=i))
+        h = ops.add(h, a)
+        m = mlp(ops, spec, cfg, i, rms_norm(ops, spec, cfg, h, spec.mlp_norm.format(i=i)))
+        if spec.mlp_out_norm:
+            m = rms_norm(ops, spec, cfg, m, spec.mlp_out_norm.format(i=i))
+        h = ops.add(h, m)
+    h = rms_norm(ops, spec, cfg, ops.logit_positions(h), spec.final_norm)
     if cfg.tie_word_embeddings or not ops.has(spec.lm_head):
-        return ops.project(h, spec.embed)
-    return linear(ops, h, spec.lm_head.removesuffix(".weight"))
+        out = ops.project(h, spec.embed)
+    else:
+        out = linear(ops, h, spec.lm_head.removesuffix(".weight"))
+    if cfg.final_softcap:
+        out = ops.downcast(softcap(ops, ops.upcast(out), cfg.final_softcap))
+    return out
 
 
 def linear(ops: Ops[V], x: V, prefix: str) -> V:
@@ -93,63 +108,110 @@ def linear(ops: Ops[V], x: V, prefix: str) -> V:
     return ops.add(y, ops.vector(bias)) if ops.has(bias) else y
 
 
-def rms_norm(ops: Ops[V], cfg: DecoderConfig, x: V, weight: str) -> V:
-    """x / sqrt(mean(x^2) + eps) in float32, back in the model dtype, times the weight."""
+def rms_norm(ops: Ops[V], spec: ArchSpec, cfg: DecoderConfig, x: V, weight: str,
+             rank: int = 3) -> V:
+    """x / sqrt(mean(x^2) + eps) in float32, then the weight: Llama casts back to the model
+    dtype and multiplies; Gemma multiplies by (1 + w) in float32, then casts."""
     h = ops.upcast(x)
     var = ops.mean(ops.mul(h, h), axis=-1)
     h = ops.div(h, ops.sqrt(ops.add(var, ops.const(cfg.eps))))
-    return ops.mul(ops.downcast(h), ops.vector(weight))
+    w = ops.vector(weight, rank)
+    if spec.norm_style == "gemma":
+        return ops.downcast(ops.mul(h, ops.add(ops.const(1.0), ops.upcast(w))))
+    return ops.mul(ops.downcast(h), w)
 
 
-def inverse_frequencies(cfg: DecoderConfig) -> np.ndarray:
-    """RoPE's inverse frequencies [hd / 2] (float32, as transformers computes them)."""
-    hd = cfg.head_dim
-    exponents = np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd
-    return (1.0 / (cfg.rope_theta ** exponents)).astype(np.float32)
+def softcap(ops: Ops[V], x: V, cap: float) -> V:
+    """cap * tanh(x / cap), in float32."""
+    return ops.mul(ops.tanh(ops.mul(x, ops.const(1.0 / cap))), ops.const(cap))
 
 
-def rotary(ops: Ops[V], cfg: DecoderConfig, position_ids: V) -> tuple[V, V]:
-    """cos, sin [B, S, 1, hd] of the positions, computed in float32 like transformers."""
+def rotary(ops: Ops[V], table: RopeTable, position_ids: V) -> tuple[V, V]:
+    """cos, sin [B, S, 1, dims] of the positions, computed in float32 like transformers; longrope
+    takes its long frequencies for a row once its positions reach the switch (per row, so that a
+    request's output does not depend on what shares its batch)."""
     pos = ops.unsqueeze(ops.int_to_float(position_ids), -1)  # [B, S, 1]
-    freqs = ops.mul(pos, ops.const(inverse_frequencies(cfg)))  # [B, S, hd/2]
-    emb = ops.unsqueeze(ops.concat([freqs, freqs], axis=-1), 2)  # [B, S, 1, hd]
-    return ops.downcast(ops.cos(emb)), ops.downcast(ops.sin(emb))
+    inv_freq = ops.const(table.frequencies())
+    if table.long_inv_freq is not None:
+        assert table.switch_at is not None
+        length = ops.add(ops.max(pos, axis=1), ops.const(1.0))  # [B, 1, 1]
+        inv_freq = ops.where(ops.greater(length, ops.const(float(table.switch_at))),
+                             ops.const(table.frequencies(long=True)), inv_freq)  # [B, 1, dims/2]
+    freqs = ops.mul(pos, inv_freq)  # [B, S, dims/2]
+    emb = ops.unsqueeze(ops.concat([freqs, freqs], axis=-1), 2)  # [B, S, 1, dims]
+    cos, sin = ops.cos(emb), ops.sin(emb)
+    if table.scaling != 1.0:
+        cos, sin = (ops.mul(t, ops.const(table.scaling)) for t in (cos, sin))
+    return ops.downcast(cos), ops.downcast(sin)
 
 
-def rope(ops: Ops[V], cfg: DecoderConfig, x: V, cos: V, sin: V) -> V:
-    """x [B, S, heads, hd] * cos + rotate_half(x) * sin."""
-    half = cfg.head_dim // 2
-    x1, x2 = ops.split(x, [half, half], axis=-1)
+def rope(ops: Ops[V], cfg: DecoderConfig, x: V, cos: V, sin: V, dims: int) -> V:
+    """x [B, S, heads, hd]: its first `dims` as x * cos + rotate_half(x) * sin, the rest kept."""
+    if dims < cfg.head_dim:
+        rot, rest = ops.split(x, [dims, cfg.head_dim - dims], axis=-1)
+        return ops.concat([rotate(ops, rot, cos, sin, dims), rest], axis=-1)
+    return rotate(ops, x, cos, sin, dims)
+
+
+def rotate(ops: Ops[V], x: V, cos: V, sin: V, dims: int) -> V:
+    x1, x2 = ops.split(x, [dims // 2, dims // 2], axis=-1)
     rotated = ops.concat([ops.neg(x2), x1], axis=-1)
     return ops.add(ops.mul(x, cos), ops.mul(rotated, sin))
+
+
+def projections(ops: Ops[V], spec: ArchSpec, cfg: DecoderConfig, i: int, x: V) -> list[V]:
+    """q, k, v [B, S, heads, hd] of layer i: three Linears, or one fused one split after it."""
+    names = {p: t.format(i=i) for p, t in spec.attention.items()}
+    hd, g = cfg.head_dim, cfg.kv_heads
+    if "qkv" in names:
+        qkv = ops.split(linear(ops, x, names["qkv"]), [cfg.heads * hd, g * hd, g * hd], axis=-1)
+    else:
+        qkv = [linear(ops, x, names[p]) for p in "qkv"]
+    return [ops.reshape(t, [0, 0, n, hd]) for t, n in zip(qkv, (cfg.heads, g, g))]
 
 
 def attention(ops: Ops[V], spec: ArchSpec, cfg: DecoderConfig, i: int, x: V, cos: V, sin: V,
               allowed: V) -> V:
     """Grouped-query attention over the cache: the R query heads of a key/value head attend as
     one [R * S] block of queries, so keys and values are never repeated."""
-    names = {p: t.format(i=i) for p, t in spec.attention.items()}
-    hd, g = cfg.head_dim, cfg.kv_heads
-    q = ops.reshape(linear(ops, x, names["q"]), [0, 0, cfg.heads, hd])  # [B, S, H, hd]
-    k = ops.reshape(linear(ops, x, names["k"]), [0, 0, g, hd])  # [B, S, G, hd]
-    v = ops.reshape(linear(ops, x, names["v"]), [0, 0, g, hd])
-    q = ops.reshape(rope(ops, cfg, q, cos, sin), [0, 0, g, cfg.heads_per_kv, hd])
+    hd, g, dims = cfg.head_dim, cfg.kv_heads, cfg.rope[i].dims
+    q, k, v = projections(ops, spec, cfg, i, x)  # [B, S, heads, hd]
+    if spec.q_norm and spec.k_norm:
+        q = rms_norm(ops, spec, cfg, q, spec.q_norm.format(i=i), rank=4)
+        k = rms_norm(ops, spec, cfg, k, spec.k_norm.format(i=i), rank=4)
+    q = ops.reshape(rope(ops, cfg, q, cos, sin, dims), [0, 0, g, cfg.heads_per_kv, hd])
     q = ops.transpose(q, [0, 2, 3, 1, 4])  # [B, G, R, S, hd]
-    k = ops.transpose(rope(ops, cfg, k, cos, sin), [0, 2, 1, 3])  # [B, G, S, hd]
+    k = ops.transpose(rope(ops, cfg, k, cos, sin, dims), [0, 2, 1, 3])  # [B, G, S, hd]
     k_all, v_all = ops.cache(i, k, ops.transpose(v, [0, 2, 1, 3]))  # [B, G, T, hd]
     kt = ops.unsqueeze(ops.transpose(k_all, [0, 1, 3, 2]), 2)  # [B, G, 1, hd, T]
     scores = ops.upcast(ops.matmul(q, kt))  # [B, G, R, S, T] float32
-    scores = ops.mul(scores, ops.const(hd ** -0.5))
+    scores = ops.mul(scores, ops.const(cfg.attn_scale))
+    if cfg.attn_softcap:
+        scores = softcap(ops, scores, cfg.attn_softcap)
     scores = ops.where(allowed, scores, ops.const(float(np.finfo(np.float32).min)))
     probs = ops.downcast(ops.softmax(scores, axis=-1))
     ctx = ops.matmul(probs, ops.unsqueeze(v_all, 2))  # [B, G, R, S, hd]
     ctx = ops.reshape(ops.transpose(ctx, [0, 3, 1, 2, 4]), [0, 0, -1])  # [B, S, H * hd]
-    return linear(ops, ctx, names["o"])
+    return linear(ops, ctx, spec.attention["o"].format(i=i))
 
 
 def mlp(ops: Ops[V], spec: ArchSpec, cfg: DecoderConfig, i: int, x: V) -> V:
-    """down(act(gate(x)) * up(x)); SiLU is x * sigmoid(x)."""
+    """down(act(gate(x)) * up(x)); gate and up may be one fused Linear (gate first)."""
     names = {p: t.format(i=i) for p, t in spec.mlp.items()}
-    gate = linear(ops, x, names["gate"])
-    act = ops.mul(gate, ops.sigmoid(gate))
-    return linear(ops, ops.mul(act, linear(ops, x, names["up"])), names["down"])
+    if "gate_up" in names:
+        gate, up = ops.split(linear(ops, x, names["gate_up"]), [cfg.intermediate] * 2, axis=-1)
+    else:
+        gate, up = linear(ops, x, names["gate"]), linear(ops, x, names["up"])
+    return linear(ops, ops.mul(activation(ops, cfg, gate), up), names["down"])
+
+
+def activation(ops: Ops[V], cfg: DecoderConfig, x: V) -> V:
+    """SiLU: x * sigmoid(x). Tanh GELU (GeGLU), in float32:
+    0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+    if cfg.activation == "silu":
+        return ops.mul(x, ops.sigmoid(x))
+    h = ops.upcast(x)
+    inner = ops.mul(ops.add(h, ops.mul(ops.mul(ops.mul(h, h), h), ops.const(0.044715))),
+                    ops.const(float(np.sqrt(2.0 / np.pi))))
+    return ops.downcast(ops.mul(ops.mul(h, ops.const(0.5)),
+                                ops.add(ops.const(1.0), ops.tanh(inner))))

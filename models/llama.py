@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from chmc.models.spec import ArchSpec
 
-LLAMA = ArchSpec(architectures=("LlamaForCausalLM",), model_type="llama")
-MISTRAL = ArchSpec(architectures=("MistralForCausalLM",), model_type="mistral")
-QWEN2 = ArchSpec(architectures=("Qwen2ForCausalLM",), model_type="qwen2")
+LLAMA = ArchSpec(architectures=("LlamaForCausalLM",))
+MISTRAL = ArchSpec(architectures=("MistralForCausalLM",))
+QWEN2 = ArchSpec(architectures=("Qwen2ForCausalLM",))
 SPECS = (LLAMA, MISTRAL, QWEN2)

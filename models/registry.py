@@ -5,21 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from chmc.errors import NotSupportedError
-from chmc.models import llama
+from chmc.formats.checkpoint import architecture
+from chmc.models import gemma, llama, phi3, qwen3
 from chmc.models.spec import ArchSpec, DecoderConfig, decoder_config
 
-SPECS: dict[str, ArchSpec] = {name: spec for spec in llama.SPECS for name in spec.architectures}
-
-
-def architecture_of(config: dict[str, Any]) -> str:
-    """config.json's architecture class, or the registered one for its model_type."""
-    if config.get("architectures"):
-        return str(config["architectures"][0])
-    model_type = config.get("model_type", "unknown")
-    for name, spec in SPECS.items():
-        if spec.model_type == model_type:
-            return name
-    return str(model_type)
+SPECS: dict[str, ArchSpec] = {name: spec for family in (llama, qwen3, gemma, phi3)
+                              for spec in family.SPECS for name in spec.architectures}
 
 
 def get_spec(architecture: str) -> ArchSpec:
@@ -32,6 +23,6 @@ def get_spec(architecture: str) -> ArchSpec:
 
 def describe(config: dict[str, Any]) -> tuple[ArchSpec, DecoderConfig]:
     """The family spec and the checked numbers of a config.json."""
-    arch = architecture_of(config)
+    arch = architecture(config)
     spec = get_spec(arch)
     return spec, decoder_config(config, spec, arch)

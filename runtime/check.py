@@ -21,7 +21,7 @@ try:  # an optional dependency (chmc[check]): a one-line error where it is missi
     from polygraphy.backend.base import BaseRunner
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.common import TensorMetadata
-    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 except ImportError:
     raise MissingDependencyError("chmc check needs `pip install polygraphy`") from None
@@ -117,7 +117,7 @@ def check_export(folder: ExportFolder, *, atol: float = 1e-4, rtol: float = 1e-4
         runners = [_masked_onnx_runner(session, "onnxrt"), _torch_runner(model, "torch")]
         results = Comparator.run(runners, data_loader=_inputs(export, eid, seq, seed + n))
         ok = bool(Comparator.compare_accuracy(
-            results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol)))
+            results, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol)))
         diff = max(float(np.abs(a["logits"] - b["logits"]).max())
                    for a, b in zip(results[0][1], results[1][1]))
         all_ok &= ok

@@ -45,20 +45,19 @@ def reconstruct(folder: Artifact | Checkpoint | str | Path, expert: int | None,
     if not isinstance(folder, Artifact):
         model = transformers.AutoModelForCausalLM.from_pretrained(path)
     else:
+        # transformers' own loading path from a state dict: it ties the embeddings and computes
+        # the buffers (RoPE frequencies, Gemma's embedding scale) that checkpoints do not store
         config = transformers.AutoConfig.from_pretrained(path)
-        with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(config)
         state = dict(folder.expert_state_dict(0 if expert is None else expert))
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        missing = [m for m in missing if not (config.tie_word_embeddings and "lm_head" in m)]
+        model_class = getattr(transformers, folder.manifest.architecture)  # a supported one
+        model = model_class.from_pretrained(None, config=config, state_dict=state,
+                                            dtype=next(iter(state.values())).dtype)
+        missing = set(model.state_dict()) - set(state)
+        missing = {m for m in missing if not (config.tie_word_embeddings and "lm_head" in m)}
+        unexpected = set(state) - set(model.state_dict())
         if missing or unexpected:
             raise ChmcError(f"{path}: artifact tensors do not match {type(model).__name__} "
-                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        model.tie_weights()
-        for name, module in list(model.named_modules()):  # computed buffers (rotary inv_freq)
-            if any(b.is_meta for b in module.buffers(recurse=False)):
-                parent, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(parent), attr, type(module)(config=config))
+                            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     if dtype is not None:
         model = model.to(getattr(torch, dtype))
     return model.eval()

@@ -155,6 +155,9 @@ class TorchOps:
     def sigmoid(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(x)
 
+    def tanh(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
+
     def cos(self, x: torch.Tensor) -> torch.Tensor:
         return x.cos()
 
@@ -163,6 +166,12 @@ class TorchOps:
 
     def where(self, cond: torch.Tensor, a: Any, b: Any) -> torch.Tensor:
         return torch.where(cond, a, b)
+
+    def greater(self, a: Any, b: Any) -> torch.Tensor:
+        return torch.gt(a, b)
+
+    def max(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        return x.amax(axis, keepdim=True)
 
     def mean(self, x: torch.Tensor, axis: int) -> torch.Tensor:
         return x.mean(axis, keepdim=True)

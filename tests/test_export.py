@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from graphs import feeds, run_with_cache
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -16,35 +17,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-4  # fp32 logits, ONNX Runtime vs transformers eager
-
-
-def feeds(session: Any, ids: np.ndarray, past: dict[str, np.ndarray] | None,
-          expert: list[int] | None, total: int) -> dict[str, np.ndarray]:
-    """Inputs for one call: ids [B, S] after `past` (empty when None), positions from 0."""
-    batch, seq = ids.shape
-    feed: dict[str, np.ndarray] = {
-        "input_ids": ids, "attention_mask": np.ones((batch, total), np.int64),
-        "position_ids": np.tile(np.arange(total - seq, total), (batch, 1))}
-    if expert is not None:
-        feed["expert_id"] = np.array(expert, np.int64)
-    for i in session.get_inputs():
-        if i.name.startswith("past_key_values"):
-            feed[i.name] = past[i.name] if past else np.zeros(
-                (batch, i.shape[1], 0, i.shape[3]), np.float32)
-    return feed
-
-
-def run_with_cache(session: Any, ids: np.ndarray, expert: list[int] | None,
-                   prefill: int) -> np.ndarray:
-    """Logits [B, S, V] from a prefill of `prefill` tokens and then one decode step per token."""
-    names = [o.name for o in session.get_outputs()]
-    out = session.run(names, feeds(session, ids[:, :prefill], None, expert, prefill))
-    logits = [out[0]]
-    for t in range(prefill, ids.shape[1]):
-        past = {n.replace("present", "past_key_values"): v for n, v in zip(names[1:], out[1:])}
-        out = session.run(names, feeds(session, ids[:, t:t + 1], past, expert, t + 1))
-        logits.append(out[0])
-    return np.concatenate(logits, axis=1)
 
 
 def hf_logits(model: Any, ids: np.ndarray) -> np.ndarray:
@@ -148,7 +120,8 @@ def test_unsupported_architecture_is_one_line_error(tmp_path):
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == [
         ("chmc: error: not supported: GPT2LMHeadModel (ONNX export handles "
-         "['LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM'])")]
+         "['Gemma2ForCausalLM', 'Gemma3ForCausalLM', 'LlamaForCausalLM', 'MistralForCausalLM', "
+         "'Phi3ForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM'])")]
     assert not (tmp_path / "out").exists()
 
 
@@ -172,9 +145,9 @@ def test_unsupported_rope_scaling_is_named(onnx_family, tmp_path):
     src = tmp_path / "scaled"
     shutil.copytree(onnx_family["base"], src)
     cfg = json.loads((src / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    cfg["rope_parameters"] = {"rope_type": "mrope", "rope_theta": 10000.0, "mrope_section": [2, 2]}
     (src / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(NotSupportedError, match="rope type 'yarn'"):
+    with pytest.raises(NotSupportedError, match="rope type 'mrope'"):
         export(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

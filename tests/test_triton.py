@@ -571,3 +571,47 @@ def test_a_numpy2_stub_fails_at_load_with_one_line(
     with pytest.raises(ChmcError, match="exited with status"):
         srv.start(ready_timeout=180)
     assert "install numpy<2 in the model's Python environment" in log.read_text()
+
+
+@pytest.mark.parametrize("case", ["gemma3", "phi-4-mini (longrope, partial rotary)"])
+def test_other_architectures_serve_and_route_like_the_runner(
+        case: str, triton_env: dict[str, Any], chmc_cli: Any, tmp_path: Path) -> None:
+    """A Gemma 3 and a Phi-4-mini family (K=2 of 3, a router trained at build): the repository
+    answers each expert, and `auto`, with the in-process runner's greedy text."""
+    from architectures import CASES
+
+    from chmc import build, load
+    from chmc.compiler.export import export
+    from chmc.models.tiny.random_family import make_random_family
+    from chmc.models.tiny.tasks import DISTINCT_TASKS, make_splits, write_jsonl
+    from chmc.models.tiny.tokenizer import save_tokenizer
+    from chmc.runtime.serve import TritonServer, free_port
+
+    arch, overrides = CASES[case]
+    names = ("add", "rev", "sort")
+    base, folders = make_random_family(tmp_path / "family", n_experts=3, arch=arch, **overrides)
+    save_tokenizer(base)
+    data = {}
+    for name in names:
+        data[name] = tmp_path / f"{name}.jsonl"
+        write_jsonl(make_splits(DISTINCT_TASKS[name], seed=7, sizes={"train": 100})["train"],
+                    data[name])
+    artifact = build(base, dict(zip(names, folders.values())), tmp_path / "k2", groups=2,
+                     router_data=data, progress=False)
+    folder = export(artifact, tmp_path / "onnx")
+    repo = tmp_path / "repo"
+    done = chmc_cli("triton", folder, "--out", repo, "--name", NAME, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    runner = load(folder)
+    prompts = ["12+34=", "rev:abc>", "sort:dcb>"]
+    srv = TritonServer(repo, port=free_port(), executable=triton_env["executable"],
+                       models=[NAME], env=triton_env["env"], log=tmp_path / "server.log")
+    try:
+        srv.start(ready_timeout=180)
+        with _client(f"127.0.0.1:{srv.port}") as client:
+            for expert in (*names, "auto"):
+                for prompt in prompts:
+                    want = runner.generate([prompt], [expert], max_new_tokens=MAX_NEW)[0]
+                    assert _ask(client, prompt, expert) == want, (expert, prompt)
+    finally:
+        srv.stop()
