@@ -116,8 +116,9 @@ Opt = typer.Option
 def build(
     base: Annotated[str | None, Opt("--base", help="The base HF model folder.")] = None,
     experts: Annotated[list[str] | None, Opt(
-        "--experts", help="NAME=PATH of a fine-tuned expert (repeat, or list several); ids "
-                          "follow this order.")] = None,
+        "--experts", help="NAME=PATH of a fine-tuned expert: a model folder or a PEFT LoRA/DoRA "
+                          "adapter of --base (repeat, or list several); ids follow this order."
+    )] = None,
     config: Annotated[str | None, Opt("--config", help="mergekit-style merge.yml.")] = None,
     groups: Annotated[int | None, Opt("--groups", "-k", help="K banks per row, 1..N.")] = None,
     clustering: Annotated[str | None, Opt(help="cosine (default) | error | output-error.")] = None,

@@ -29,7 +29,8 @@ from safetensors.torch import save_file
 from chmc.compiler.grams import GRAMS_INDEX, GramFiles
 from chmc.compiler.plan import BuildPlan
 from chmc.errors import ChmcError
-from chmc.formats.checkpoint import read_config
+from chmc.formats.adapter import Adapter
+from chmc.formats.checkpoint import Checkpoint, read_config
 from chmc.formats.manifest import first_error
 from chmc.jsonl import read_jsonl
 from chmc.progress import Stages
@@ -76,8 +77,22 @@ def read_sequences(file: Path, expert: Path, limit: int = MAX_PROMPTS) -> list[l
     return [list(tok(t, add_special_tokens=False).input_ids) for t in texts]
 
 
-def collect_grams(expert: str | Path, sequences: list[list[int]], out: str | Path,
-                  tensors: set[str], progress: bool = True) -> Path:
+def folder_of(expert: str | Path | Checkpoint | Adapter) -> Path:
+    return expert.path if isinstance(expert, (Checkpoint, Adapter)) else Path(expert)
+
+
+def load_model(expert: str | Path | Checkpoint | Adapter) -> Any:
+    """The expert's transformers model in float32: from its folder, or for an adapter the base
+    with the adapter's tensors folded in."""
+    path = expert.base.path if isinstance(expert, Adapter) else folder_of(expert)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    if isinstance(expert, Adapter):
+        model.load_state_dict({t: expert.tensor(t).float() for t in expert.changed}, strict=False)
+    return model.eval()
+
+
+def collect_grams(expert: str | Path | Checkpoint | Adapter, sequences: list[list[int]],
+                  out: str | Path, tensors: set[str], progress: bool = True) -> Path:
     """Run `expert` on `sequences` layer by layer and write C = X^T X / tokens for each Linear
     in `tensors` into the folder `out` (one safetensors file per decoder layer + grams.json).
 
@@ -86,13 +101,12 @@ def collect_grams(expert: str | Path, sequences: list[list[int]], out: str | Pat
     and freed, and its outputs feed the next. One forward pass per batch in all; memory holds the
     batches' hidden states and one layer's Grams, never all of them."""
     stages = Stages(progress)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(expert), dtype=torch.float32)
-    model.eval()
+    model = load_model(expert)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     index: dict[str, Any] = {"tokens": 0, "tensors": {}}
     layers = model.model.layers
-    with torch.inference_mode(), stages.bar(f"calibrating {Path(expert).name}",
+    with torch.inference_mode(), stages.bar(f"calibrating {folder_of(expert).name}",
                                             len(layers) + 1) as advance:
         hidden, kwargs = _layer_inputs(model, _equal_length_batches(sequences))
         index["tokens"] = tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
@@ -112,7 +126,7 @@ def collect_grams(expert: str | Path, sequences: list[list[int]], out: str | Pat
         advance("lm_head")
     missing = sorted(t for t in tensors if _is_linear(model, t) and t not in index["tensors"])
     if missing:
-        raise ChmcError(f"expert {expert}: calibration never reached '{missing[0]}'")
+        raise ChmcError(f"expert {folder_of(expert)}: calibration never reached '{missing[0]}'")
     (folder / GRAMS_INDEX).write_text(json.dumps(index, indent=1))
     return folder
 
@@ -226,6 +240,6 @@ def calibrate(plan: BuildPlan, folder: Path, stages: Stages) -> BuildPlan:
             files.append(source)
             continue
         ckpt = plan.experts[name]
-        seqs = read_sequences(source, ckpt.path)
-        files.append(collect_grams(ckpt.path, seqs, folder / name, merged, stages.enabled))
+        seqs = read_sequences(source, plan.base.path if isinstance(ckpt, Adapter) else ckpt.path)
+        files.append(collect_grams(ckpt, seqs, folder / name, merged, stages.enabled))
     return plan.with_(gram_files=GramFiles(files))

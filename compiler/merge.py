@@ -255,7 +255,7 @@ def make_manifest(plan: BuildPlan, entries: dict[str, TensorEntry], specs: list[
         err = sum(s.err_sq[name] for s in merged)
         dsq = sum(s.delta_sq[name] for s in merged)
         experts.append(Expert(name=name, path=str(ckpt.path.resolve()), sha256=ckpt.content_hash,
-                              rel_error=rel_error(err, dsq)))
+                              kind=ckpt.kind, rel_error=rel_error(err, dsq)))
     return ArtifactManifest(
         architecture=plan.base.architecture,
         base=Source(path=str(plan.base.path.resolve()), sha256=plan.base.content_hash),

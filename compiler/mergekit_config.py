@@ -9,8 +9,9 @@ Accepted (mergekit's form):
   merge_method: ties
   parameters: {lambda: 1.0, normalize: true}     # int8_mask is accepted and ignored
   dtype: float16               # (or out_dtype) the artifact's dtype
-Our own keys: groups, clustering, seed. Per-layer parameter lists, slices and lora models are
-mergekit features chmc does not have: they are errors, named.
+A model may be a PEFT adapter folder (LoRA / DoRA), alone or in mergekit's `BASE+ADAPTER` form.
+Our own keys: groups, clustering, seed. Per-layer parameter lists and slices are mergekit
+features chmc does not have: they are errors, named.
 
 The file is read into pydantic models (`MergeFile`) with the YAML's line numbers kept, so a wrong
 type, an unknown key, an out-of-range method parameter or a YAML syntax error is one line naming
@@ -189,16 +190,30 @@ def load_merge_config(path: str | Path) -> MergeConfig:
         if doc.base_model is not None and Path(entry.model) == Path(doc.base_model) \
                 and not entry.parameters:
             continue  # mergekit configs often list the base among the models
-        name = entry.name or Path(entry.model).name
+        model = adapter_path(entry.model, doc.base_model, file, lines, i)
+        name = entry.name or Path(model).name
         if name in cfg.experts:
             raise _fail(file, lines, ("models", i), f"duplicate expert name '{name}' "
                         f"({cfg.experts[name]} and {entry.model}); give one a 'name:'")
-        cfg.experts[name] = entry.model
+        cfg.experts[name] = model
         for key, value in entry.parameters.items():
             cfg.expert_parameters.setdefault(key, {})[name] = value
     if doc.merge_method is not None:
         check_parameters(file, lines, doc, cfg)
     return cfg
+
+
+def adapter_path(model: str, base: str | None, file: Path, lines: dict[tuple[Any, ...], int],
+                 i: int) -> str:
+    """mergekit's `BASE+ADAPTER` form names the adapter folder (an adapter folder given alone is
+    recognised by its adapter_config.json); the model before '+' must be the base."""
+    if "+" not in model or Path(model).exists():
+        return model
+    left, _, right = model.rpartition("+")
+    if base is None or Path(left).resolve() != Path(base).resolve():
+        raise _fail(file, lines, ("models", i, "model"), f"field 'models.{i}.model': '{model}' "
+                    f"adds an adapter to {left}, but chmc folds adapters into base_model only")
+    return right
 
 
 def check_parameters(file: Path, lines: dict[tuple[Any, ...], int], doc: MergeFile,

@@ -19,6 +19,7 @@ from chmc.compiler.grams import GRAMS_INDEX, GramFiles
 from chmc.compiler.grouping import get_clustering
 from chmc.compiler.methods import MergeMethod, Resolved, get_method
 from chmc.errors import ChmcError
+from chmc.formats.adapter import Adapter, open_expert
 from chmc.formats.artifact import MAX_EXPERTS, Budget
 from chmc.formats.checkpoint import Checkpoint
 from chmc.formats.safetensors import FLOAT_DTYPES, TensorSpec
@@ -51,7 +52,7 @@ class TensorTask:
 @dataclass(frozen=True)
 class BuildPlan:
     base: Checkpoint
-    experts: dict[str, Checkpoint]
+    experts: dict[str, Checkpoint | Adapter]  # full fine-tunes and adapters over the base
     tasks: tuple[TensorTask, ...]
     groups: int  # the largest K a tensor may get
     clustering: str
@@ -102,11 +103,14 @@ def plan_build(base: str | Path, experts: Mapping[str, str | Path], *, groups: i
     merge_method = get_method(method)
     params = merge_method.resolve(parameters, names)
     base_ckpt = Checkpoint(base, "base")
-    ckpts = {name: Checkpoint(path, f"expert '{name}'") for name, path in experts.items()}
+    ckpts = {name: open_expert(path, base_ckpt, f"expert '{name}'")
+             for name, path in experts.items()}
     for name, ckpt in ckpts.items():
-        check_compatible(base_ckpt, name, ckpt)
-    warnings = tuple(w for name, ckpt in ckpts.items()
-                     if (w := check_provenance(base_ckpt, name, ckpt)) is not None)
+        if isinstance(ckpt, Checkpoint):
+            check_compatible(base_ckpt, name, ckpt)
+    warnings = tuple(w for name, ckpt in ckpts.items() if (w := (
+        check_adapter_base(base_ckpt, name, ckpt) if isinstance(ckpt, Adapter)
+        else check_provenance(base_ckpt, name, ckpt))) is not None)
     if strict and warnings:
         raise ChmcError(warnings[0].replace("; --strict makes this an error", ""))
     calib = check_calibration(calibration, names, clustering, merge_method, budget)
@@ -178,19 +182,24 @@ PROVENANCE_MAX_ELEMENTS = 1 << 26  # skip the largest (embeddings): the sample s
 MIN_COSINE = 0.5  # cos(base, expert) over the sample; a fine-tune of this base keeps it near 1
 
 
+def sample(base: Checkpoint) -> list[str]:
+    """Up to PROVENANCE_TENSORS 2-D float tensors spread over the model, the largest left out."""
+    candidates = [n for n, i in base.tensors.items() if len(i.shape) == 2
+                  and i.dtype in FLOAT_DTYPES and i.numel <= PROVENANCE_MAX_ELEMENTS]
+    step = max(1, len(candidates) // PROVENANCE_TENSORS)
+    return candidates[::step][:PROVENANCE_TENSORS]
+
+
 def check_provenance(base: Checkpoint, name: str, expert: Checkpoint) -> str | None:
     """A warning when the expert does not look like a fine-tune of this base: over a sample of
     its 2-D tensors the cosine between expert and base weights is below MIN_COSINE. Real
     fine-tunes move weights by a few percent (cosine ~1); a model trained apart from the base,
     with the same shapes, has a cosine near 0."""
-    candidates = [n for n, i in base.tensors.items() if len(i.shape) == 2
-                  and i.dtype in FLOAT_DTYPES and i.numel <= PROVENANCE_MAX_ELEMENTS]
-    if not candidates:
+    tensors = sample(base)
+    if not tensors:
         return None
-    step = max(1, len(candidates) // PROVENANCE_TENSORS)
-    sample = candidates[::step][:PROVENANCE_TENSORS]
     dot = base_sq = expert_sq = delta_sq = 0.0
-    for tensor in sample:
+    for tensor in tensors:
         b, e = base.tensor(tensor).double(), expert.tensor(tensor).double()
         dot += float((b * e).sum())
         base_sq, expert_sq = base_sq + float((b * b).sum()), expert_sq + float((e * e).sum())
@@ -199,10 +208,39 @@ def check_provenance(base: Checkpoint, name: str, expert: Checkpoint) -> str | N
     if cosine >= MIN_COSINE:
         return None
     return (f"expert '{name}' ({expert.path}) does not look like a fine-tune of the base: over "
-            f"{len(sample)} tensors ({sample[0]}, ...) ||expert - base|| / ||base|| is "
+            f"{len(tensors)} tensors ({tensors[0]}, ...) ||expert - base|| / ||base|| is "
             f"{(delta_sq / max(base_sq, 1e-30)) ** 0.5:.2f} and the cosine {cosine:.2f} (a "
             f"fine-tune keeps it near 1, below {MIN_COSINE} is suspect); --strict makes this an "
             "error")
+
+
+def check_adapter_base(base: Checkpoint, name: str, adapter: Adapter) -> str | None:
+    """The base an adapter names (adapter_config's base_model_name_or_path) is --base: the same
+    folder, or one with the same weights (a sample compared exactly); another folder is an
+    error. A hub id cannot be compared offline: unless --base goes by that name, a warning."""
+    declared = adapter.settings.base_model_name_or_path
+    if not declared:
+        return (f"expert '{name}' ({adapter.path}) is an adapter that names no base model; "
+                f"--base {base.path} is assumed to be its base; --strict makes this an error")
+    local = Path(declared)
+    if (local / "config.json").is_file():
+        if local.resolve() == base.path.resolve():
+            return None
+        other = Checkpoint(local, f"the base of adapter '{name}'")
+        for tensor in sample(base):
+            theirs = other.tensors.get(tensor)
+            if theirs is None or theirs.shape != base.tensors[tensor].shape or not bool(
+                    (other.tensor(tensor) == base.tensor(tensor)).all()):
+                raise ChmcError(f"expert '{name}' ({adapter.path}) is an adapter of {declared}, "
+                                f"not of --base {base.path}: tensor '{tensor}' differs")
+        return None
+    names = {base.path.resolve().name.lower(),
+             str(base.config.get("_name_or_path", "")).rstrip("/").rsplit("/", 1)[-1].lower()}
+    if declared.rstrip("/").rsplit("/", 1)[-1].lower() in names:
+        return None
+    return (f"expert '{name}' ({adapter.path}) is an adapter of '{declared}', which is not a "
+            f"folder here: --base {base.path} is assumed to be it (the shapes match); --strict "
+            "makes this an error")
 
 
 def plan_tasks(base: Checkpoint, groups: int, dtype: str | None) -> tuple[TensorTask, ...]:

@@ -48,10 +48,11 @@ def experts_table(manifest: ArtifactManifest) -> Table:
     table = Table(title="experts: ||W_rec - W_expert|| / ||W_expert - W_base|| (merged tensors)")
     table.add_column("id", justify="right")
     table.add_column("name")
+    table.add_column("from")
     table.add_column("relative error", justify="right")
     table.add_column("sha256")
     for i, e in enumerate(manifest.experts):
-        table.add_row(str(i), e.name, f"{e.rel_error:.4f}", e.sha256[:12])
+        table.add_row(str(i), e.name, e.kind, f"{e.rel_error:.4f}", e.sha256[:12])
     return table
 
 

@@ -54,7 +54,8 @@ class Source(Manifest):
 class Expert(Manifest):
     name: str
     path: str
-    sha256: str
+    sha256: str  # of its weight files (an adapter's: adapter_config.json and its weights)
+    kind: Literal["checkpoint", "adapter"] = "checkpoint"  # a full fine-tune, or a PEFT adapter
     rel_error: float  # ||W_rec - W_expert|| / ||W_expert - W_base|| over the merged tensors
 
 
