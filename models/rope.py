@@ -2,9 +2,10 @@
 them for the config's rope type (transformers is the numerical oracle; its RoPE functions are
 called, not re-derived).
 
-Supported rope types: default, linear, llama3, yarn, longrope (short factors, switched to the
-long ones when a step's largest position reaches original_max_position_embeddings, as
-transformers does), and dynamic where it is static: up to max_position_embeddings dynamic NTK
+Supported rope types: default, linear, llama3, yarn, longrope (a row's short factors switch to
+the long ones once its length passes original_max_position_embeddings; the generation loop then
+recomputes the cache, as transformers' generate does, so that every position uses them), and
+dynamic where it is static: up to max_position_embeddings dynamic NTK
 scaling is the identity; past it transformers rescales with state kept across calls, which a
 graph cannot reproduce, so chmc keeps the unscaled frequencies there. Gemma 3's local and global
 bases are per layer type.
@@ -38,6 +39,18 @@ class RopeTable:
 
 def _floats(t: Any) -> tuple[float, ...]:
     return tuple(float(v) for v in np.asarray(t.detach().cpu(), dtype=np.float32))
+
+
+def longrope_switch(config: dict[str, Any]) -> int | None:
+    """For a longrope config, the length past which a sequence uses the long factors at every
+    position (original_max_position_embeddings); None for any other rope type. Torch-free: the
+    generation loop reads it."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if params.get("rope_type", params.get("type")) != "longrope":
+        return None
+    value = config.get("original_max_position_embeddings") or params.get(
+        "original_max_position_embeddings")
+    return int(value) if value else None
 
 
 def _check_types(config: dict[str, Any]) -> None:

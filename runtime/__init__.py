@@ -21,10 +21,11 @@ from typing import Any
 
 from chmc.errors import ChmcError
 from chmc.formats.artifact import Artifact
-from chmc.formats.checkpoint import Checkpoint, GenerationIds
+from chmc.formats.checkpoint import Checkpoint, GenerationIds, read_config
 from chmc.formats.engine import EngineFolder
 from chmc.formats.export import ExportFolder, ExportManifest
 from chmc.formats.folders import DESCRIPTIONS, folder_kind, open_folder
+from chmc.models.rope import longrope_switch
 from chmc.plugins.tensorrt import require_tensorrt
 from chmc.runtime.generation import ModelInfo, Runner
 from chmc.runtime.onnxruntime_backend import OnnxRuntimeBackend, OnnxRuntimeOptions
@@ -55,7 +56,8 @@ def typed_options(cls: type[Any], backend: str, options: dict[str, Any]) -> Any:
 def export_info(path: Path, manifest: ExportManifest) -> ModelInfo:
     section = manifest.export
     return ModelInfo(str(path), tuple(manifest.experts), manifest.router is not None,
-                     GenerationIds(tuple(section.eos_token_ids), section.pad_token_id))
+                     GenerationIds(tuple(section.eos_token_ids), section.pad_token_id),
+                     longrope_switch(read_config(path)))
 
 
 def load(path: str | Path, backend: str = "onnxruntime", **options: Any) -> Runner:
@@ -88,7 +90,8 @@ def load(path: str | Path, backend: str = "onnxruntime", **options: Any) -> Runn
     tb = TorchBackend(folder, typed_options(TorchOptions, backend, options))
     experts = tuple(folder.experts) if isinstance(folder, Artifact) else ()
     routed = isinstance(folder, Artifact) and folder.manifest.router is not None
-    info = ModelInfo(str(folder.path), experts, routed, GenerationIds.of(folder.path))
+    info = ModelInfo(str(folder.path), experts, routed, GenerationIds.of(folder.path),
+                     longrope_switch(read_config(folder.path)))
     return Runner(tb, info, TextTokenizer(folder.path))
 
 

@@ -23,6 +23,8 @@ from chmc.models.router import AUTO, ROUTED, no_router
 
 
 class StepState(Protocol):
+    expert_ids: np.ndarray  # [B]: after the first step, routed rows hold their expert
+
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              position_ids: np.ndarray) -> np.ndarray: ...
 
@@ -39,6 +41,7 @@ class ModelInfo:
     experts: tuple[str, ...]  # empty for a dense model
     routed: bool  # has a router: expert 'auto' works
     ids: GenerationIds
+    rope_switch: int | None = None  # longrope: recompute a sequence's cache once it is longer
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float,
@@ -61,10 +64,14 @@ def sample(logits: np.ndarray, temperature: float, top_p: float,
 def generate_ids(backend: Backend, prompts: list[list[int]], expert_ids: list[int], *,
                  max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 done: Callable[[int, list[int]], bool] | None = None) -> Iterator[np.ndarray]:
+                 done: Callable[[int, list[int]], bool] | None = None,
+                 rope_switch: int | None = None) -> Iterator[np.ndarray]:
     """Yield each step's new token per row [B] (pad for finished rows) until all rows finish.
 
     A row finishes at an EOS id, at max_new_tokens, or when `done(row, its new ids)` says so.
+    When a row's length passes `rope_switch` (longrope), its positions all take the long
+    factors: the cache is recomputed by one prefill of every row's tokens so far, as
+    transformers' generate recomputes that sequence (rows below the switch stay as they were).
     """
     if not 0 < top_p <= 1:
         raise ChmcError(f"top_p must be in (0, 1], got {top_p}")
@@ -86,6 +93,12 @@ def generate_ids(backend: Backend, prompts: list[list[int]], expert_ids: list[in
         yield token
         if finished.all():
             return
+        lengths = np.array([len(p) + len(n) for p, n in zip(prompts, new)])
+        if rope_switch is not None and (~finished & (lengths == rope_switch + 1)).any():
+            state = backend.start(state.expert_ids)  # the routed experts, kept
+            ids, mask = left_pad([p + n for p, n in zip(prompts, new)], pad_id)
+            pos = positions(mask)
+            continue
         ids = token[:, None]
         pos = pos[:, -1:] + 1
         mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
@@ -126,7 +139,8 @@ class Runner:
         out: list[list[int]] = [[] for _ in prompts]
         finished = [False] * len(prompts)
         for token in generate_ids(self.backend, prompts, ids, max_new_tokens=max_new_tokens,
-                                  eos_ids=self.eos_ids, pad_id=self.pad_id, **kw):
+                                  eos_ids=self.eos_ids, pad_id=self.pad_id,
+                                  rope_switch=self.info.rope_switch, **kw):
             for row, t in enumerate(token.tolist()):
                 if not finished[row]:
                     out[row].append(t)
@@ -163,7 +177,8 @@ class Runner:
         for token in generate_ids(self.backend, [self.tokenizer.encode(prompt)], ids,
                                   max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
                                   pad_id=self.pad_id, temperature=temperature, top_p=top_p,
-                                  seed=seed, done=self._stopper(stop)):
+                                  seed=seed, done=self._stopper(stop),
+                                  rope_switch=self.info.rope_switch):
             new.append(int(token[0]))
             text = self._text(new, stop)
             if len(text) > len(shown) and not text.endswith("\ufffd"):  # wait for whole chars

@@ -101,22 +101,36 @@ def test_torch_merged_backend_equals_transformers_step_by_step(case, device) -> 
     np.testing.assert_allclose(np.stack(got, 1), want, atol=ATOL, rtol=0)
 
 
+def forward_greedy(model: Any, prompt: list[int], new: int) -> list[int]:
+    """Greedy tokens from transformers' forward over the whole sequence at every step (no
+    cache), stopping after an EOS like generate."""
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    tokens: list[int] = []
+    with torch.no_grad():
+        while len(tokens) < new and not eos & set(tokens[-1:]):
+            tokens.append(int(model(torch.tensor([prompt + tokens])).logits[0, -1].argmax()))
+    return tokens
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_greedy_mixed_batch_equals_transformers_generate(case, device) -> None:
     """Left-padded prompts of three lengths, each row its own expert, on ONNX Runtime and on the
     merged torch backend: every row's tokens equal transformers' generate of that row alone
-    (on CUDA the decode steps replay a CUDA graph)."""
+    (on CUDA the decode steps replay a CUDA graph), which equals greedy decoding over
+    transformers' forward of the whole sequence."""
     from chmc import load
 
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [12, 13, 14, 15]]
     experts = [2, 0, 1]
-    want = []
+    want, generated = [], []
     for prompt, n in zip(prompts, experts):
         ids = torch.tensor([prompt])
         with torch.no_grad():
             out = case["models"][n].generate(ids, attention_mask=torch.ones_like(ids),
                                              max_new_tokens=10, do_sample=False, pad_token_id=0)
-        want.append(out[0, len(prompt):].tolist())
+        generated.append(out[0, len(prompt):].tolist())
+        want.append(forward_greedy(case["models"][n], prompt, 10))
     ort_export = case["root"] / "gather"
     if not ort_export.exists():
         from chmc.compiler.export import export
@@ -127,6 +141,61 @@ def test_greedy_mixed_batch_equals_transformers_generate(case, device) -> None:
         assert runner.generate_ids(prompts, experts, max_new_tokens=10) == want
     if device == "cuda":
         assert merged.backend.decoder.replays > 0, "decode steps did not replay the CUDA graph"
+    if generated != want:  # transformers 5.17 past the longrope switch, seen on the GPU machine
+        pytest.skip(f"transformers {transformers.__version__}: generate {generated} disagrees "
+                    f"with greedy decoding over its own forward {want}")
+
+
+class Recorded:
+    """A backend whose states keep every step's logits (the generation loop under test is
+    unchanged: it drives the real backend through this)."""
+
+    def __init__(self, backend: Any):
+        self.backend = backend
+        self.logits: list[np.ndarray] = []
+
+    def start(self, expert_ids: np.ndarray) -> Any:
+        state, logits = self.backend.start(expert_ids), self.logits
+
+        class State:
+            def step(self, *args: np.ndarray) -> np.ndarray:
+                out = state.step(*args)
+                logits.append(out)
+                return out
+
+            @property
+            def expert_ids(self) -> np.ndarray:
+                return state.expert_ids
+
+        return State()
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_every_generation_step_equals_transformers_on_the_sequence_so_far(case, backend) -> None:
+    """Greedy generation past the longrope switch and the sliding windows: the logits of every
+    step equal transformers' forward over the whole sequence so far (for longrope this needs the
+    cache recomputed when a sequence passes original_max_position_embeddings, as
+    transformers' generate does)."""
+    from chmc import load
+    from chmc.runtime.generation import generate_ids
+
+    source = case["root"] / "gather"
+    if backend == "onnxruntime" and not source.exists():
+        from chmc.compiler.export import export
+
+        export(case["artifact"], source)
+    runner = (load(source) if backend == "onnxruntime"
+              else load(case["artifact"], backend="torch", merged=True))
+    prompt = [5, 6, 7, 8, 9]
+    for n, model in enumerate(case["models"]):
+        recorded = Recorded(runner.backend)
+        tokens = [int(t[0]) for t in generate_ids(
+            recorded, [prompt], [n], max_new_tokens=8, eos_ids=(), pad_id=0,
+            rope_switch=runner.info.rope_switch)]
+        for k, got in enumerate(recorded.logits[-len(tokens):]):
+            with torch.no_grad():
+                want = model(torch.tensor([prompt + tokens[:k]])).logits[0, -1].numpy()
+            np.testing.assert_allclose(got[0], want, atol=ATOL, rtol=0, err_msg=f"step {k}")
 
 
 def test_chmc_check_passes(case) -> None:
