@@ -41,24 +41,30 @@ def _floats(t: Any) -> tuple[float, ...]:
     return tuple(float(v) for v in np.asarray(t.detach().cpu(), dtype=np.float32))
 
 
+def _raw_params(config: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+    """config.json's RoPE parameter sets as written (one, or one per layer type), each with its
+    rope type."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    nested = params and all(isinstance(v, dict) for v in params.values())  # per layer type
+    return [(p, p.get("rope_type", p.get("type", "default")))
+            for p in (params.values() if nested else [params])]
+
+
 def longrope_switch(config: dict[str, Any]) -> int | None:
     """For a longrope config, the length past which a sequence uses the long factors at every
     position (original_max_position_embeddings); None for any other rope type. Torch-free: the
     generation loop reads it."""
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if params.get("rope_type", params.get("type")) != "longrope":
+    longrope = [p for p, kind in _raw_params(config) if kind == "longrope"]
+    if not longrope:
         return None
-    value = config.get("original_max_position_embeddings") or params.get(
+    value = config.get("original_max_position_embeddings") or longrope[0].get(
         "original_max_position_embeddings")
     return int(value) if value else None
 
 
 def _check_types(config: dict[str, Any]) -> None:
     """Refuse an unsupported rope type from the raw config, before transformers warns about it."""
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    nested = params and all(isinstance(v, dict) for v in params.values())  # per layer type
-    for p in params.values() if nested else [params]:
-        kind = p.get("rope_type", p.get("type", "default"))
+    for _, kind in _raw_params(config):
         if kind not in SUPPORTED:
             raise NotSupportedError(f"not supported: rope type '{kind}' in config.json (chmc "
                                     f"handles {', '.join(SUPPORTED)})")

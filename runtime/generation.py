@@ -93,8 +93,9 @@ def generate_ids(backend: Backend, prompts: list[list[int]], expert_ids: list[in
         yield token
         if finished.all():
             return
-        lengths = np.array([len(p) + len(n) for p, n in zip(prompts, new)])
-        if rope_switch is not None and (~finished & (lengths == rope_switch + 1)).any():
+        if rope_switch is not None and any(
+                not ended and len(p) + len(n) == rope_switch + 1
+                for p, n, ended in zip(prompts, new, finished)):
             state = backend.start(state.expert_ids)  # the routed experts, kept
             ids, mask = left_pad([p + n for p, n in zip(prompts, new)], pad_id)
             pos = positions(mask)
