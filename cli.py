@@ -8,6 +8,7 @@ Heavy imports (torch, transformers, onnx) happen inside commands, so `chmc --hel
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -75,8 +76,13 @@ def experts_in_order(args: list[str]) -> list[str]:
     return out
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # `kill` or a job timeout unwinds like Ctrl-C: staged outputs vanish
+
+
 def main() -> None:
     """Run the CLI; a usage error (unknown option, a value of the wrong type) is one line too."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         code = app(args=experts_in_order(sys.argv[1:]), standalone_mode=False)
     except click_errors.NoArgsIsHelpError as e:  # `chmc` alone: the help, as click shows it
@@ -148,6 +154,8 @@ def build(
     router_data: Annotated[list[str] | None, Opt(
         "--router-data", help="NAME=prompts.jsonl per expert (repeat the option): train a router "
                               "for expert 'auto'.")] = None,
+    device: Annotated[str, Opt(help="Where --calibration runs the experts: cpu (default) | "
+                               "cuda[:n].")] = "cpu",
 ) -> None:
     """Channel-merge N experts over their base into an artifact of K banks per row."""
     from chmc.compiler.pipeline import build as build_pipeline  # torch: only for this command
@@ -166,7 +174,7 @@ def build(
         groups=groups, clustering=clustering, method=method, parameters=params, seed=seed,
         dtype=dtype, calibration=_pairs(calibration or [], "--calibration"), budget=budget,
         router_data=_pairs(router_data or [], "--router-data"), target=target,
-        force=force, strict=strict)
+        force=force, strict=strict, device=device)
     for folder in written(path, target):
         typer.echo(f"wrote {folder}")
 
@@ -368,7 +376,8 @@ def engine(
 # --- tiny expert families, evaluation, demo (models/tiny/family.py, runtime/evaluate.py, demo.py)
 
 family_app = typer.Typer(
-    help="The built-in tiny trained expert families (distinct, conflict, distinct8).",
+    help="Expert families made here: the tiny trained ones (distinct, conflict, distinct8) and "
+         "synthetic ones at real sizes.",
     no_args_is_help=True)
 app.add_typer(family_app, name="family")
 
@@ -388,6 +397,27 @@ def family_build(
     fam = family(name, out, force=force)
     typer.echo(f"{fam.path}  (built in {fam.info['build_seconds']} s; "
                f"experts {fam.info['experts']})")
+
+
+@family_app.command("synth")
+@user_errors
+def family_synth(
+    shape: Annotated[str, Opt("--shape", help="llama-3.2-1b | qwen2.5-1.5b | mistral-7b | "
+                              "llama-3.1-8b | tinyllama-1.1b.")],
+    out: Annotated[str, Opt("--out", help="Folder to write: base/, experts/expert_<i>/.")],
+    experts: Annotated[int, Opt("--experts", help="How many experts.")] = 4,
+    layers: Annotated[int | None, Opt("--layers", help="Fewer decoder layers (default: the "
+                                      "model's own).")] = None,
+    seed: Annotated[int, Opt("--seed")] = 0,
+    force: Annotated[bool, Opt("--force", help="Replace a family chmc wrote there.")] = False,
+) -> None:
+    """
+    Write a synthetic family at a real model's size: its hub config and tensor names, bf16 shards,
+    a byte-level tokenizer, random weights with fine-tune-shaped expert deltas (no download).
+    """
+    from chmc.models.synth import synth_family  # torch and transformers: only for this command
+
+    typer.echo(synth_family(shape, experts, out, layers=layers, seed=seed, force=force))
 
 
 @app.command("eval")
