@@ -24,6 +24,7 @@ Parameters are global or per expert ({name: value}); `weights` is accepted for `
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -234,6 +235,22 @@ def trim_top_k(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator], b
     return apply
 
 
+def _kth_largest(bits: np.ndarray, k: int) -> tuple[int, int]:
+    """(t, how many values exceed t) for t the k-th largest of non-negative int32 values. A count
+    of their upper 16 bits names the bucket holding t, and only that bucket (about 1% of a
+    tensor) is selected in: 3x faster than numpy's introselect over the whole tensor."""
+    values = torch.from_numpy(bits)
+    high = values.view(torch.int16)[1 if sys.byteorder == "little" else 0 :: 2]  # >= 0
+    counts = torch.bincount(high, minlength=1 << 15)
+    at_least = counts.flip(0).cumsum(0).flip(0)  # [b]: values whose upper half is >= b
+    b = int((at_least >= k).nonzero().max())
+    above = int(at_least[b + 1]) if b + 1 < len(at_least) else 0
+    bucket = values[high == b].numpy()
+    rank = k - above  # t's rank from the top within the bucket
+    t = int(np.partition(bucket, bucket.size - rank)[-rank])
+    return t, above + int(np.count_nonzero(bucket > t))
+
+
 def _threshold(delta: torch.Tensor, density: float) -> tuple[float, float, tuple[int, int]]:
     """One expert's trim of delta [out, in]: (lambda for |d| >= t, lambda for |d| > t, the
     (row, col) of the last entry equal to t that is kept; (out, 0) when all ties are kept)."""
@@ -241,13 +258,10 @@ def _threshold(delta: torch.Tensor, density: float) -> tuple[float, float, tuple
     if density >= 1:
         return -math.inf, -math.inf, (out, 0)
     k = max(1, int(density * delta.numel()))
-    # |d| as int32 bit patterns: non-negative floats order like them, and numpy's integer select
-    # runs twice as fast as its float one
+    # |d| as int32 bit patterns: non-negative floats order like them
     bits = delta.abs().numpy().reshape(-1).view(np.int32)  # [out * in]
-    part = np.partition(bits, bits.size - k)  # a copy, the k largest last
-    t = part[-k]
-    need = k - int(np.count_nonzero(part[-k:] > t))  # entries equal to t to keep, in flat order
-    del part
+    t, greater = _kth_largest(bits, k)
+    need = k - greater  # entries equal to t to keep, in flat order
     t_float = np.int32(t).view(np.float32)
     lambdas = float(np.nextafter(t_float, np.float32(-1))), float(t_float)
     eq = (bits == t).reshape(delta.shape)  # [out, in]: the entries equal to t

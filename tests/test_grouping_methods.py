@@ -260,3 +260,15 @@ def test_k1_ties_equals_mergekit(random_family, tmp_path):
         if entry.kind == "merged":
             diff = (art.expert_tensor(name, 0) - theirs[name]).abs().max().item()
             assert diff <= TOL, name
+
+
+@pytest.mark.parametrize("spread", [3, 1 << 20, 1 << 30])  # heavy ties .. all distinct
+def test_kth_largest_equals_a_full_sort(spread: int) -> None:
+    from chmc.compiler.methods import _kth_largest
+
+    rng = np.random.default_rng(spread)
+    bits = rng.integers(0, spread, 100_000).astype(np.int32)
+    ordered = np.sort(bits)[::-1]
+    for k in (1, 2, 777, 50_000, 100_000):
+        t, greater = _kth_largest(bits, k)
+        assert (t, greater) == (ordered[k - 1], int((bits > ordered[k - 1]).sum()))
