@@ -81,34 +81,48 @@ def folder_of(expert: str | Path | Checkpoint | Adapter) -> Path:
     return expert.path if isinstance(expert, (Checkpoint, Adapter)) else Path(expert)
 
 
-def load_model(expert: str | Path | Checkpoint | Adapter) -> Any:
-    """The expert's transformers model in float32: from its folder, or for an adapter the base
-    with the adapter's tensors folded in."""
+def load_model(expert: str | Path | Checkpoint | Adapter, device: str = "cpu") -> Any:
+    """The expert's transformers model in float32 on `device`: from its folder, or for an adapter
+    the base with the adapter's tensors folded in."""
     path = expert.base.path if isinstance(expert, Adapter) else folder_of(expert)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     if isinstance(expert, Adapter):
         model.load_state_dict({t: expert.tensor(t).float() for t in expert.changed}, strict=False)
-    return model.eval()
+    return model.to(device).eval()
+
+
+def check_device(device: str) -> str:
+    """`device` if torch can run there, else a one-line error (before any work)."""
+    if device == "cpu":
+        return device
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        raise ChmcError(f"--device {device}: " + (
+            "expected cpu or cuda[:n]" if not device.startswith("cuda") else
+            f"torch sees no CUDA device here (torch {torch.__version__}); use --device cpu"))
+    return device
 
 
 def collect_grams(expert: str | Path | Checkpoint | Adapter, sequences: list[list[int]],
-                  out: str | Path, tensors: set[str], progress: bool = True) -> Path:
+                  out: str | Path, tensors: set[str], progress: bool = True,
+                  device: str = "cpu") -> Path:
     """Run `expert` on `sequences` layer by layer and write C = X^T X / tokens for each Linear
     in `tensors` into the folder `out` (one safetensors file per decoder layer + grams.json).
 
     GPTQ's order: the embeddings' outputs for every batch are caught at the first decoder layer,
     then each layer runs on all batches with hooks on its own Linears only, its Grams are written
     and freed, and its outputs feed the next. One forward pass per batch in all; memory holds the
-    batches' hidden states and one layer's Grams, never all of them."""
+    batches' hidden states and one layer's Grams, never all of them. On a GPU (`device`), the
+    model runs there and the Grams are summed there."""
     stages = Stages(progress)
-    model = load_model(expert)
+    model = load_model(expert, device)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     index: dict[str, Any] = {"tokens": 0, "tensors": {}}
     layers = model.model.layers
     with torch.inference_mode(), stages.bar(f"calibrating {folder_of(expert).name}",
                                             len(layers) + 1) as advance:
-        hidden, kwargs = _layer_inputs(model, _equal_length_batches(sequences))
+        batches = [b.to(device) for b in _equal_length_batches(sequences)]
+        hidden, kwargs = _layer_inputs(model, batches)
         index["tokens"] = tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
         for i, layer in enumerate(layers):
             prefix = _module_name(model, layer)
@@ -183,7 +197,7 @@ class _GramHooks:
         flat = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
         width = flat.shape[1]
         if name not in self.sums:
-            self.sums[name] = torch.zeros(width, width, dtype=torch.float64)
+            self.sums[name] = torch.zeros(width, width, dtype=torch.float64, device=x.device)
         total = self.sums[name]  # the upper block triangle only: the Gram is symmetric
         for a in range(0, width, GRAM_BLOCK):  # (_save mirrors it)
             b = min(a + GRAM_BLOCK, width)  # fp32 products within a batch, fp64 sums across
@@ -198,7 +212,7 @@ class _GramHooks:
 
 
 def _save(grams: _GramHooks, file: Path, tokens: int, index: dict[str, Any]) -> None:
-    upper = {k: (v / tokens).float() for k, v in grams.sums.items()}
+    upper = {k: (v / tokens).float().cpu() for k, v in grams.sums.items()}
     save_file({k: v.triu() + v.triu(1).T for k, v in upper.items()}, str(file))  # mirrored
     for name in grams.sums:
         index["tensors"][name] = [file.name, name]
@@ -227,9 +241,9 @@ def _equal_length_batches(sequences: list[list[int]]) -> list[torch.Tensor]:
             for i in range(0, len(group), BATCH)]
 
 
-def calibrate(plan: BuildPlan, folder: Path, stages: Stages) -> BuildPlan:
+def calibrate(plan: BuildPlan, folder: Path, stages: Stages, device: str = "cpu") -> BuildPlan:
     """A planning step: the plan with every expert's Grams (a given folder, or collected into
-    `folder` from its .jsonl prompts)."""
+    `folder` from its .jsonl prompts, the experts run on `device`)."""
     if not plan.calibration:
         return plan
     folder.mkdir(exist_ok=True)
@@ -241,5 +255,5 @@ def calibrate(plan: BuildPlan, folder: Path, stages: Stages) -> BuildPlan:
             continue
         ckpt = plan.experts[name]
         seqs = read_sequences(source, plan.base.path if isinstance(ckpt, Adapter) else ckpt.path)
-        files.append(collect_grams(ckpt, seqs, folder / name, merged, stages.enabled))
+        files.append(collect_grams(ckpt, seqs, folder / name, merged, stages.enabled, device))
     return plan.with_(gram_files=GramFiles(files))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from chmc.compiler.budget import apply_budget
-from chmc.compiler.calibration import calibrate
+from chmc.compiler.calibration import calibrate, check_device
 from chmc.compiler.engine import build_engine
 from chmc.compiler.export import export
 from chmc.compiler.merge import build_threading, write_artifact
@@ -45,11 +45,12 @@ def build(base: str | Path | None = None, experts: Mapping[str, str | Path] | No
           dtype: str | None = None, calibration: Mapping[str, str | Path] | None = None,
           budget: float | None = None, router_data: Mapping[str, str | Path] | None = None,
           target: str = "artifact", force: bool = False, strict: bool = False,
-          progress: bool = True) -> Path:
+          progress: bool = True, device: str = "cpu") -> Path:
     """Channel-merge `experts` (name -> HF folder, in expert-id order) over `base` into an
     artifact at `out`; the options are `chmc build`'s (`config` a mergekit-style merge.yml whose
     values the others override). `strict`: an expert that does not look like a fine-tune of the
-    base is an error, not a warning. Returns `out`."""
+    base is an error, not a warning; `device`: where calibration runs the experts. Returns
+    `out`."""
     if not str(out):
         raise ChmcError("no output folder: pass --out DIR")
     if target not in TARGETS:
@@ -62,6 +63,7 @@ def build(base: str | Path | None = None, experts: Mapping[str, str | Path] | No
                          parameters=dict(parameters or {}), groups=groups,
                          clustering=clustering, method=method, seed=seed, dtype=dtype,
                          budget=budget)
+    check_device(device)
     if cfg.base is None:
         raise ChmcError("no base model: pass --base PATH (or base_model: in --config)")
     if cfg.groups is None and budget is None:
@@ -84,7 +86,7 @@ def build(base: str | Path | None = None, experts: Mapping[str, str | Path] | No
         for warning in plan.warnings:
             warn(warning)
         with staged_output(out, force, inputs) as tmp:
-            plan = calibrate(plan, tmp / ".grams", stages)
+            plan = calibrate(plan, tmp / ".grams", stages, device)
             plan = apply_budget(plan, stages)
             write_artifact(plan, tmp, stages, threads)
             shutil.rmtree(tmp / ".grams", ignore_errors=True)

@@ -79,7 +79,8 @@ class TorchBackend:
         merged = options.merged
         if merged is None:
             merged = self.is_artifact and options.device.startswith("cuda")
-        self.decoder = (MergedDecoder(require_artifact(folder), options.device, options.dtype)
+        self.decoder = (MergedDecoder.from_artifact(require_artifact(folder), options.device,
+                                                    options.dtype)
                         if merged else None)
 
     def model(self, expert: int | None) -> Any:

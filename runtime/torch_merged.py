@@ -39,25 +39,40 @@ def gather_matmul_op(device: torch.device) -> Any:
 class MergedDecoder:
     """The decoder of an artifact with its tensors on `device`: forward() over a static cache."""
 
-    def __init__(self, artifact: Artifact, device: str = "cpu", dtype: str | None = None):
-        w = ModelWeights(artifact)
-        self.spec, self.cfg = describe(read_config(artifact.path))
+    def __init__(self, config: dict[str, Any], banks: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 vectors: dict[str, torch.Tensor], experts: int, device: str = "cpu",
+                 dtype: str = "float32"):
+        """`banks`: name -> (bank [K, out, in], index [N, out]); `vectors`: name -> [N, D]; both
+        moved to `device` in `dtype` (indices as int32)."""
+        self.spec, self.cfg = describe(config)
         self.device = torch.device(device)
-        self.dtype = getattr(torch, dtype or artifact.manifest.dtype or "float32")
+        self.dtype = getattr(torch, dtype)
         self.op = gather_matmul_op(self.device)
-        self.banks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name: (bank, index int32)
-        self.vectors: dict[str, torch.Tensor] = {}  # name: [N, D]
-        for name in artifact.tensor_names:
-            if len(w.shape(name)) == 2:
-                bank, index = w.bank(name)
-                self.banks[name] = (self._put(bank), index.to(torch.int32).contiguous().to(device))
-            elif len(w.shape(name)) == 1:
-                self.vectors[name] = self._put(w.stacked(name))
-        self.experts = len(w.experts)
+        self.banks = {name: (self._put(bank), index.to(torch.int32).contiguous().to(device))
+                      for name, (bank, index) in banks.items()}
+        self.vectors = {name: self._put(v) for name, v in vectors.items()}
+        self.experts = experts
         # array constants (RoPE frequencies) made on the device once: a copy from the host
         # cannot be captured in a CUDA graph
         self.constants: dict[bytes, torch.Tensor] = {}
         self.replays = 0  # decode steps served from a CUDA graph, all generations together
+
+    @classmethod
+    def from_artifact(cls, artifact: Artifact, device: str = "cpu",
+                      dtype: str | None = None) -> MergedDecoder:
+        w = ModelWeights(artifact)
+        names = artifact.tensor_names
+        dtype = dtype or artifact.manifest.dtype or "float32"
+
+        def put(t: torch.Tensor) -> torch.Tensor:  # one tensor at a time in host memory
+            return t.to(device=device, dtype=getattr(torch, dtype))
+
+        banks = {}
+        for n in (n for n in names if len(w.shape(n)) == 2):
+            bank, index = w.bank(n)
+            banks[n] = (put(bank), index.to(device))
+        vectors = {n: put(w.stacked(n)) for n in names if len(w.shape(n)) == 1}
+        return cls(read_config(artifact.path), banks, vectors, len(w.experts), device, dtype)
 
     def _put(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(device=self.device, dtype=self.dtype).contiguous()
