@@ -25,11 +25,13 @@ from chmc.formats.outputs import check_output_path, staged_output
 from chmc.formats.weights import ModelWeights
 from chmc.models.registry import describe
 from chmc.models.router import Router
+from chmc.progress import Stages
 
 
 def export(src: str | Path, out: str | Path, *, linear: str = "gather", dtype: str = "float32",
-           force: bool = False) -> Path:
-    """Export an artifact (expert_id input) or a plain checkpoint (dense) to an ONNX folder."""
+           force: bool = False, progress: bool = True) -> Path:
+    """Export an artifact (expert_id input) or a plain checkpoint (dense) to an ONNX folder;
+    `progress`: a bar over the tensors written."""
     src = Path(src)
     if linear not in LINEAR_FORMS:
         raise ChmcError(f"--linear {linear!r} is not one of {list(LINEAR_FORMS)}")
@@ -45,7 +47,9 @@ def export(src: str | Path, out: str | Path, *, linear: str = "gather", dtype: s
     router = None
     if section is not None:
         router = partial(router_graph, weights=Router(src, section).weights, section=section)
-    with staged_output(out, force, inputs=[src]) as tmp:
+    with staged_output(out, force, inputs=[src]) as tmp, \
+            Stages(progress).bar(f"exporting {src.name}", len(w.names)) as advance:
+        w.on_read = advance
         inputs, outputs = write_model(w, spec, cfg, tmp, linear=linear, dtype=dtype,
                                       router=router)
         copy_side_files(src, tmp)

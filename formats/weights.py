@@ -4,6 +4,7 @@ weights through this one view."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -20,8 +21,11 @@ Kind = Literal["dense", "merged", "stacked"]
 class ModelWeights:
     """Tensors of an artifact (kinds merged / stacked, per expert) or a checkpoint (dense)."""
 
-    def __init__(self, folder: Artifact | Checkpoint):
+    def __init__(self, folder: Artifact | Checkpoint,
+                 on_read: Callable[[str], object] | None = None):
+        """`on_read(name)` is called after each tensor is read (a progress bar's advance)."""
         self.folder = folder
+        self.on_read = on_read
         self.path: Path = folder.path
         if isinstance(folder, Artifact):
             self.experts = folder.experts
@@ -31,6 +35,15 @@ class ModelWeights:
             self.experts = []
             self._kinds = dict.fromkeys(folder.tensors, "dense")
             self._shapes = {n: i.shape for n, i in folder.tensors.items()}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._kinds)
+
+    def _read(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if self.on_read is not None:
+            self.on_read(name)
+        return t
 
     @property
     def merged(self) -> bool:
@@ -50,11 +63,11 @@ class ModelWeights:
         return self._shapes[name]
 
     def dense(self, name: str) -> torch.Tensor:
-        """A checkpoint's tensor, in fresh memory."""
+        """A checkpoint's tensor (a copy-on-write map of its bytes)."""
         if self.kind(name) != "dense":
             raise ChmcError(f"{self.path}: tensor '{name}' is stored per expert, not dense")
         assert isinstance(self.folder, Checkpoint)
-        return self.folder.tensor(name)
+        return self._read(name, self.folder.tensor(name))
 
     def stacked(self, name: str) -> torch.Tensor:
         """An artifact's per-expert copies [N, ...] of a tensor that is not channel-merged."""
@@ -62,10 +75,11 @@ class ModelWeights:
             raise ChmcError(f"{self.path}: tensor '{name}' is stored as '{self.kind(name)}', "
                             "expected 'stacked'")
         assert isinstance(self.folder, Artifact)
-        return self.folder.stored(f"{name}.experts")
+        return self._read(name, self.folder.stored(f"{name}.experts"))
 
     def bank(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(bank [K, out, in], index [N, out]) of an artifact's merged or stacked 2-D tensor."""
         if not isinstance(self.folder, Artifact):
             raise ChmcError(f"{self.path}: a checkpoint has no banks ('{name}')")
-        return self.folder.bank(name)
+        bank, index = self.folder.bank(name)
+        return self._read(name, bank), index
