@@ -88,7 +88,8 @@ def load_model(expert: str | Path | Checkpoint | Adapter, device: str = "cpu") -
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     if isinstance(expert, Adapter):
         model.load_state_dict({t: expert.tensor(t).float() for t in expert.changed}, strict=False)
-    return model.to(device).eval()
+    # transformers types its wrapped `to` as taking the model twice
+    return model.to(torch.device(device)).eval()  # type: ignore[arg-type]
 
 
 def check_device(device: str) -> str:
