@@ -14,6 +14,7 @@ tensor by tensor: memory holds a few copies of the largest tensor, never a model
 
 from __future__ import annotations
 
+import copy
 import json
 import zlib
 from collections.abc import Iterator
@@ -81,7 +82,7 @@ def shape_config(shape: str, layers: int | None = None) -> dict[str, Any]:
     """The hub config.json of `shape`, with `layers` decoder layers if given (reduced depth)."""
     if shape not in SHAPES:
         raise ChmcError(f"--shape {shape!r}: not one of {', '.join(SHAPES)}")
-    config = {**_COMMON, **SHAPES[shape]}
+    config = copy.deepcopy({**_COMMON, **SHAPES[shape]})
     if layers is not None:
         if layers < 1:
             raise ChmcError(f"--layers {layers}: expected at least 1")
@@ -96,7 +97,8 @@ def tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     stored, as on the hub), in its state_dict order."""
     import transformers
 
-    cfg = transformers.AutoConfig.for_model(**config)
+    # a copy: transformers' config classes write into the nested rope dict they are given
+    cfg = transformers.AutoConfig.for_model(**copy.deepcopy(config))
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

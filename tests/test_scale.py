@@ -34,7 +34,7 @@ def synth(tmp_path_factory: pytest.TempPathFactory, chmc_cli) -> Path:
 
 
 def read_all(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
+    tensors: dict[str, torch.Tensor] = {}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             tensors |= {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
@@ -99,8 +99,14 @@ def test_reduced_depth_1b_family_builds_exports_and_runs(synth: Path, chmc_cli,
             want = model(torch.from_numpy(ids[e : e + 1])).logits[0, -1].numpy()
         scale = float(np.abs(want).max())
         np.testing.assert_allclose(logits[e], want, atol=2e-4 * scale, rtol=0)
+    # the runner end to end (tokenizer, cache, greedy steps) against transformers' generate
     runner = load(tmp_path / "onnx", threads=1)
-    assert len(runner.generate(["hello"], experts=["expert_1"], max_new_tokens=3)[0]) > 0
+    prompt = runner.tokenizer.encode("hello")
+    got = runner.generate_ids([prompt], experts=[f"expert_{EXPERTS - 1}"], max_new_tokens=4)[0]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                             max_new_tokens=4, do_sample=False)
+    assert got == out[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, kill
