@@ -167,7 +167,8 @@ def collect_one(expert: str, prompts: str, out: str) -> None:
     collect_grams(expert, read_sequences(Path(prompts), Path(expert)), out, merged, progress=False)
 
 
-def mergekit_command(base: Path, experts: dict[str, Path], work: Path) -> list[str] | None:
+def mergekit_command(base: Path, experts: dict[str, Path], work: Path,
+                     dtype: str = "float16") -> list[str] | None:
     exe = (os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
            or "/tmp/mkvenv/bin/mergekit-yaml")
     if not Path(exe).is_file():
@@ -176,7 +177,7 @@ def mergekit_command(base: Path, experts: dict[str, Path], work: Path) -> list[s
                      for p in experts.values())
     cfg = work / "mergekit.yml"
     cfg.write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n{models}"
-                   "parameters:\n  normalize: true\ndtype: float16\n")
+                   f"parameters:\n  normalize: true\ndtype: {dtype}\n")
     return [exe, str(cfg), str(work / "mergekit_out"), "--lazy-unpickle", "--no-copy-tokenizer"]
 
 

@@ -9,6 +9,10 @@
 # default: the persistent prefill kernel's). The whole GPU suite (179 s on an H200 at 8ced0cc)
 # runs with TESTS_K= TEST_S=300; BENCH_S=0 skips the benchmark. Wheels the image lacks
 # (pydantic and its three dependencies) travel in .whl (carry it; see the device README).
+# SCALE_S > 0 first runs benchmarks/scale_gpu.py (end to end at 1.1B and 8B, against transformers
+# compiled, the ensemble and the HBM limit) for at most that long: $OUT/scale_gpu.jsonl, one line
+# per finished section. The issue-17 run: OUT=$OUT SCALE_S=420 BENCH_S=0 TEST_S=60 \
+#   TEST_FILES=tests/test_torch_merged.py TESTS_K= bash benchmarks/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -31,6 +35,15 @@ for m in typer rich safetensors transformers onnx onnxruntime pytest pydantic pe
     python3 -c "import $m" 2>/dev/null || echo "missing module: $m" | tee -a "$OUT/install.log"
 done
 
+scale_rc=0
+if [ "${SCALE_S:-0}" != 0 ]; then
+    timeout "$SCALE_S" python3 benchmarks/scale_gpu.py --budget-s $((SCALE_S * 2 / 3)) \
+        >"$OUT/scale_gpu.jsonl" 2>"$OUT/scale_gpu.err"
+    scale_rc=$?
+    grep -i "error\|Traceback" -A3 "$OUT/scale_gpu.err" | tail -20
+    grep '"section"' "$OUT/scale_gpu.jsonl" | cut -c1-400
+fi
+
 bench_rc=0
 if [ "${BENCH_S:-300}" != 0 ]; then
     TRITON_PRINT_AUTOTUNING=1 timeout "${BENCH_S:-300}" python3 benchmarks/gpu_kernels.py \
@@ -51,5 +64,5 @@ if [ "${BENCH_S:-300}" != 0 ]; then
     python3 benchmarks/gpu_kernels.py --summary "$OUT/gpu_kernels.json" "$OUT/gpu_kernels.err"
 fi
 
-echo "gpu_session: benchmark rc=$bench_rc, tests rc=$tests_rc"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+echo "gpu_session: scale rc=$scale_rc, benchmark rc=$bench_rc, tests rc=$tests_rc"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$scale_rc" -eq 0 ]
