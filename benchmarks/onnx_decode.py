@@ -35,13 +35,14 @@ def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):
             return int(line.split()[1]) * 1024
-folder = __import__("pathlib").Path(sys.argv[1])
 before = rss()
-b = OnnxRuntimeBackend(ExportFolder(folder), OnnxRuntimeOptions(threads=int(sys.argv[2])))
-ids = np.ones((1, 16), np.int64)
-b.start(np.zeros(1, np.int64)).step(ids, np.ones_like(ids), np.arange(16)[None])
+b = OnnxRuntimeBackend(ExportFolder(sys.argv[1]), OnnxRuntimeOptions(threads=int(sys.argv[2])))
+experts = np.arange(int(sys.argv[3]))
+ids = np.ones((len(experts), 16), np.int64)
+b.start(experts).step(ids, np.ones_like(ids), np.tile(np.arange(16), (len(experts), 1)))
 print(json.dumps(rss() - before))
-"""
+"""  # argv: folder, threads, experts; each expert runs once: a mapped weight counts once read
+
 
 SPAWN_PROBE = """
 import json, os, subprocess, sys, time
@@ -54,9 +55,11 @@ print(json.dumps({"wall_s": round(time.perf_counter() - start, 2),
 """
 
 
-def measure(graphs: dict[str, Path], n_experts: int, args: argparse.Namespace) -> dict[str, Any]:
+def measure(graphs: dict[str, Path], n_experts: int, args: argparse.Namespace,
+            probe_memory: bool = True) -> dict[str, Any]:
     """Time every graph side by side: each round runs one prefill / one decode step per graph in
-    turn, so load from other processes hits all graphs alike; medians over rounds."""
+    turn, so load from other processes hits all graphs alike; medians over rounds. With
+    probe_memory, each graph's session memory is then measured in a fresh process."""
     from chmc.formats.export import ExportFolder
     from chmc.runtime.onnxruntime_backend import OnnxRuntimeBackend, OnnxRuntimeOptions
 
@@ -103,14 +106,17 @@ def measure(graphs: dict[str, Path], n_experts: int, args: argparse.Namespace) -
     out: dict[str, Any] = {}
     for name, folder in graphs.items():
         tn = times[name]
-        res = subprocess.run([sys.executable, "-c", RSS_PROBE, str(folder), str(args.threads)],
-                             capture_output=True, text=True, check=True)
         out[name] = {
             "prefill_ms": round(statistics.median(tn["prefill"][1:]) * 1e3, 2),
             "decode_b1_tokens_per_s": round(1 / statistics.median(tn["b1"]), 2),
             "decode_b8_tokens_per_s": round(8 / statistics.median(tn["b8"]), 2),
-            "decode_b8_one_expert_tokens_per_s": round(8 / statistics.median(tn["b8_one"]), 2),
-            "session_rss_mb": round(json.loads(res.stdout) / 2**20, 1)}
+            "decode_b8_one_expert_tokens_per_s": round(8 / statistics.median(tn["b8_one"]), 2)}
+        if probe_memory:
+            served = 1 if name == "dense" else n_experts
+            res = subprocess.run([sys.executable, "-c", RSS_PROBE, str(folder),
+                                  str(args.threads), str(served)],
+                                 capture_output=True, text=True, check=True)
+            out[name]["session_rss_mb"] = round(json.loads(res.stdout) / 2**20, 1)
         if "b8_ensemble" in tn:
             out[name]["decode_b8_ensemble_tokens_per_s"] = round(
                 per * n_experts / statistics.median(tn["b8_ensemble"]), 2)
