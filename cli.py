@@ -317,16 +317,37 @@ def check(
 @app.command()
 @user_errors
 def triton(
-    source: str = typer.Argument(..., help="Artifact folder (exported first) or export folder."),
+    source: str = typer.Argument(..., help="Artifact, export folder or engine folder."),
     out: str = typer.Option(..., "--out", help="Model repository folder to write."),
-    engine: str = typer.Option("onnx", "--engine", help="onnx | trt (needs model.plan)."),
+    backend: str = typer.Option(
+        "onnxruntime", "--backend",
+        help="onnxruntime (CPU; an artifact is exported first) | tensorrt (an engine folder) | "
+             "torch (an artifact, on CUDA: Triton kernels, CUDA graphs)."),
+    scheduling: str = typer.Option(
+        "continuous", "--scheduling",
+        help="continuous (requests join the running batch at every step; tokens stream) | "
+             "request (the dynamic batcher's batches run to completion)."),
+    slots: int = typer.Option(16, "--slots", help="Continuous: rows in the running batch."),
+    kv_tokens: int = typer.Option(16384, "--kv-tokens",
+                                  help="Continuous: cache tokens reserved by running requests "
+                                       "(prompt + max_tokens each)."),
+    queue: int = typer.Option(64, "--queue",
+                              help="Continuous: waiting requests before 'server busy'."),
+    device: str = typer.Option("cuda", "--device", help="torch backend: the CUDA device."),
     name: str = typer.Option("chmc", "--name", help="Text model name; the graph is NAME_engine."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
 ) -> None:
-    """Write a Triton model repository: the graph model and a text-in, text-out batching model."""
-    from chmc.compiler.triton_repo import write_triton_repo  # an artifact needs the exporter
+    """Write a Triton model repository: a text-in, text-out model serving every expert."""
+    from chmc.compiler.triton_repo import (  # an artifact needs the exporter
+        TextModelOptions,
+        write_triton_repo,
+    )
 
-    typer.echo(f"wrote {write_triton_repo(source, out, engine=engine, name=name, force=force)}")
+    options = TextModelOptions(scheduling=scheduling, slots=slots, kv_tokens=kv_tokens,
+                               queue=queue, device=device)
+    written = write_triton_repo(source, out, backend=backend, name=name, force=force,
+                                options=options)
+    typer.echo(f"wrote {written}")
 
 
 @app.command()

@@ -3,8 +3,10 @@
   chmc-repository.json              `RepositoryManifest` (Triton ignores files at the top level)
   <name>_engine/config.pbtxt        the exported graph as it is: onnxruntime_onnx or tensorrt_plan
   <name>_engine/1/model.onnx(.data) or model.plan (+ chmc_ort_kernel.so for plugin-form graphs)
-  <name>/config.pbtxt               text in, text out: the Python backend, dynamic batching
+  <name>/config.pbtxt               text in, text out: the Python backend, continuous
+                                    (decoupled, streaming) or request scheduling
   <name>/1/model.py, chmc.json, tokenizer and config files
+  <name>/1/artifact/                the torch backend's artifact (no <name>_engine then)
 
 The text model reads the graph from `../../<name>_engine/1/`, so the weights are on disk once.
 """
@@ -18,17 +20,18 @@ from chmc.errors import ChmcError
 from chmc.formats.manifest import Manifest, read_manifest_file, write_json
 
 FORMAT: Final = "chmc-triton-repository"
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
 REPOSITORY_JSON = "chmc-repository.json"
 CONFIG = "config.pbtxt"
 
 
 class RepositoryManifest(Manifest):
     format: Literal["chmc-triton-repository"] = FORMAT
-    format_version: Literal[1] = FORMAT_VERSION
-    name: str  # the text model; the graph model is `{name}_engine`
-    engine: Literal["onnx", "trt"]
-    source: str  # the export or engine folder it was written from
+    format_version: Literal[2] = FORMAT_VERSION
+    name: str  # the text model; the graph model (onnxruntime, tensorrt) is `{name}_engine`
+    backend: Literal["onnxruntime", "tensorrt", "torch"]
+    scheduling: Literal["continuous", "request"]
+    source: str  # the artifact, export or engine folder it was written from
 
 
 def is_repository(path: Path) -> bool:

@@ -19,7 +19,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from chmc.errors import ChmcError
+from chmc.errors import ChmcError, MissingDependencyError
 from chmc.formats.artifact import Artifact
 from chmc.formats.checkpoint import Checkpoint, GenerationIds, read_config
 from chmc.formats.engine import EngineFolder
@@ -27,8 +27,9 @@ from chmc.formats.export import ExportFolder, ExportManifest
 from chmc.formats.folders import DESCRIPTIONS, folder_kind, open_folder
 from chmc.models.rope import longrope_switch
 from chmc.plugins.tensorrt import require_tensorrt
-from chmc.runtime.generation import ModelInfo, Runner
+from chmc.runtime.generation import ModelInfo
 from chmc.runtime.onnxruntime_backend import OnnxRuntimeBackend, OnnxRuntimeOptions
+from chmc.runtime.runner import Runner
 from chmc.runtime.tensorrt_backend import TensorRTBackend, TensorRTOptions
 from chmc.runtime.tokenizer import TextTokenizer
 
@@ -78,7 +79,11 @@ def load(path: str | Path, backend: str = "onnxruntime", **options: Any) -> Runn
     if isinstance(folder, ExportFolder) and backend == "onnxruntime":
         ort = OnnxRuntimeBackend(folder, typed_options(OnnxRuntimeOptions, backend, options))
         return Runner(ort, export_info(path, folder.manifest), TextTokenizer(path))
-    from chmc.runtime.torch_backend import TorchBackend, TorchOptions  # torch: only when chosen
+    try:  # torch: only when chosen
+        from chmc.runtime.torch_backend import TorchBackend, TorchOptions
+    except ImportError as e:
+        raise MissingDependencyError(f"the torch backend needs torch and transformers in this "
+                                     f"Python environment ({e})") from None
 
     if isinstance(folder, ExportFolder):  # the torch backend runs the export's source
         source = Path(folder.section.source)

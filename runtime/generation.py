@@ -11,15 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from chmc.errors import ChmcError
-from chmc.formats.artifact import resolve_expert
 from chmc.formats.checkpoint import GenerationIds
 from chmc.models.inputs import left_pad, positions
-from chmc.models.router import AUTO, ROUTED, no_router
 
 
 class StepState(Protocol):
@@ -103,85 +101,3 @@ def generate_ids(backend: Backend, prompts: list[list[int]], expert_ids: list[in
         ids = token[:, None]
         pos = pos[:, -1:] + 1
         mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
-
-
-class Runner:
-    """One loaded model serving every expert: `generate` for batches, `stream` for one prompt."""
-
-    def __init__(self, backend: Backend, info: ModelInfo, tokenizer: Any):
-        self.backend, self.info, self.tokenizer = backend, info, tokenizer
-        self.eos_ids, self.pad_id = info.ids.eos, info.ids.pad
-
-    @property
-    def experts(self) -> list[str]:
-        return list(self.info.experts)
-
-    def expert_ids(self, experts: list[str | int] | None, rows: int) -> list[int]:
-        """Resolve names/ids before any compute; a dense model serves only 'expert' 0."""
-        if experts is None:
-            if self.experts:
-                raise ChmcError(f"this model serves {len(self.experts)} experts {self.experts}: "
-                                "name one per prompt")
-            return [0] * rows
-        if len(experts) != rows:
-            raise ChmcError(f"got {rows} prompts but {len(experts)} experts (one per prompt)")
-        if not self.experts:
-            raise ChmcError("this is a dense model without experts: pass experts=None")
-        if AUTO in experts and not self.info.routed:
-            raise no_router(self.info.source)
-        return [ROUTED if e == AUTO else resolve_expert(self.experts, e) for e in experts]
-
-    def generate_ids(self, prompts: list[list[int]], experts: list[str | int] | None = None,
-                     max_new_tokens: int = 64, **kw: Any) -> list[list[int]]:
-        """New token ids per row, EOS included when reached."""
-        ids = self.expert_ids(experts, len(prompts))
-        if not prompts:
-            return []
-        out: list[list[int]] = [[] for _ in prompts]
-        finished = [False] * len(prompts)
-        for token in generate_ids(self.backend, prompts, ids, max_new_tokens=max_new_tokens,
-                                  eos_ids=self.eos_ids, pad_id=self.pad_id,
-                                  rope_switch=self.info.rope_switch, **kw):
-            for row, t in enumerate(token.tolist()):
-                if not finished[row]:
-                    out[row].append(t)
-                    finished[row] = t in self.eos_ids
-        return out
-
-    def _stopper(self, stop: list[str] | None) -> Callable[[int, list[int]], bool] | None:
-        if not stop:
-            return None
-        return lambda row, ids: any(s in self.tokenizer.decode(ids) for s in stop)
-
-    def _text(self, ids: list[int], stop: list[str] | None) -> str:
-        text = self.tokenizer.decode([t for t in ids if t not in self.eos_ids])
-        cut = min((text.index(s) for s in stop or () if s in text), default=len(text))
-        return str(text[:cut])
-
-    def generate(self, prompts: list[str], experts: list[str | int] | None = None,
-                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 stop: list[str] | None = None, seed: int | None = None) -> list[str]:
-        """The continuation of each prompt (greedy at temperature 0), cut at EOS or a stop
-        string."""
-        encoded = [self.tokenizer.encode(p) for p in prompts]
-        new = self.generate_ids(encoded, experts, max_new_tokens, temperature=temperature,
-                                top_p=top_p, seed=seed, done=self._stopper(stop))
-        return [self._text(ids, stop) for ids in new]
-
-    def stream(self, prompt: str, expert: str | int | None = None, max_new_tokens: int = 64,
-               temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
-               seed: int | None = None) -> Iterator[str]:
-        """Yield text pieces of one prompt's continuation as they are generated."""
-        ids = self.expert_ids(None if expert is None else [expert], 1)
-        new: list[int] = []
-        shown = ""
-        for token in generate_ids(self.backend, [self.tokenizer.encode(prompt)], ids,
-                                  max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
-                                  pad_id=self.pad_id, temperature=temperature, top_p=top_p,
-                                  seed=seed, done=self._stopper(stop),
-                                  rope_switch=self.info.rope_switch):
-            new.append(int(token[0]))
-            text = self._text(new, stop)
-            if len(text) > len(shown) and not text.endswith("\ufffd"):  # wait for whole chars
-                yield text[len(shown):]
-                shown = text

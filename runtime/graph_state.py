@@ -38,6 +38,30 @@ class GraphState:
         if self.reports_expert:
             self.outputs.append("expert_id_used")
 
+    def _caches(self) -> list[str]:
+        return [f"past_key_values.{i}.{p}" for i in range(self.layers) for p in ("key", "value")]
+
+    def _set_experts(self, expert_ids: np.ndarray) -> None:
+        self.expert_ids = np.ascontiguousarray(expert_ids, dtype=np.int64)
+        if "expert_id" in self.feed:
+            self.feed["expert_id"] = self.expert_ids
+
+    def keep(self, rows: np.ndarray, width: int) -> None:
+        """Only `rows` stay, with the last `width` cache columns (the scheduler's batch)."""
+        for name in self._caches():
+            self.feed[name] = np.ascontiguousarray(self.feed[name][rows, :, -width:])
+        self._set_experts(self.expert_ids[rows])
+
+    def join(self, other: GraphState, width: int) -> None:
+        """Append `other`'s rows; both caches left-padded with zeros to `width` columns."""
+        def padded(a: np.ndarray) -> np.ndarray:
+            return np.pad(a, ((0, 0), (0, 0), (width - a.shape[2], 0), (0, 0)))
+
+        for name in self._caches():
+            self.feed[name] = np.concatenate([padded(self.feed[name]),
+                                              padded(other.feed[name])])
+        self._set_experts(np.concatenate([self.expert_ids, other.expert_ids]))
+
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              position_ids: np.ndarray) -> np.ndarray:
         self.feed.update(input_ids=input_ids, attention_mask=attention_mask,

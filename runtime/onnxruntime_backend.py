@@ -92,6 +92,8 @@ def session_for(folder: ExportFolder, options: OnnxRuntimeOptions | None = None)
 class OnnxRuntimeBackend:
     """Runs the exported decoder; `start` begins a generation with one expert id per row."""
 
+    continuous = True  # its states drop and take in rows between steps (runtime.scheduler)
+
     def __init__(self, folder: ExportFolder, options: OnnxRuntimeOptions | None = None):
         self.folder = folder
         dtype = folder.section.dtype

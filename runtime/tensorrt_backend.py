@@ -127,6 +127,8 @@ def _torch_dtype(dtype: Any) -> torch.dtype:
 class TensorRTBackend:
     """Runs an engine folder; `start` begins a generation with one expert id per row."""
 
+    continuous = True  # its states drop and take in rows between steps (runtime.scheduler)
+
     def __init__(self, folder: EngineFolder, options: TensorRTOptions | None = None):
         self.folder = folder
         self.runner = TensorRTRunner(folder)  # checks TensorRT and the GPU first

@@ -83,6 +83,12 @@ class TorchBackend:
                                                     options.dtype)
                         if merged else None)
 
+    @property
+    def continuous(self) -> bool:
+        """The merged model's states can change their batch between steps (runtime.scheduler);
+        per-expert transformers caches cannot."""
+        return self.decoder is not None
+
     def model(self, expert: int | None) -> Any:
         if expert not in self._models:
             self._models[expert] = reconstruct(self.folder, expert, self.options.dtype).to(

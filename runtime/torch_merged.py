@@ -231,6 +231,7 @@ class MergedState:
         self.expert_ids = np.asarray(expert_ids, dtype=np.int64)  # [B]; -1: routed at step 1
         self.cache: list[torch.Tensor] = []
         self.capacity = 0
+        self.total = 0  # cache slots in use (the attention mask's width at the last step)
         self.graph: Any = None
 
     def _grow(self, total: int) -> None:
@@ -243,13 +244,40 @@ class MergedState:
             new[..., : self.capacity, :] = old
         self.cache, self.capacity, self.graph = cache, capacity, None
 
+    def _regroup(self, parts: list[tuple[MergedState, torch.Tensor]], width: int) -> None:
+        """A new cache of `width` slots from (state, its rows) parts, each part's last used
+        slots right-aligned; a new batch drops the captured graph (its shapes)."""
+        capacity = -(-width // CACHE_BLOCK) * CACHE_BLOCK
+        rows = sum(len(r) for _, r in parts)
+        cache = self.d.new_cache(rows, capacity)
+        start = 0
+        for state, r in parts:
+            used = min(state.total, width)
+            for new, old in zip(cache, state.cache):
+                new[:, start:start + len(r), :, width - used:width] = \
+                    old[:, r, :, state.total - used:state.total]
+            start += len(r)
+        self.cache, self.capacity, self.total, self.graph = cache, capacity, width, None
+
+    def keep(self, rows: np.ndarray, width: int) -> None:
+        """Only `rows` stay, with the last `width` cache slots (the scheduler's batch)."""
+        self._regroup([(self, torch.as_tensor(rows, device=self.d.device))], width)
+        self.expert_ids = self.expert_ids[rows]
+
+    def join(self, other: MergedState, width: int) -> None:
+        """Append `other`'s rows; both caches left-padded to `width` slots."""
+        dev = self.d.device
+        self._regroup([(self, torch.arange(len(self.expert_ids), device=dev)),
+                       (other, torch.arange(len(other.expert_ids), device=dev))], width)
+        self.expert_ids = np.concatenate([self.expert_ids, other.expert_ids])
+
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              position_ids: np.ndarray) -> np.ndarray:
         d = self.d
         if self.capacity == 0:
             self.expert_ids = self.route(self.expert_ids, input_ids, attention_mask)
         batch, seq = input_ids.shape
-        total = attention_mask.shape[1]
+        total = self.total = attention_mask.shape[1]
         self._grow(total)
         mask = np.zeros((batch, self.capacity), dtype=np.int64)
         mask[:, :total] = attention_mask

@@ -133,3 +133,11 @@ def conflict_family():
     """The trained 4-task `conflict` family (one prompt format, experts disagree); like
     distinct_family."""
     return _trained_family("conflict")
+
+
+@pytest.fixture(scope="session")
+def triton_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """tritonserver executable and the environment its Python stub needs (tests/tritonserver.py)."""
+    from tritonserver import STUB_NUMPY, triton_env_for
+
+    return triton_env_for(tmp_path_factory.mktemp("stub_src"), STUB_NUMPY)

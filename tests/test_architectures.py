@@ -205,3 +205,29 @@ def test_chmc_check_passes(case) -> None:
 
     line, _, ok = check(case["artifact"])
     assert ok, line
+
+
+def test_scheduled_requests_get_the_tokens_they_get_alone(case) -> None:
+    """Requests joining and leaving a running batch (chmc.runtime.scheduler) get exactly the
+    greedy tokens each gets alone, past the sliding windows and the longrope switch (a row that
+    passes it leaves and is admitted again with its cache recomputed)."""
+    from chmc import load
+    from chmc.runtime.scheduler import Limits, Scheduler, Sequence
+
+    source = case["root"] / "gather"
+    if not source.exists():
+        from chmc.compiler.export import export
+
+        export(case["artifact"], source)
+    runner = load(source)
+    prompts = [[5, 6, 7, 8, 9], [3, 4], [7, 8, 9, 10, 11, 12, 13], [6]]
+    alone = [runner.generate_ids([p], [n % 3], max_new_tokens=10)[0]
+             for n, p in enumerate(prompts)]
+    sched = Scheduler(runner.backend, eos_ids=runner.eos_ids, pad_id=runner.pad_id,
+                      limits=Limits(slots=3), rope_switch=runner.info.rope_switch)
+    seqs = []
+    for n, p in enumerate(prompts):
+        seqs.append(sched.submit(Sequence(p, n % 3, 10)))
+        sched.step()
+    sched.run_until_idle()
+    assert [s.new for s in seqs] == alone

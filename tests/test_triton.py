@@ -1,35 +1,21 @@
-"""The Triton model repository against a real tritonserver.
-
-The server is the one the `nvidia-pytriton` wheel bundles (tritonserver 2.51 with only the Python
-backend): downloaded once with pip, unzipped (never installed: it pins numpy < 2) under
-$CHMC_CACHE (default ~/.cache/chmc). Its Python backend stub embeds this interpreter's libpython
-and runs the interpreter first on PATH in isolated mode (PYTHONPATH ignored), so the stub gets a
-small cached venv of its own: numpy 1.26 (inference fails with numpy 2 in that stub), onnxruntime,
-tokenizers and pydantic (the manifests), the serving path's whole dependency set: no torch, no
-transformers, so the text model answering at all shows that path needs neither. chmc is put on
-its path by a .pth hook reading CHMC_STUB_PATH, pointing at this checkout for this run only.
-
-That server has no onnxruntime backend, so it cannot load `<name>_engine`; it is started in
-explicit mode loading only the text model, which runs the engine's graph itself through
-chmc.runtime from the files in the repository.
+"""The Triton model repository against a real tritonserver (tests/tritonserver.py provisions
+it): the repository's layout and configs, `chmc serve`, and the text model with request
+scheduling (the dynamic batcher's batches run to completion; test_serving.py tests the
+continuous, streaming scheduling).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import fcntl
-import hashlib
 import json
 import os
 import random
 import shutil
 import subprocess
 import sys
-import sysconfig
 import time
-import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -37,128 +23,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from chmc.cache import cache_root
+from tritonserver import STUB_NUMPY_2, generate, triton_env_for
 
 pytestmark = pytest.mark.slow
 
-PYTRITON = "0.7.0"  # the wheel that bundles tritonserver 2.51
-STUB_NUMPY = "1.26.4"
-STUB_NUMPY_2 = "2.2.6"  # what a serving image gets by default today
 NAME = "chmc"
 PROMPTS = ["1+2=", "abc", "hello world", "7>3|"]
 MAX_NEW = 8
-
-
-def _cache() -> Path:
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Serialise setup of one cache entry between concurrent test runs."""
-    with open(path.with_name(path.name + ".lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
-def _pip(*args: str) -> None:
-    cmd = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args]
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True,
-                          timeout=600)
-    if done.returncode != 0:
-        pytest.skip(f"cannot provision the test tritonserver: {' '.join(args[:3])}... failed: "
-                    f"{done.stderr.strip().splitlines()[-1:]}")
-
-
-def _tritonserver_dist(cache: Path) -> Path:
-    """pytriton's tritonserver tree plus its bundled libraries, with this Python's stub
-    installed."""
-    py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    root = cache / f"pytriton-{PYTRITON}-py{py}"
-    with _locked(root):
-        if (root / "ok").exists():
-            return root
-        wheels = cache / "wheels"
-        if not list(wheels.glob(f"nvidia_pytriton-{PYTRITON}-*.whl")):
-            _pip("download", "--no-deps", "--only-binary=:all:", f"nvidia-pytriton=={PYTRITON}",
-                 "-d", str(wheels))
-        (wheel,) = wheels.glob(f"nvidia_pytriton-{PYTRITON}-*.whl")
-        shutil.rmtree(root, ignore_errors=True)
-        stubs = "pytriton/tritonserver/python_backend_stubs/"
-        with zipfile.ZipFile(wheel) as z:
-            for info in z.infolist():
-                f = info.filename
-                if (not f.startswith(("pytriton/tritonserver/", "nvidia_pytriton.libs/"))
-                        or f.startswith("nvidia_pytriton.libs/libpython")  # pytriton's own Python
-                        or (f.startswith(stubs) and not f.startswith(f"{stubs}{py}/"))):
-                    continue
-                path = Path(z.extract(info, root))
-                path.chmod((info.external_attr >> 16) & 0o777 or 0o644)
-        server = root / "pytriton" / "tritonserver"
-        stub = server / "python_backend_stubs" / py / "triton_python_backend_stub"
-        if not stub.is_file():
-            pytest.skip(f"nvidia-pytriton {PYTRITON} ships no Python backend stub for Python {py}")
-        shutil.copy2(stub, server / "backends" / "python" / stub.name)
-        (root / "ok").touch()
-    return root
-
-
-PTH_HOOK = ("import os, sys; sys.path.extend(p for p in "
-            "os.environ.get('CHMC_STUB_PATH', '').split(os.pathsep) if p)\n")
-
-
-def _stub_venv(cache: Path, numpy: str = STUB_NUMPY) -> Path:
-    """The stub's Python environment: exactly what the serving path needs, keyed by versions."""
-    import onnxruntime
-    import pydantic
-    import tokenizers
-
-    py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    where = hashlib.sha256(sys.base_prefix.encode()).hexdigest()[:8]  # the venv links this Python
-    key = (f"stubenv-py{py}-{where}-numpy{numpy}-ort{onnxruntime.__version__}"
-           f"-tok{tokenizers.__version__}-pydantic{pydantic.VERSION}")
-    root = cache / key
-    with _locked(root):
-        if (root / "ok").exists():
-            return root
-        shutil.rmtree(root, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
-        python = str(root / "bin" / "python")
-        _pip("--python", python, "install", f"numpy=={numpy}",
-             f"onnxruntime=={onnxruntime.__version__}", f"pydantic=={pydantic.VERSION}")
-        _pip("--python", python, "install", "--no-deps", f"tokenizers=={tokenizers.__version__}")
-        (site,) = (root / "lib").glob("python*/site-packages")
-        (site / "chmc_stub_path.pth").write_text(PTH_HOOK)
-        (root / "ok").touch()
-    return root
-
-
-@pytest.fixture(scope="module")
-def triton_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """tritonserver executable and the environment its Python stub needs."""
-    return _triton_env(tmp_path_factory, STUB_NUMPY)
-
-
-def _triton_env(tmp_path_factory: pytest.TempPathFactory, numpy: str) -> dict[str, Any]:
-    import chmc
-
-    libdir = sysconfig.get_config_var("LIBDIR") or ""
-    soname = sysconfig.get_config_var("INSTSONAME") or ""
-    if not (Path(libdir) / soname).is_file():
-        pytest.skip(f"this Python has no shared libpython ({libdir}/{soname}) for the backend stub")
-    cache = _cache()
-    dist = _tritonserver_dist(cache)
-    venv = _stub_venv(cache, numpy)
-    src = tmp_path_factory.mktemp("stub_src")
-    (src / "chmc").symlink_to(Path(chmc.__file__).resolve().parent)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "CUDA"))}
-    env.update(PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
-               LD_LIBRARY_PATH=libdir, CHMC_STUB_PATH=str(src), OMP_NUM_THREADS="1")
-    return {"executable": dist / "pytriton" / "tritonserver" / "bin" / "tritonserver", "env": env}
-
 
 @pytest.fixture(scope="module")
 def exported(onnx_family: dict[str, Any]) -> Path:
@@ -169,9 +40,10 @@ def exported(onnx_family: dict[str, Any]) -> Path:
 
 @pytest.fixture(scope="module")
 def repo(exported: Path, chmc_cli: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`chmc triton` on the export folder, through the real CLI."""
+    """`chmc triton --scheduling request` on the export folder, through the real CLI."""
     out = tmp_path_factory.mktemp("triton_repo") / "repo"
-    done = chmc_cli("triton", exported, "--out", out, "--name", NAME, cwd=out.parent)
+    done = chmc_cli("triton", exported, "--out", out, "--name", NAME, "--scheduling", "request",
+                    cwd=out.parent)
     assert done.returncode == 0, done.stderr
     assert f"wrote {out}" in done.stdout
     return out
@@ -217,10 +89,10 @@ def _client(url: str) -> Any:
 def _inputs(text: str, expert: str, max_new: int | None = MAX_NEW) -> list[Any]:
     import tritonclient.http as httpclient
 
-    arrays = {"text": np.array([[text.encode()]], dtype=object),
+    arrays = {"text_input": np.array([[text.encode()]], dtype=object),
               "expert": np.array([[expert.encode()]], dtype=object)}
     if max_new is not None:
-        arrays["max_new_tokens"] = np.array([[max_new]], dtype=np.int32)
+        arrays["max_tokens"] = np.array([[max_new]], dtype=np.int32)
     inputs = []
     for name, a in arrays.items():
         i = httpclient.InferInput(name, list(a.shape), "BYTES" if a.dtype == object else "INT32")
@@ -231,7 +103,7 @@ def _inputs(text: str, expert: str, max_new: int | None = MAX_NEW) -> list[Any]:
 
 def _ask(client: Any, text: str, expert: str) -> str:
     result = client.infer(NAME, _inputs(text, expert))
-    out = result.as_numpy("text")  # [1, 1]
+    out = result.as_numpy("text_output")  # [1, 1]
     assert out.shape == (1, 1)
     return out[0, 0].decode()
 
@@ -248,8 +120,9 @@ def test_generated_configs_parse_as_model_configs(exported: Path, repo: Path) ->
     section = read_export_manifest(exported).export
     inputs, outputs = section.inputs, section.outputs
     declared = json.loads((exported / "chmc.json").read_text())["export"]
-    for engine, platform in (("onnx", "onnxruntime_onnx"), ("trt", "tensorrt_plan")):
-        cfg = parse_model_config(engine_config(f"{NAME}_engine", inputs, outputs, engine))
+    for backend, platform in (("onnxruntime", "onnxruntime_onnx"),
+                              ("tensorrt", "tensorrt_plan")):
+        cfg = parse_model_config(engine_config(f"{NAME}_engine", inputs, outputs, backend))
         assert cfg.platform == platform and cfg.max_batch_size == 0
         assert [i.name for i in cfg.input] == [t["name"] for t in declared["inputs"]]
         assert [o.name for o in cfg.output] == [t["name"] for t in declared["outputs"]]
@@ -262,7 +135,10 @@ def test_generated_configs_parse_as_model_configs(exported: Path, repo: Path) ->
     text = parse_model_config((repo / NAME / "config.pbtxt").read_text())
     assert text.backend == "python" and text.max_batch_size > 1
     assert text.dynamic_batching.max_queue_delay_microseconds > 0
-    assert [i.name for i in text.input] == ["text", "expert", "max_new_tokens"]
+    assert [i.name for i in text.input] == ["text_input", "expert", "max_tokens", "temperature",
+                                            "top_p", "seed", "stop", "stream"]
+    assert text.parameters["scheduling"].string_value == "request"
+    assert not text.model_transaction_policy.decoupled
     # The text model points at the engine's graph instead of holding a second copy of the weights.
     assert not list((repo / NAME).rglob("*.onnx*"))
 
@@ -279,10 +155,16 @@ def test_bad_triton_inputs_are_one_line_errors(exported: Path, chmc_cli: Any,
                                                tmp_path: Path) -> None:
     out = tmp_path / "r"
     cases = [
-        (["triton", exported, "--out", out, "--engine", "trt"], f"{exported}: no model.plan"),
+        (["triton", exported, "--out", out, "--backend", "tensorrt"],
+         f"{exported}: no model.plan"),
         (["triton", tmp_path, "--out", out], f"{tmp_path}: not a chmc artifact, export or engine"),
         (["triton", exported, "--out", out, "--name", "a b"], "--name 'a b': use letters"),
-        (["triton", exported, "--out", out, "--engine", "tpu"], "--engine 'tpu' is not one of"),
+        (["triton", exported, "--out", out, "--backend", "tpu"], "--backend 'tpu' is not one of"),
+        (["triton", exported, "--out", out, "--backend", "torch"],
+         f"{exported}: is a chmc export (ONNX) folder; expected a chmc artifact"),
+        (["triton", exported, "--out", out, "--scheduling", "eager"],
+         "--scheduling 'eager' is not one of"),
+        (["triton", exported, "--out", out, "--slots", "0"], "--slots 0: must be >= 1"),
         (["serve", tmp_path / "missing"], "missing: no such file or directory"),
         (["serve", exported, "--tritonserver", tmp_path],
          f"--tritonserver {tmp_path}: not an exec"),
@@ -307,7 +189,7 @@ def test_trt_repository_from_an_engine_folder(exported: Path, tmp_path: Path) ->
     (engine_dir / "model.plan").write_bytes(b"placeholder: TensorRT cannot build engines here")
     write_engine_manifest(engine_dir, EngineManifest(onnx=str(exported / "model.onnx"),
                                                      tensorrt="none", profiles=[], bindings=[]))
-    repo = write_triton_repo(engine_dir, tmp_path / "repo", engine="trt")
+    repo = write_triton_repo(engine_dir, tmp_path / "repo", backend="tensorrt")
     graph = parse_model_config((repo / "chmc_engine" / "config.pbtxt").read_text())
     assert graph.platform == "tensorrt_plan" and graph.max_batch_size == 0
     assert "expert_id" in [i.name for i in graph.input]
@@ -330,11 +212,11 @@ def test_server_answers_each_expert_like_runner(server: str, runner: Any,
         rows = _inputs("", "")
         arrays = [np.array([[b"abc"], [b"1+2="]], dtype=object),  # text [2, 1]
                   np.array([[b"expert_2"], [b"expert_0"]], dtype=object),  # expert [2, 1]
-                  np.array([[3], [5]], dtype=np.int32)]  # max_new_tokens [2, 1]
+                  np.array([[3], [5]], dtype=np.int32)]  # max_tokens [2, 1]
         for i, array in zip(rows, arrays):
             i.set_shape(list(array.shape))
             i.set_data_from_numpy(array)
-        got = client.infer(NAME, rows).as_numpy("text")  # [2, 1]
+        got = client.infer(NAME, rows).as_numpy("text_output")  # [2, 1]
         assert [g.decode() for g in got[:, 0]] == [
             runner.generate(["abc"], ["expert_2"], max_new_tokens=3)[0],
             runner.generate(["1+2="], ["expert_0"], max_new_tokens=5)[0]]
@@ -375,15 +257,15 @@ def test_bad_requests_get_errors_and_server_keeps_serving(
     from tritonclient.utils import InferenceServerException
 
     good = (PROMPTS[0], runner.experts[1])
-    wrong = httpclient.InferInput("text", [1, 1], "INT32")
+    wrong = httpclient.InferInput("text_input", [1, 1], "INT32")
     wrong.set_data_from_numpy(np.array([[7]], dtype=np.int32))
     bad = [
         ([wrong, *_inputs("x", runner.experts[0])[1:]],
          "data-type is 'INT32', but model 'chmc' expects 'BYTES'"),
-        (_inputs("1+2=", runner.experts[0])[:1], "missing required input(s) ['expert']"),
+        (_inputs("1+2=", runner.experts[0])[:1], "missing input 'expert': this model serves"),
         (_inputs("1+2=", "nobody"), "[400] unknown expert 'nobody'"),
         (_inputs("1+2=", "auto"), "expert 'auto' needs a router, and this model has none"),
-        (_inputs("1+2=", runner.experts[0], max_new=0), "'max_new_tokens' must be one positive"),
+        (_inputs("1+2=", runner.experts[0], max_new=0), "'max_tokens' must be positive"),
     ]
     with _client(server) as client:
         for inputs, message in bad:
@@ -394,17 +276,17 @@ def test_bad_requests_get_errors_and_server_keeps_serving(
 
 
 def _request(rows: list[tuple[bytes, bytes]], limits: list[int] | None) -> list[Any]:
-    """A request of raw rows (text, expert) and optional max_new_tokens values."""
+    """A request of raw rows (text, expert) and optional max_tokens values."""
     import tritonclient.http as httpclient
 
     inputs = []
-    for i, name in enumerate(("text", "expert")):
+    for i, name in enumerate(("text_input", "expert")):
         a = np.array([[r[i]] for r in rows], dtype=object)
         inputs.append(httpclient.InferInput(name, list(a.shape), "BYTES"))
         inputs[-1].set_data_from_numpy(a)
     if limits is not None:
         a = np.array([[v] for v in limits], dtype=np.int32)
-        inputs.append(httpclient.InferInput("max_new_tokens", list(a.shape), "INT32"))
+        inputs.append(httpclient.InferInput("max_tokens", list(a.shape), "INT32"))
         inputs[-1].set_data_from_numpy(a)
     return inputs
 
@@ -412,7 +294,7 @@ def _request(rows: list[tuple[bytes, bytes]], limits: list[int] | None) -> list[
 @st.composite
 def malformed_requests(draw: Any, experts: list[str]) -> tuple[list[Any], Any]:
     """A request the text model must refuse: a row with an unknown expert or with bytes that are
-    not UTF-8, or a max_new_tokens below 1 (the other rows are good)."""
+    not UTF-8, or a max_tokens below 1 (the other rows are good)."""
     good = st.tuples(st.sampled_from([p.encode() for p in PROMPTS]),
                      st.sampled_from([e.encode() for e in experts]))
     rows = draw(st.lists(good, min_size=0, max_size=3))
@@ -564,7 +446,7 @@ def test_a_numpy2_stub_fails_at_load_with_one_line(
     from chmc.errors import ChmcError
     from chmc.runtime.serve import TritonServer, free_port
 
-    env = _triton_env(tmp_path_factory, STUB_NUMPY_2)
+    env = triton_env_for(tmp_path_factory.mktemp("stub_src"), STUB_NUMPY_2)
     log = tmp_path_factory.mktemp("triton_numpy2") / "server.log"
     srv = TritonServer(repo, port=free_port(), executable=env["executable"], models=[NAME],
                        env=env["env"], log=log)
@@ -577,7 +459,8 @@ def test_a_numpy2_stub_fails_at_load_with_one_line(
 def test_other_architectures_serve_and_route_like_the_runner(
         case: str, triton_env: dict[str, Any], chmc_cli: Any, tmp_path: Path) -> None:
     """A Gemma 3 and a Phi-4-mini family (K=2 of 3, a router trained at build): the repository
-    answers each expert, and `auto`, with the in-process runner's greedy text."""
+    answers each expert, and `auto`, with the in-process runner's greedy text, through the
+    generate endpoint of the default (continuous) text model."""
     from architectures import CASES
 
     from chmc import build, load
@@ -608,10 +491,11 @@ def test_other_architectures_serve_and_route_like_the_runner(
                        models=[NAME], env=triton_env["env"], log=tmp_path / "server.log")
     try:
         srv.start(ready_timeout=180)
-        with _client(f"127.0.0.1:{srv.port}") as client:
-            for expert in (*names, "auto"):
-                for prompt in prompts:
-                    want = runner.generate([prompt], [expert], max_new_tokens=MAX_NEW)[0]
-                    assert _ask(client, prompt, expert) == want, (expert, prompt)
+        for expert in (*names, "auto"):
+            for prompt in prompts:
+                want = runner.generate([prompt], [expert], max_new_tokens=MAX_NEW)[0]
+                status, got = generate(f"127.0.0.1:{srv.port}", NAME, {
+                    "text_input": prompt, "expert": expert, "max_tokens": MAX_NEW})
+                assert (status, got.get("text_output")) == (200, want), (expert, prompt, got)
     finally:
         srv.stop()
