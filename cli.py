@@ -333,6 +333,10 @@ def triton(
                                        "(prompt + max_tokens each)."),
     queue: int = typer.Option(64, "--queue",
                               help="Continuous: waiting requests before 'server busy'."),
+    stream_interval_ms: float = typer.Option(
+        0.0, "--stream-interval-ms",
+        help="Continuous: least time between two streamed responses of a request (0: one per "
+             "text piece)."),
     device: str = typer.Option("cuda", "--device", help="torch backend: the CUDA device."),
     name: str = typer.Option("chmc", "--name", help="Text model name; the graph is NAME_engine."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
@@ -344,7 +348,7 @@ def triton(
     )
 
     options = TextModelOptions(scheduling=scheduling, slots=slots, kv_tokens=kv_tokens,
-                               queue=queue, device=device)
+                               queue=queue, stream_interval_ms=stream_interval_ms, device=device)
     written = write_triton_repo(source, out, backend=backend, name=name, force=force,
                                 options=options)
     typer.echo(f"wrote {written}")

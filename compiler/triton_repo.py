@@ -58,12 +58,15 @@ class TextModelOptions:
     """The text model's serving knobs. `scheduling`: continuous (per decode step, streaming) or
     request (the dynamic batcher: wait up to `queue_delay_us` to fill a preferred batch, run it
     to the end). `slots`, `kv_tokens`, `queue`: the continuous scheduler's limits
-    (chmc.runtime.scheduler.Limits). `device`: the torch backend's."""
+    (chmc.runtime.scheduler.Limits); `stream_interval_ms`: the least time between two streamed
+    responses of a request (0: one per text piece; more sends several tokens per response).
+    `device`: the torch backend's."""
 
     scheduling: str = "continuous"
     slots: int = 16
     kv_tokens: int = 16384
     queue: int = 64
+    stream_interval_ms: float = 0.0
     max_batch_size: int = 16
     preferred_batch_sizes: tuple[int, ...] = (4, 8, 16)
     queue_delay_us: int = 20_000
@@ -74,6 +77,8 @@ class TextModelOptions:
     def __post_init__(self) -> None:
         if self.scheduling not in SCHEDULING:
             raise ChmcError(f"--scheduling {self.scheduling!r} is not one of {list(SCHEDULING)}")
+        if not self.stream_interval_ms >= 0:
+            raise ChmcError(f"--stream-interval-ms {self.stream_interval_ms}: must be >= 0")
         for field in ("slots", "kv_tokens", "queue", "max_batch_size", "max_new_tokens"):
             if getattr(self, field) < 1:
                 raise ChmcError(f"--{field.replace('_', '-')} {getattr(self, field)}: must be "
@@ -128,7 +133,8 @@ def text_model_config(name: str, backend: str, opts: TextModelOptions,
     params = {"backend": backend, "scheduling": opts.scheduling,
               "max_new_tokens": str(opts.max_new_tokens), **where}
     if opts.scheduling == "continuous":
-        params.update(slots=str(opts.slots), kv_tokens=str(opts.kv_tokens), queue=str(opts.queue))
+        params.update(slots=str(opts.slots), kv_tokens=str(opts.kv_tokens), queue=str(opts.queue),
+                      stream_interval_ms=str(opts.stream_interval_ms))
         batching = "max_batch_size: 0\nmodel_transaction_policy { decoupled: true }\n"
     else:
         preferred = ", ".join(str(s) for s in opts.preferred_batch_sizes

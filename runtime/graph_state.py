@@ -54,12 +54,12 @@ class GraphState:
 
     def join(self, other: GraphState, width: int) -> None:
         """Append `other`'s rows; both caches left-padded with zeros to `width` columns."""
-        def padded(a: np.ndarray) -> np.ndarray:
-            return np.pad(a, ((0, 0), (0, 0), (width - a.shape[2], 0), (0, 0)))
-
         for name in self._caches():
-            self.feed[name] = np.concatenate([padded(self.feed[name]),
-                                              padded(other.feed[name])])
+            a, b = self.feed[name], other.feed[name]  # [B, kv_heads, T, head_dim]
+            out = np.zeros((len(a) + len(b), a.shape[1], width, a.shape[3]), dtype=a.dtype)
+            out[:len(a), :, width - a.shape[2]:] = a
+            out[len(a):, :, width - b.shape[2]:] = b
+            self.feed[name] = out
         self._set_experts(np.concatenate([self.expert_ids, other.expert_ids]))
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,

@@ -32,14 +32,21 @@ class Detokenizer:
         cut = min((text.index(s) for s in self.stop if s in text), default=len(text))
         return str(text[:cut])
 
-    def add(self, token: int) -> str:
-        """The new text this token completes ("" while a character or stop string is open)."""
+    def push(self, token: int) -> None:
         self.ids.append(token)
+
+    def take(self) -> str:
+        """The text the tokens pushed so far complete ("" while a character or a stop string
+        is open)."""
         text = self.text(self.ids)
         if len(text) <= len(self.shown) or text.endswith("\ufffd"):
             return ""
         piece, self.shown = text[len(self.shown):], text
         return piece
+
+    def add(self, token: int) -> str:
+        self.push(token)
+        return self.take()
 
 
 class Runner:

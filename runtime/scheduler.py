@@ -287,7 +287,9 @@ class Scheduler:
 
 
 def _pad_left(mask: np.ndarray, width: int) -> np.ndarray:
-    return np.pad(mask, ((0, 0), (width - mask.shape[1], 0)))
+    out = np.zeros((len(mask), width), dtype=mask.dtype)
+    out[:, width - mask.shape[1]:] = mask
+    return out
 
 
 class ServingLoop:

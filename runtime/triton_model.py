@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from chmc.errors import ChmcError
 from chmc.runtime import load
 from chmc.runtime.runner import Detokenizer
 from chmc.runtime.scheduler import BusyError, Limits, Sequence
+
+CANCEL_CHECK_S = 0.02
 
 
 class RequestError(ValueError):
@@ -112,6 +115,7 @@ class TritonPythonModel:
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
         self.default_max_new = int(params.get("max_new_tokens", "64"))
         self.scheduling = params.get("scheduling", "continuous")
+        self.stream_interval = float(params.get("stream_interval_ms", "0")) / 1000
         limits = Limits(slots=int(params.get("slots", "16")),
                         tokens=int(params.get("kv_tokens", "16384")),
                         queue=int(params.get("queue", "64")))
@@ -208,24 +212,37 @@ class TritonPythonModel:
             sender.send(self._error(str(e)), flags=final)
 
     def _listener(self, sender: Any, row: Row) -> Any:
+        """Sends a streaming request's text as it grows: the first piece at once, then at most
+        one response per `stream_interval` (a response per token costs more than a step of a
+        small model), the rest with the final flag. Whether the client is gone is asked every
+        CANCEL_CHECK_S (each question is a round trip to the server)."""
         pb = self.pb
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         pieces = Detokenizer(self.runner.tokenizer, self.runner.eos_ids, list(row.stop))
+        sent = checked = 0.0  # when a piece was last sent, when cancellation was last asked
 
         def hear(seq: Sequence, token: int | None) -> None:
+            nonlocal sent, checked
             if token is not None:
-                if sender.is_cancelled():  # the client has gone: the slot frees at the next step
-                    raise ConnectionAbortedError
-                piece = pieces.add(token)
-                if row.stream and piece:
+                pieces.push(token)
+                now = time.monotonic()
+                if now - checked >= CANCEL_CHECK_S:
+                    checked = now
+                    if sender.is_cancelled():  # the client has gone: the slot frees next step
+                        raise ConnectionAbortedError
+                if row.stream and now - sent >= self.stream_interval and (piece := pieces.take()):
                     sender.send(self._response(piece))
+                    sent = now
             elif seq.finish == "error":
                 sender.send(self._error(seq.error or "generation failed", pb.TritonError.INTERNAL),
                             flags=final)
             elif seq.finish == "cancelled":
                 sender.send(flags=final)
-            else:
-                sender.send(None if row.stream else self._response(pieces.shown), flags=final)
+            else:  # the rest of the text rides on the final response
+                piece = pieces.take()
+                text = piece if row.stream else pieces.shown
+                sender.send(self._response(text) if text or not row.stream else None,
+                            flags=final)
 
         return hear
 
