@@ -334,9 +334,9 @@ def triton(
     queue: int = typer.Option(64, "--queue",
                               help="Continuous: waiting requests before 'server busy'."),
     stream_interval_ms: float = typer.Option(
-        0.0, "--stream-interval-ms",
+        20.0, "--stream-interval-ms",
         help="Continuous: least time between two streamed responses of a request (0: one per "
-             "text piece)."),
+             "text piece; the first piece is sent at once)."),
     device: str = typer.Option("cuda", "--device", help="torch backend: the CUDA device."),
     name: str = typer.Option("chmc", "--name", help="Text model name; the graph is NAME_engine."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),

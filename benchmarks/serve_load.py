@@ -16,6 +16,7 @@ same offered load. Prints JSON and writes --json (default benchmarks/results/ser
           stub's RSS after the first 100 and at the end (flat: a leak per request shows here).
 
     python3 benchmarks/serve_load.py [--family random|distinct] [--rates 150,300,600]
+    python3 benchmarks/serve_load.py --artifact DIR --device cuda   # on a GPU, the torch backend
 
 The tritonserver is the one the tests use (tests/tritonserver.py: the nvidia-pytriton wheel's).
 """
@@ -25,7 +26,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import random
+import site
 import statistics
 import sys
 import tempfile
@@ -179,6 +182,10 @@ def main() -> None:
     ap.add_argument("--rates", default="150,300,600", help="arrivals per second (Poisson)")
     ap.add_argument("--max-tokens", default="8:64", help="LO:HI, uniform")
     ap.add_argument("--family", choices=["random", "distinct"], default="random")
+    ap.add_argument("--artifact", default=None,
+                    help="serve this artifact with --backend torch instead of a tiny family "
+                         "(on a GPU: e.g. a `chmc family synth` family built at K=2)")
+    ap.add_argument("--device", default="cuda", help="with --artifact: the torch device")
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--stream-interval-ms", type=float, default=20.0)
     ap.add_argument("--memory-requests", type=int, default=2000)
@@ -188,15 +195,22 @@ def main() -> None:
     args = ap.parse_args()
     work = cache_root() / "bench" / "serve"
     work.mkdir(parents=True, exist_ok=True)
-    onnx = model_folder(work, args.family)
-    runner = load(onnx)
+    if args.artifact:  # the torch backend on the artifact itself
+        source, backend = Path(args.artifact), "torch"
+        runner = load(source, backend="torch", device=args.device, merged=True)
+    else:
+        source, backend = model_folder(work, args.family), "onnxruntime"
+        runner = load(source)
     lo, hi = (int(v) for v in args.max_tokens.split(":"))
     rates = [float(r) for r in args.rates.split(",")]
     loads = [make_jobs(runner, args.requests, rate, (lo, hi), args.seed) for rate in rates]
     env = triton_env_for(Path(tempfile.mkdtemp(prefix="chmc-stub-")))
+    if args.artifact:  # the stub's small environment has no torch: this Python's packages too
+        env["env"]["CHMC_STUB_PATH"] += os.pathsep + site.getsitepackages()[0]
     report: dict[str, Any] = {
-        "model": f"{args.family} tiny family: K=2 of {len(runner.experts)} experts, plugin "
-                 "form, fp32, ONNX Runtime in Triton's Python backend",
+        "model": (f"{source} on torch ({args.device}) in Triton's Python backend" if args.artifact
+                  else f"{args.family} tiny family: K=2 of {len(runner.experts)} experts, plugin "
+                  "form, fp32, ONNX Runtime in Triton's Python backend"),
         "offered": {"requests": args.requests, "max_tokens_uniform": [lo, hi],
                     "prompt_bytes": [min(len(j["prompt"]) for j in loads[0]),
                                      max(len(j["prompt"]) for j in loads[0])],
@@ -209,9 +223,11 @@ def main() -> None:
         "loads": [{"rate_per_s": rate} for rate in rates],
     }
     for scheduling in ("request", "continuous"):
-        repo = write_triton_repo(onnx, work / f"repo-{scheduling}", force=True, options=(
-            TextModelOptions(scheduling=scheduling, slots=args.slots, queue=args.requests,
-                             stream_interval_ms=args.stream_interval_ms)))
+        repo = write_triton_repo(source, work / f"repo-{scheduling}", backend=backend,
+                                 force=True, options=TextModelOptions(
+                                     scheduling=scheduling, slots=args.slots,
+                                     queue=args.requests, device=args.device,
+                                     stream_interval_ms=args.stream_interval_ms))
         srv = serve(repo, env, work / f"server-{scheduling}.log")
         try:
             url = f"{srv.host}:{srv.port}"
@@ -228,7 +244,8 @@ def main() -> None:
     for entry in report["loads"]:
         entry["continuous_vs_request"] = compare(entry["continuous"], entry["request"])
     report["date"] = time.strftime("%Y-%m-%d")
-    out = args.json or Path(__file__).parent / "results" / f"serve_load_cpu_{args.family}.json"
+    name = "gpu_torch" if args.artifact else f"cpu_{args.family}"
+    out = args.json or Path(__file__).parent / "results" / f"serve_load_{name}.json"
     Path(out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({"ratios": [{"rate": e["rate_per_s"], **e["continuous_vs_request"]}
                                  for e in report["loads"]], "memory": report.get("memory")}))

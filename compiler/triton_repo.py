@@ -66,7 +66,7 @@ class TextModelOptions:
     slots: int = 16
     kv_tokens: int = 16384
     queue: int = 64
-    stream_interval_ms: float = 0.0
+    stream_interval_ms: float = 20.0
     max_batch_size: int = 16
     preferred_batch_sizes: tuple[int, ...] = (4, 8, 16)
     queue_delay_us: int = 20_000

@@ -203,9 +203,11 @@ def _server(repo: Path, env: dict[str, Any], log: Path, grpc: bool = False) -> A
 @pytest.fixture(scope="module")
 def server(onnx_family: dict[str, Any], chmc_cli: Any, triton_env: dict[str, Any],
            tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """The default repository (continuous scheduling, 8 slots, a queue of 64) on a free port."""
+    """The default repository (continuous scheduling, a queue of 64) with 8 slots and a response
+    per text piece, on a free port."""
     root = tmp_path_factory.mktemp("serving")
-    repo = _repo(Path(onnx_family["k2_onnx"]), root / "repo", chmc_cli, "--slots", "8")
+    repo = _repo(Path(onnx_family["k2_onnx"]), root / "repo", chmc_cli, "--slots", "8",
+                 "--stream-interval-ms", "0")
     srv = _server(repo, triton_env, root / "server.log", grpc=True)
     try:
         srv.start(ready_timeout=180)
