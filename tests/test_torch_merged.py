@@ -109,3 +109,17 @@ def test_cuda_generates_the_cpu_runtimes_tokens(distinct_family: Any, tmp_path: 
     cuda = load(artifact, backend="torch", device="cuda")
     assert cuda.generate(prompts, experts, max_new_tokens=12) == cpu
     assert cuda.backend.decoder.replays >= 10, "decode steps did not replay the CUDA graph"
+    # Per decode step (chmc.runtime.scheduler): requests joining and leaving the running batch
+    # regroup the static cache and recapture the graph; each gets the CPU runtime's tokens.
+    from chmc.runtime.scheduler import Limits, Scheduler
+
+    sched = Scheduler(cuda.backend, eos_ids=cuda.eos_ids, pad_id=cuda.pad_id,
+                      limits=Limits(slots=5))
+    seqs = []
+    for prompt, expert in zip(prompts, experts):
+        seqs.append(sched.submit(cuda.sequence(prompt, expert, 12)))
+        sched.step()
+    sched.run_until_idle()
+    texts = [cuda.generate([p], [e], max_new_tokens=12)[0] for p, e in zip(prompts, experts)]
+    assert [cuda.tokenizer.decode([t for t in s.new if t not in cuda.eos_ids]) for s in seqs] \
+        == texts == cpu
