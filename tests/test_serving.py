@@ -248,6 +248,17 @@ def test_tokens_stream_before_the_request_ends(server: Any, runner: Any) -> None
     assert generate(_url(server), NAME, {"text_input": prompt, "expert": expert,
                                          "max_tokens": 48}) == (200, {
         "model_name": NAME, "model_version": "1", "text_output": want})
+    # stop strings and sampling parameters reach the scheduler (0.5 and 0.75 are exact in the
+    # FP32 inputs, so the draws match the in-process ones)
+    stop = want[2:4]
+    assert generate(_url(server), NAME, {"text_input": prompt, "expert": expert,
+                                         "max_tokens": 48, "stop": [stop]})[1][
+        "text_output"] == want[:want.index(stop)]
+    sampled = runner.generate([prompt], [expert], max_new_tokens=48, temperature=0.5,
+                              top_p=0.75, seed=11)[0]
+    assert generate(_url(server), NAME, {"text_input": prompt, "expert": expert,
+                                         "max_tokens": 48, "temperature": 0.5, "top_p": 0.75,
+                                         "seed": 11})[1]["text_output"] == sampled
 
 
 @pytest.mark.slow
