@@ -401,17 +401,32 @@ def model_prefill(shapes: dict[str, Any],
     return model, choice
 
 
+def last_json(text: str) -> dict[str, Any] | None:
+    """The last complete JSON object in `text` that starts a line: what the benchmark printed,
+    whatever else shares the stream (TRITON_PRINT_AUTOTUNING writes its lines to stdout too)."""
+    decoder = json.JSONDecoder()
+    found = None
+    for at in (i for i in range(len(text)) if text[i] == "{" and (i == 0 or text[i - 1] == "\n")):
+        try:
+            value, _ = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            found = value
+    return found
+
+
 def summarize(paths: list[str]) -> int:
-    """Print the answer in a few lines from a run's JSON: the complete object in the first file,
+    """Print the answer in a few lines from a run's output: the complete object in the first file,
     else (a run cut by its timeout) the last partial JSON line of any of them."""
     from pathlib import Path
 
     texts = [Path(p).read_text() if Path(p).exists() else "" for p in paths]
-    partial = [ln for t in texts for ln in t.splitlines() if ln.startswith("{")]
-    if not texts[0].strip() and not partial:
+    found = [r for r in map(last_json, texts) if r is not None]
+    if not found:
         print("gpu_kernels: no results in", " ".join(paths))
         return 1
-    r = json.loads(texts[0]) if texts[0].strip() else json.loads(partial[-1])
+    r = found[0]
     for name in ("decode", "prefill", "mixed"):
         print(name, {k: v for k, v in r.get(name, {}).items() if "ratio" in k or "best" in k})
     pv = r.get("prefill_variants", {})
