@@ -131,6 +131,24 @@ def test_kernel_matches_reference(shape: tuple[int, ...], mode: Mode, dtype: Any
     assert_close_to_reference(y, x, bank, index, expert_id, f"{mode} {tuple(shape)}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", ["one expert", "one expert, then mixed", "mixed, then one"])
+def test_mixed_kernel_rows_of_one_expert(rows: str, dtype: Any) -> None:
+    """The mixed kernel's one-expert pass (a tile whose rows share an expert) and its per-group
+    pass, side by side in one launch (80 rows: tiles of 64 and 16), against the reference."""
+    device = kernel_device()
+    from chmc.plugins.channel_gather_matmul.kernels import channel_gather_matmul, mixed_block_m
+
+    x, bank, index, _ = random_op(80, 1, 3, 5, 70, 33, dtype=dtype, device=device)
+    assert mixed_block_m(80) == 64
+    ids = {"one expert": [2] * 80, "one expert, then mixed": [1] * 64 + [0, 3, 4, 1] * 4,
+           "mixed, then one": [0, 3, 4, 1] * 16 + [4] * 16}[rows]
+    expert_id = torch.tensor(ids, device=device)
+    y = channel_gather_matmul(x, bank, index, expert_id, mode="mixed", tuned=False)
+    assert_close_to_reference(y, x, bank, index, expert_id, rows)
+
+
 def assert_close_to_reference(y: Any, x: Any, bank: Any, index: Any, expert_id: Any,
                               what: str) -> None:
     expected = reference(x, bank, index, expert_id)

@@ -7,7 +7,8 @@ uses and streams that row straight from `bank`. Three kernels, one per regime:
   - `_gemv_kernel`  (decode, one row): a gather-GEMV, each needed bank row read once.
   - `_mixed_kernel` (few rows, any mix of experts): per channel block, for every group g it reads
     bank[g] rows only where some row of the batch needs them (masked loads skip the rest), so a
-    channel costs at most K row reads whatever the batch size, then applies them with tl.dot.
+    channel costs at most K row reads whatever the batch size, then applies them with tl.dot; a
+    tile whose rows share one expert makes one pass over that expert's rows instead.
   - `_gemm_kernel`  (prefill, many rows): a gather-GEMM per batch entry (one expert per entry).
     `_gemm_persistent_kernel` is the same GEMM scheduled persistently, with TMA loads of x: an
     opt-in candidate (`variant=`) until a GPU benchmark shows it beats `_gemm_kernel`.
@@ -78,22 +79,39 @@ def _mixed_kernel(x, bank, index, expert_id, S, N_OUT, N_IN, N_GROUPS, M, y,
     c_ok = c < N_OUT
     e = tl.load(expert_id + m // S, mask=m_ok, other=0)  # [BM] each row's expert
     tile_ok = m_ok[:, None] & c_ok[None, :]
-    grp = tl.load(index + e[:, None] * N_OUT + c[None, :], mask=tile_ok, other=-1)  # [BM, BN]
-    out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g in range(N_GROUPS):
-        use = grp == g  # [BM, BN] rows that read bank[g] at channel c
-        need = tl.max(use.to(tl.int32), axis=0) > 0  # [BN] channels where some row needs bank[g]
-        w_rows = bank + (g * N_OUT + c.to(tl.int64)) * N_IN  # [BN]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    e0 = tl.load(expert_id + (pid_m * BLOCK_M) // S)  # the tile's first row's expert
+    e_or_e0 = tl.where(m_ok, e, e0)
+    if tl.min(e_or_e0, axis=0) == tl.max(e_or_e0, axis=0):
+        # one expert in the tile (a router's batch, one tenant's burst): one pass over the one
+        # bank row each channel uses, not one per group
+        row_g = tl.load(index + e0 * N_OUT + c, mask=c_ok, other=0).to(tl.int64)  # [BN]
+        w_rows = bank + (row_g * N_OUT + c) * N_IN  # [BN]
+        out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, N_IN, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)  # [BK]
             k_ok = k < N_IN
             a = tl.load(x + m[:, None] * N_IN + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                         other=0.0)  # [BM, BK]
-            w = tl.load(w_rows[:, None] + k[None, :], mask=need[:, None] & k_ok[None, :],
-                        other=0.0)  # [BN, BK], unneeded rows never leave memory
-            acc = _dot_t(a, w, acc, F32_DOT)
-        out = tl.where(use, acc, out)
+            w = tl.load(w_rows[:, None] + k[None, :], mask=c_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # [BN, BK]
+            out = _dot_t(a, w, out, F32_DOT)
+    else:
+        grp = tl.load(index + e[:, None] * N_OUT + c[None, :], mask=tile_ok, other=-1)  # [BM, BN]
+        out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for g in range(N_GROUPS):
+            use = grp == g  # [BM, BN] rows that read bank[g] at channel c
+            need = tl.max(use.to(tl.int32), axis=0) > 0  # [BN] channels some row needs bank[g] at
+            w_rows = bank + (g * N_OUT + c.to(tl.int64)) * N_IN  # [BN]
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, N_IN, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)  # [BK]
+                k_ok = k < N_IN
+                a = tl.load(x + m[:, None] * N_IN + k[None, :],
+                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+                w = tl.load(w_rows[:, None] + k[None, :], mask=need[:, None] & k_ok[None, :],
+                            other=0.0)  # [BN, BK], unneeded rows never leave memory
+                acc = _dot_t(a, w, acc, F32_DOT)
+            out = tl.where(use, acc, out)
     tl.store(y + m[:, None] * N_OUT + c[None, :], out.to(y.dtype.element_ty), mask=tile_ok)
 
 
