@@ -6,7 +6,8 @@
 # Budget (one device call, about 7 min): benchmark <= BENCH_S (300 s), tests <= TEST_S (120 s),
 # both under `timeout`; the benchmark goes first, since it answers which prefill kernel wins.
 # The tests are the ones marked MARK (default gpu) in TEST_FILES matching TESTS_K (pytest -k;
-# default: the persistent prefill kernel's). The whole GPU suite (179 s on an H200 at 8ced0cc)
+# default: the persistent prefill kernel's, the TensorRT plugin's kernels launched through the
+# CUDA driver API as TensorRT launches them, and the mixed kernel's one-expert pass). The whole GPU suite (179 s on an H200 at 8ced0cc)
 # runs with TESTS_K= TEST_S=300; BENCH_S=0 skips the benchmark. Wheels the image lacks
 # (pydantic and its three dependencies) travel in .whl (carry it; see the device README).
 # SCALE_S > 0 first runs benchmarks/scale_gpu.py (end to end at 1.1B and 8B, against transformers
@@ -54,7 +55,8 @@ fi
 
 mark=${MARK-gpu}
 read -r -a files <<<"${TEST_FILES:-tests/test_kernels.py tests/test_torch_merged.py tests/test_engine.py}"
-timeout "${TEST_S:-120}" python3 -m pytest -q ${mark:+-m "$mark"} -k "${TESTS_K-persistent}" "${files[@]}" \
+timeout "${TEST_S:-120}" python3 -m pytest -q ${mark:+-m "$mark"} \
+    -k "${TESTS_K-persistent or launched_as_tensorrt or rows_of_one_expert}" "${files[@]}" \
     -p no:cacheprovider --durations=10 --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1
 tests_rc=$?
 tail -25 "$OUT/gpu_tests.log"

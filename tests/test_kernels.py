@@ -394,6 +394,92 @@ def test_aot_kernels_compile_to_ptx(dtype: str) -> None:
         assert 0 < compiled.metadata.shared <= PORTABLE_SHARED_BYTES  # no opt-in launch needed
 
 
+def test_aot_launch_params_match_the_jit_launch() -> None:
+    """The grid and int32 scalars the TensorRT plugin hands TensorRT are the JIT launcher's."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed (python3 -m pip install --no-deps triton)")
+    import triton
+
+    from chmc.plugins.channel_gather_matmul.kernels import grid
+    from chmc.plugins.channel_gather_matmul.tensorrt_plugin import (
+        AOT_LAUNCH,
+        TACTICS,
+        launch_params,
+    )
+
+    for mode in TACTICS.values():
+        for batch, seq, n_out, n_in, groups in [(1, 1, 4099, 1031, 2), (16, 1, 70, 33, 3),
+                                                (3, 300, 1027, 4096, 4)]:
+            got, scalars = launch_params(mode, AOT_LAUNCH[mode], batch, seq, n_out, n_in, groups,
+                                         triton.cdiv)
+            assert got == grid(mode, AOT_LAUNCH[mode], batch, seq, n_out)
+            assert scalars == [seq, n_out, n_in] + ([groups, batch * seq] if mode == "mixed"
+                                                    else [])
+
+
+RAW_SHAPES = {"decode": (1, 1, 2, 4, 4099, 1031), "mixed": (16, 1, 3, 5, 1027, 4096),
+              "prefill": (3, 130, 4, 4, 257, 4099)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("regime", list(RAW_SHAPES))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_aot_kernel_launched_as_tensorrt_launches_it(dtype: str, regime: str) -> None:
+    """Each tactic's embedded kernel exactly as the plugin hands it to TensorRT (PTX, kernel name,
+    grid, block, shared memory, our arguments then a null for each pointer Triton appends),
+    loaded and launched through the CUDA driver API with raw device pointers: the result equals
+    the reference."""
+    if not torch.cuda.is_available() or INTERPRETING:
+        pytest.skip("needs a CUDA GPU (the driver API launch)")
+    cu = pytest.importorskip("cuda.bindings.driver")
+    import ctypes
+
+    import triton
+
+    from chmc.plugins.channel_gather_matmul.tensorrt_plugin import (
+        AOT_LAUNCH,
+        PORTABLE_SHARED_BYTES,
+        TACTICS,
+        compile_kernel,
+        launch_params,
+    )
+
+    def check(result: tuple[Any, ...]) -> Any:
+        assert result[0] == cu.CUresult.CUDA_SUCCESS, result[0]
+        return result[1] if len(result) == 2 else result[1:]
+
+    torch_dtype = getattr(torch, dtype)
+    x, bank, index, expert_id = random_op(*RAW_SHAPES[regime], dtype=torch_dtype, device="cuda")
+    batch, seq, n_in = x.shape
+    n_groups, n_out, _ = bank.shape
+    for mode in TACTICS.values():
+        launch = AOT_LAUNCH[mode]
+        compiled = compile_kernel(mode, dtype, launch, max_shared=PORTABLE_SHARED_BYTES)
+        ptx = compiled.asm["ptx"]
+        entry = re.search(rf"\.entry {compiled.metadata.name}\((.*?)\)", ptx, re.DOTALL)
+        assert entry is not None
+        n_params = len(re.findall(r"\.param ", entry.group(1)))
+        (gx, gy, gz), scalars = launch_params(mode, launch, batch, seq, n_out, n_in, n_groups,
+                                              triton.cdiv)
+        y = torch.full((batch, seq, n_out), float("nan"), dtype=torch_dtype, device="cuda")
+        pointers = [t.data_ptr() for t in (x, bank, index, expert_id)]
+        values = [*pointers, *scalars, y.data_ptr()]
+        types = [ctypes.c_void_p] * 4 + [ctypes.c_int32] * len(scalars) + [ctypes.c_void_p]
+        values += [0] * (n_params - len(values))  # Triton's scratch pointers: none needed
+        types += [ctypes.c_void_p] * (n_params - len(types))
+        module = check(cu.cuModuleLoadData(ptx.encode() + b"\0"))
+        try:
+            function = check(cu.cuModuleGetFunction(module, compiled.metadata.name.encode()))
+            stream = cu.CUstream(torch.cuda.current_stream().cuda_stream)
+            check((cu.cuLaunchKernel(function, gx, gy, gz, compiled.metadata.num_warps * 32, 1, 1,
+                                     compiled.metadata.shared, stream,
+                                     (tuple(values), tuple(types)), 0)[0], None))
+            torch.cuda.synchronize()
+        finally:
+            check((cu.cuModuleUnload(module)[0], None))
+        assert_close_to_reference(y, x, bank, index, expert_id, f"{mode} tactic, {regime}")
+
+
 def test_persistent_kernel_compiles_to_tma_and_wgmma() -> None:
     """sm_90 codegen of the persistent kernel (bf16, the benchmark's 128x128x64 tile): wgmma
     tensor cores; x through the TMA (cp.async.bulk.tensor) exactly when X_TMA; W's gathered rows

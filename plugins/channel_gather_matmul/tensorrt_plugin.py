@@ -72,6 +72,16 @@ def compile_kernel(mode: str, dtype: str, launch: Launch, arch: int | None = Non
     return compiled
 
 
+def launch_params(mode: str, launch: Launch, batch: Any, seq: Any, n_out: Any, n_in: Any,
+                  n_groups: Any, cdiv: Any) -> Tuple[Tuple[Any, Any, Any], List[Any]]:  # noqa: UP006
+    """The grid (as kernels.grid) and the int32 scalars after the pointers, for plain ints or
+    TensorRT's symbolic shape expressions (with their `cdiv`)."""
+    if mode == "mixed":  # grid (cdiv(out, BN), cdiv(B * S, BM))
+        grid = (cdiv(n_out, launch.block_n), cdiv(batch * seq, launch.block_m), 1)
+        return grid, [seq, n_out, n_in, n_groups, batch * seq]
+    return (cdiv(seq, launch.block_m), cdiv(n_out, launch.block_n), batch), [seq, n_out, n_in]
+
+
 def divisible_dims(**dims: Any) -> tuple[str, ...]:
     """Names of the build-time constant dims (e.g. the bank's out and in) that are multiples of
     16."""
@@ -128,15 +138,10 @@ def _define() -> None:
         compiled = compile_kernel(mode, dtypes[x.dtype], launch, divisible=divisible,
                                   max_shared=PORTABLE_SHARED_BYTES)
         params = trtp.KernelLaunchParams()
-        if mode == "mixed":  # grid (cdiv(out, BN), cdiv(B * S, BM)), as kernels.grid
-            params.grid_x = trtp.cdiv(n_out, launch.block_n)
-            params.grid_y = trtp.cdiv(batch * seq, launch.block_m)
-            scalars = [seq, n_out, n_in, n_groups, batch * seq]
-        else:  # grid (cdiv(S, BM), cdiv(out, BN), B)
-            params.grid_x = trtp.cdiv(seq, launch.block_m)
-            params.grid_y = trtp.cdiv(n_out, launch.block_n)
-            params.grid_z = batch
-            scalars = [seq, n_out, n_in]
+        (params.grid_x, params.grid_y, grid_z), scalars = launch_params(
+            mode, launch, batch, seq, n_out, n_in, n_groups, trtp.cdiv)
+        if mode == "prefill":
+            params.grid_z = grid_z
         params.block_x = compiled.metadata.num_warps * 32
         params.shared_mem = compiled.metadata.shared
         extra = trtp.SymIntExprs(len(scalars))
