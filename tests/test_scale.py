@@ -115,7 +115,10 @@ def test_an_interrupted_build_leaves_nothing(synth: Path, tmp_path: Path,
     experts = [f"expert_{e}={synth / 'experts' / f'expert_{e}'}" for e in range(EXPERTS)]
     cmd = [sys.executable, "-m", "chmc", "build", "--base", str(synth / "base"), "--experts",
            *experts, "--groups", "2", "--out", str(tmp_path / "k2")]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal's Ctrl-C finds it: a test run started as a script's background job
+    # passes SIGINT on ignored, and Python then installs no KeyboardInterrupt handler
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stderr is not None
     deadline = time.monotonic() + 300
     for line in proc.stderr:  # stage lines: the merge has started writing shards
