@@ -10,6 +10,7 @@ once in a CUDA graph and replayed: one launch per token for the whole model.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from chmc.formats.checkpoint import read_config
 from chmc.formats.weights import ModelWeights
 from chmc.models import decoder
 from chmc.models.registry import describe
+from chmc.models.spec import ArchSpec
 from chmc.plugins.channel_gather_matmul.reference import channel_gather_matmul_torch
 
 CACHE_BLOCK = 64  # KV-cache capacity grows in these steps; each capacity captures one graph
@@ -41,9 +43,10 @@ class MergedDecoder:
 
     def __init__(self, config: dict[str, Any], banks: dict[str, tuple[torch.Tensor, torch.Tensor]],
                  vectors: dict[str, torch.Tensor], experts: int, device: str = "cpu",
-                 dtype: str = "float32"):
+                 dtype: str = "float32", fuse: bool = True):
         """`banks`: name -> (bank [K, out, in], index [N, out]); `vectors`: name -> [N, D]; both
-        moved to `device` in `dtype` (indices as int32)."""
+        moved to `device` in `dtype` (indices as int32). `fuse`: concatenate the projections
+        that read one input (fuse_projections)."""
         self.spec, self.cfg = describe(config)
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
@@ -51,6 +54,8 @@ class MergedDecoder:
         self.banks = {name: (self._put(bank), index.to(torch.int32).contiguous().to(device))
                       for name, (bank, index) in banks.items()}
         self.vectors = {name: self._put(v) for name, v in vectors.items()}
+        if fuse:
+            self.spec = fuse_projections(self.spec, self.cfg.layers, self.banks, self.vectors)
         self.experts = experts
         # array constants (RoPE frequencies) made on the device once: a copy from the host
         # cannot be captured in a CUDA graph
@@ -59,7 +64,7 @@ class MergedDecoder:
 
     @classmethod
     def from_artifact(cls, artifact: Artifact, device: str = "cpu",
-                      dtype: str | None = None) -> MergedDecoder:
+                      dtype: str | None = None, fuse: bool = True) -> MergedDecoder:
         w = ModelWeights(artifact)
         names = artifact.tensor_names
         dtype = dtype or artifact.manifest.dtype or "float32"
@@ -72,7 +77,8 @@ class MergedDecoder:
             bank, index = w.bank(n)
             banks[n] = (put(bank), index.to(device))
         vectors = {n: put(w.stacked(n)) for n in names if len(w.shape(n)) == 1}
-        return cls(read_config(artifact.path), banks, vectors, len(w.experts), device, dtype)
+        return cls(read_config(artifact.path), banks, vectors, len(w.experts), device, dtype,
+                   fuse)
 
     def _put(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(device=self.device, dtype=self.dtype).contiguous()
@@ -91,6 +97,46 @@ class MergedDecoder:
         [S]; mask [B, cap] marks the slots (prompt padding excluded) every query may attend to."""
         ops = TorchOps(self, expert_id, slots, mask, cache)
         return decoder.logits(ops, self.spec, self.cfg, ids, positions)[:, 0].float()
+
+
+# Projections that read the same input: (the spec's block, the fused name, its parts in order).
+FUSIONS = (("attention", "qkv", ("q", "k", "v")), ("mlp", "gate_up", ("gate", "up")))
+
+
+def fuse_projections(spec: ArchSpec, layers: int,
+                     banks: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                     vectors: dict[str, torch.Tensor]) -> ArchSpec:
+    """Concatenate q/k/v and gate/up into one bank per layer, in place in `banks` and `vectors`,
+    so a step launches one kernel for each group instead of three and two; the decoder splits
+    the output as it does for Phi-3's fused Linears, and the spec returned names the fused
+    tensors. Done only where every layer's parts have the same K (a budget build may give them
+    different K: they stay apart) and all or none of them have a bias."""
+    for block, fused, parts in FUSIONS:
+        names = getattr(spec, block)
+        if fused in names or not all(p in names for p in parts):
+            continue
+        per_layer = [[names[p].format(i=i) for p in parts] for i in range(layers)]
+
+        def fusable(prefixes: list[str]) -> bool:
+            if not all(f"{p}.weight" in banks for p in prefixes):
+                return False
+            biased = {f"{p}.bias" in vectors for p in prefixes}
+            return len({banks[f"{p}.weight"][0].shape[0] for p in prefixes}) == 1 \
+                and len(biased) == 1
+        if not all(map(fusable, per_layer)):
+            continue
+        template = names[parts[0]].rsplit(".", 1)[0] + f".{fused}_proj"  # ...self_attn.qkv_proj
+        for i, prefixes in enumerate(per_layer):
+            pairs = [banks.pop(f"{p}.weight") for p in prefixes]
+            banks[f"{template.format(i=i)}.weight"] = (
+                torch.cat([b for b, _ in pairs], dim=1), torch.cat([x for _, x in pairs], dim=1))
+            if f"{prefixes[0]}.bias" in vectors:
+                vectors[f"{template.format(i=i)}.bias"] = torch.cat(
+                    [vectors.pop(f"{p}.bias") for p in prefixes], dim=1)
+        merged = {fused: template, **{k: v for k, v in names.items() if k not in parts}}
+        spec = (replace(spec, attention=merged) if block == "attention"
+                else replace(spec, mlp=merged))
+    return spec
 
 
 class TorchOps:

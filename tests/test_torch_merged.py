@@ -63,6 +63,42 @@ def test_merged_generates_what_each_expert_generates(artifact: Path) -> None:
     assert got == want
 
 
+def test_projections_sharing_an_input_are_fused(artifact: Path, tmp_path: Path) -> None:
+    """q/k/v and gate/up are one bank each per layer (fewer kernel launches per step), biases
+    included (qwen2), with the logits of the unfused model; a budget build whose parts got
+    different K keeps those apart."""
+    from chmc.formats.artifact import Artifact
+    from chmc.runtime.torch_merged import MergedDecoder, MergedState, fuse_projections
+
+    def decoder(source: Path, fuse: bool) -> MergedDecoder:
+        return MergedDecoder.from_artifact(Artifact(source), fuse=fuse)
+
+    fused, plain = decoder(artifact, True), decoder(artifact, False)
+    layer = "model.layers.0"
+    assert f"{layer}.self_attn.qkv_proj.weight" in fused.banks
+    assert f"{layer}.mlp.gate_up_proj.weight" in fused.banks
+    assert f"{layer}.self_attn.q_proj.weight" not in fused.banks
+    assert len(fused.banks) == len(plain.banks) - 3 * fused.cfg.layers
+    assert (f"{layer}.self_attn.qkv_proj.bias" in fused.vectors) == \
+        (f"{layer}.self_attn.q_proj.bias" in plain.vectors)
+    from chmc.runtime.generation import left_pad, positions
+
+    ids, mask = left_pad(PROMPTS, 0)
+    experts = np.array([0, 1, 2])
+    a = MergedState(fused, experts, lambda e, *_: e).step(ids, mask, positions(mask))
+    b = MergedState(plain, experts, lambda e, *_: e).step(ids, mask, positions(mask))
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+
+    # layer 1's k_proj with one group (as a budget may leave it): q/k/v stay apart everywhere
+    banks, vectors = dict(plain.banks), dict(plain.vectors)
+    bank, index = banks["model.layers.1.self_attn.k_proj.weight"]
+    banks["model.layers.1.self_attn.k_proj.weight"] = (bank[:1], torch.zeros_like(index))
+    spec = fuse_projections(plain.spec, plain.cfg.layers, banks, vectors)
+    assert "qkv" not in spec.attention and "gate_up" in spec.mlp
+    assert f"{layer}.self_attn.q_proj.weight" in banks
+    assert f"{layer}.mlp.gate_up_proj.weight" in banks
+
+
 def test_merged_needs_an_artifact(random_family: tuple[Path, dict[str, Path]]) -> None:
     from chmc import load
     from chmc.errors import ChmcError
