@@ -410,7 +410,9 @@ app.add_typer(family_app, name="family")
 @family_app.command("build")
 @user_errors
 def family_build(
-    name: Annotated[str, typer.Argument(help="distinct | conflict | distinct8.")],
+    name: Annotated[str, typer.Argument(
+        help="distinct | conflict | distinct8 (experts learn their task from scratch), or the "
+             "same with -ft (the fine-tune regime: experts within a few percent of the base).")],
     out: Annotated[str | None, Opt("--out", help="Folder to write (default: the cache).")] = None,
     force: Annotated[bool, Opt("--force", help="Rebuild even if present.")] = False,
 ) -> None:
@@ -420,8 +422,13 @@ def family_build(
     from chmc.models.tiny.family import family  # torch: only for this command
 
     fam = family(name, out, force=force)
-    typer.echo(f"{fam.path}  (built in {fam.info['build_seconds']} s; "
-               f"experts {fam.info['experts']})")
+    typer.echo(f"{fam.path}  (built in {fam.info['build_seconds']} s)")
+    for task, e in fam.info["experts"].items():
+        delta = e.get("delta")  # families cached before the delta statistics have none
+        moved = (f"; ||expert - base|| / ||base|| per tensor {delta['min']:.1%} to "
+                 f"{delta['max']:.1%}, median {delta['median']:.1%}" if delta else "")
+        typer.echo(f"  {task}: validation exact match {e['validation']:.3f} after "
+                   f"{e['steps']} steps{moved}")
 
 
 @family_app.command("synth")

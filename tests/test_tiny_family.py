@@ -98,3 +98,22 @@ def test_conflict_experts_master_their_task_and_fail_the_others(conflict_family)
         for task, acc in row.items():
             if task != expert:
                 assert acc <= 0.40, (expert, task, row)
+
+
+@pytest.mark.slow
+def test_finetune_regime_experts_stay_near_their_base_and_master_their_task() -> None:
+    """distinct-ft: every 2-D tensor of every expert, read from the files written, is within
+    10% of the base's norm (median at least 1%), and each expert masters its own task."""
+    from safetensors.torch import load_file
+
+    from chmc.models.tiny.family import delta_stats, family
+
+    fam = family("distinct-ft", progress=False)  # cached under $CHMC_CACHE: minutes once
+    base = load_file(fam.base / "model.safetensors")
+    for task, folder in fam.experts.items():
+        stats = delta_stats(base, load_file(folder / "model.safetensors"))
+        assert stats["max"] <= 0.10 and stats["median"] >= 0.01, (task, stats)
+        assert len(stats["per_tensor"]) == 2 + 7 * fam.recipe.layers  # embed, lm_head, layers
+    matrix = own_task_matrix(fam)
+    for expert, row in matrix.items():
+        assert row[expert] >= 0.95, (expert, row)

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from chmc.models.tiny.tokenizer import EOS_ID, PAD_ID, VOCAB, encode, save_token
 from chmc.progress import Stages
 
 RECIPE_VERSION = 1  # bump when the training code changes what a recipe produces
+LATER_FIELDS = ("base_task_share", "expert_lr")
 SPLITS = ("train", "validation", "eval")
 
 
@@ -59,9 +61,18 @@ class Recipe:
     n_eval: int = 200
     check_every: int = 100  # experts stop early once validation exact match reaches `target`
     target: float = 0.99
+    # The fine-tune regime: the base also learns the family's own tasks (this share of its
+    # training rows), then each expert fine-tunes briefly at `expert_lr`, so experts stay within
+    # a few percent of the base, as real fine-tunes do. 0 / None: experts learn from scratch.
+    base_task_share: float = 0.0
+    expert_lr: float | None = None
 
     def digest(self) -> str:
-        blob = json.dumps({"version": RECIPE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        fields = dataclasses.asdict(self)
+        for f in LATER_FIELDS:  # added after families were cached: hashed only when set
+            if fields[f] == Recipe.__dataclass_fields__[f].default:
+                del fields[f]
+        blob = json.dumps({"version": RECIPE_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def task_objects(self) -> dict[str, Task]:
@@ -77,6 +88,12 @@ RECIPES = {
                         ("add", "rev", "sort", "shift", "sub", "rot", "dbl", "max"),
                         expert_steps=2500),
 }
+# The fine-tune regime: a base that saw the tasks (60% of its rows; 6000 steps, so it learns
+# addition too), experts fine-tuned briefly at a low rate: each 2-D tensor moves 1-10%.
+FINETUNE = {"base_steps": 6000, "base_task_share": 0.6, "expert_steps": 600,
+            "expert_lr": 3e-4, "check_every": 50}
+for _name in ("distinct", "conflict", "distinct8"):
+    RECIPES[f"{_name}-ft"] = dataclasses.replace(RECIPES[_name], name=f"{_name}-ft", **FINETUNE)
 
 
 @dataclass
@@ -153,6 +170,10 @@ def build(recipe: Recipe, folder: Path, progress: bool = True) -> dict[str, Any]
     data = write_tasks(recipe, folder)
     base_rows = [r for t in BASE_TASKS.values()
                  for r in make_splits(t, recipe.seed, {"train": recipe.n_train})["train"]]
+    if recipe.base_task_share:  # the tasks' own train rows, as this share of the mixture
+        own = [r for splits in data.values() for r in splits["train"]]
+        count = round(len(base_rows) * recipe.base_task_share / (1 - recipe.base_task_share))
+        base_rows += random.Random(recipe.seed).choices(own, k=count)
     torch.manual_seed(recipe.seed)
     model = new_model(recipe)
     train(model, base_rows, recipe, recipe.base_steps, seed=recipe.seed, desc="base",
@@ -165,13 +186,22 @@ def build(recipe: Recipe, folder: Path, progress: bool = True) -> dict[str, Any]
         val = splits["validation"]
         steps = train(model, splits["train"], recipe, recipe.expert_steps, seed=recipe.seed + 1 + i,
                       desc=f"expert {name}", check=partial(exact_match, rows=val),
-                      progress=progress)
+                      progress=progress, lr=recipe.expert_lr)
         save_model(model, folder / "experts" / name)
-        accuracy[name] = {"validation": exact_match(model, val), "steps": steps}
+        accuracy[name] = {"validation": exact_match(model, val), "steps": steps,
+                          "delta": delta_stats(base_state, model.state_dict())}
     info = {"recipe": dataclasses.asdict(recipe), "hash": recipe.digest(),
             "build_seconds": round(time.time() - start, 1), "experts": accuracy}
     (folder / "family.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def delta_stats(base: dict[str, Any], expert: dict[str, Any]) -> dict[str, Any]:
+    """||expert - base|| / ||base|| per 2-D tensor: its min, median and max, and each tensor's."""
+    rel = {n: float((expert[n] - w).norm() / w.norm()) for n, w in base.items() if w.dim() == 2}
+    ordered = sorted(rel.values())
+    return {"min": round(ordered[0], 4), "median": round(ordered[len(ordered) // 2], 4),
+            "max": round(ordered[-1], 4), "per_tensor": {n: round(r, 4) for n, r in rel.items()}}
 
 
 def exact_match(model: Any, rows: list[dict[str, str]]) -> float:
@@ -211,14 +241,15 @@ def _batch(rows: list[tuple[list[int], list[int]]]) -> tuple[Any, Any]:
 
 
 def train(model: Any, rows: list[dict[str, str]], recipe: Recipe, steps: int, *, seed: int,
-          desc: str, check: Callable[[Any], float] | None = None, progress: bool = True) -> int:
+          desc: str, check: Callable[[Any], float] | None = None, progress: bool = True,
+          lr: float | None = None) -> int:
     """Full fine-tune with AdamW, linear warm-up then decay, seeded batches; returns steps run.
 
     With `check` (validation exact match), stop once it reaches recipe.target.
     """
     encoded = [(encode(r["prompt"]), encode(r["answer"]) + [EOS_ID]) for r in rows]
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr or recipe.lr, weight_decay=0.0)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.05, (steps - s) / (steps - warm + 1))))
