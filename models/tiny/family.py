@@ -90,10 +90,10 @@ RECIPES = {
 }
 # The fine-tune regime: a base that saw the tasks (60% of its rows; 6000 steps, so it learns
 # addition too), experts fine-tuned briefly at a low rate: each 2-D tensor moves 1-10%.
-FINETUNE = {"base_steps": 6000, "base_task_share": 0.6, "expert_steps": 600,
-            "expert_lr": 3e-4, "check_every": 50}
 for _name in ("distinct", "conflict", "distinct8"):
-    RECIPES[f"{_name}-ft"] = dataclasses.replace(RECIPES[_name], name=f"{_name}-ft", **FINETUNE)
+    RECIPES[f"{_name}-ft"] = dataclasses.replace(
+        RECIPES[_name], name=f"{_name}-ft", base_steps=6000, base_task_share=0.6,
+        expert_steps=600, expert_lr=3e-4, check_every=50)
 
 
 @dataclass
