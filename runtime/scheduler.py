@@ -178,13 +178,18 @@ class Scheduler:
         scheduler starts again from an empty batch."""
         with self.cond:
             doomed, self.waiting = [*self.rows, *self.admitting, *self.waiting], deque()
-        self.rows, self.admitting, self.state = [], [], None
-        self.mask, self.pos, self.next = self.mask[:0, :0], self.pos[:0], self.next[:0]
+        self.rows, self.admitting = [], []
+        self._empty()
         for s in doomed:
             s.finish, s.error = "error", reason
             s._tell(None)
 
     # -- internals -------------------------------------------------------------------------------
+    def _empty(self) -> None:
+        """No batch: no state, no cache columns."""
+        self.state = None
+        self.mask, self.pos, self.next = self.mask[:0, :0], self.pos[:0], self.next[:0]
+
     def _sample(self, rows: list[Sequence], logits: np.ndarray) -> np.ndarray:
         """The next token of each row [B]; rows that reach an end get `finish`."""
         greedy = logits.argmax(axis=-1)
@@ -215,8 +220,7 @@ class Scheduler:
                 s._tell(None)
         self.rows = [self.rows[i] for i in stay]
         if not self.rows:
-            self.state = None
-            self.mask, self.pos, self.next = self.mask[:0, :0], self.pos[:0], self.next[:0]
+            self._empty()
             return
         mask = self.mask[stay]
         used = np.flatnonzero(mask.any(axis=0))
