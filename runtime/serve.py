@@ -47,11 +47,24 @@ def find_tritonserver(explicit: str | Path | None = None) -> Path:
     return Path(found)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
+def free_port(host: str = "127.0.0.1", count: int = 1) -> int:
+    """A TCP port nobody uses right now (the OS picks it), and the `count - 1` ports after it
+    free as well: `chmc serve` puts gRPC on port + 1."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port + count <= 65536 and all(_bindable(host, p) for p in range(port + 1, port + count)):
+            return port
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 class TritonServer:
@@ -172,11 +185,15 @@ def _interrupted_by_signals() -> Iterator[None]:
 
 
 def serve(repository: TritonRepository, *, port: int = 8000, host: str = "127.0.0.1",
-          tritonserver: str | Path | None = None, models: list[str] | None = None) -> None:
-    """Serve a model repository until Ctrl-C (chmc.serve also takes an artifact or export)."""
+          tritonserver: str | Path | None = None, models: list[str] | None = None,
+          ready_timeout: float = 600.0) -> None:
+    """Serve a model repository until Ctrl-C (chmc.serve also takes an artifact or export).
+
+    The ready timeout is generous: a server loading billions of parameters takes minutes, and
+    its log (on stderr) shows the progress meanwhile."""
     server = TritonServer(repository.path, port=port, host=host, grpc_port=port + 1,
                           executable=find_tritonserver(tritonserver), models=models)
-    with _interrupted_by_signals(), server:
+    with _interrupted_by_signals(), server.start(ready_timeout):
         print(f"serving {repository.path} at {server.url} (HTTP), {host}:{port + 1} (gRPC); "
               "Ctrl-C stops", flush=True)
         try:

@@ -387,7 +387,7 @@ def test_chmc_serve_binds_loopback_and_stops_on_ctrl_c(exported: Path, triton_en
 
     from chmc.runtime.serve import free_port
 
-    port = free_port()
+    port = free_port(count=2)  # serve puts gRPC on port + 1
     # started with SIGINT ignored, as a script's background job is (serve hung there in full runs
     # until it reset the signal itself): `trap '' INT` survives the exec
     cmd = ["sh", "-c", "trap '' INT; exec \"$0\" \"$@\"", sys.executable, "-m", "chmc", "serve",
@@ -402,9 +402,12 @@ def test_chmc_serve_binds_loopback_and_stops_on_ctrl_c(exported: Path, triton_en
     servers: list[int] = []
     try:
         assert proc.stdout is not None
-        started, _, _ = select.select([proc.stdout], [], [], 120)  # serve prints once it is ready
+        started, _, _ = select.select([proc.stdout], [], [], 300)  # serve prints once it is ready
         line = proc.stdout.readline() if started else ""
-        assert f"at http://127.0.0.1:{port} " in line, f"chmc serve printed {line!r}"
+        if f"at http://127.0.0.1:{port} " not in line:
+            tail = (tmp_path / "serve.stderr").read_text(errors="replace")[-3000:]
+            raise AssertionError(f"chmc serve printed {line!r} (exit status {proc.poll()}); "
+                                 f"stderr:\n{tail}")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{NAME}/ready",
                                     timeout=10) as r:
             assert r.status == 200
