@@ -427,7 +427,9 @@ def family_build(
         delta = e.get("delta")  # families cached before the delta statistics have none
         moved = (f"; ||expert - base|| / ||base|| per tensor {delta['min']:.1%} to "
                  f"{delta['max']:.1%}, median {delta['median']:.1%}" if delta else "")
-        typer.echo(f"  {task}: validation exact match {e['validation']:.3f} after "
+        base = fam.info.get("base", {}).get("validation", {}).get(task)  # recorded since -ft
+        was = f" (the base: {base:.3f})" if base is not None else ""
+        typer.echo(f"  {task}: validation exact match {e['validation']:.3f}{was} after "
                    f"{e['steps']} steps{moved}")
 
 
@@ -493,7 +495,7 @@ def demo(
         "--out", help="Work folder (default: $CHMC_CACHE/demo).")] = None,
 ) -> None:
     """
-    From nothing: build (or reuse) the distinct family, merge it at K=2, print the quality table.
+    From nothing: train (or reuse) the tiny families, merge them, print the quality table.
     """
     from chmc.demo import run_demo  # the whole stack
 

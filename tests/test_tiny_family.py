@@ -103,7 +103,8 @@ def test_conflict_experts_master_their_task_and_fail_the_others(conflict_family)
 @pytest.mark.slow
 def test_finetune_regime_experts_stay_near_their_base_and_master_their_task() -> None:
     """distinct-ft: every 2-D tensor of every expert, read from the files written, is within
-    10% of the base's norm (median at least 1%), and each expert masters its own task."""
+    10% of the base's norm (median at least 1%), each expert masters its own task, and the base
+    alone is clearly worse on them (else merging would have nothing to keep)."""
     from safetensors.torch import load_file
 
     from chmc.models.tiny.family import delta_stats, family
@@ -117,3 +118,10 @@ def test_finetune_regime_experts_stay_near_their_base_and_master_their_task() ->
     matrix = own_task_matrix(fam)
     for expert, row in matrix.items():
         assert row[expert] >= 0.95, (expert, row)
+    from chmc.runtime.evaluate import evaluate
+
+    tasks = {t: files["eval"] for t, files in fam.tasks.items()}
+    results = evaluate(fam.base, tasks, progress=False)["results"]
+    base = {r["task"]: r["exact_match"] for r in results}
+    experts_mean = sum(matrix[t][t] for t in tasks) / len(tasks)
+    assert sum(base.values()) / len(base) <= experts_mean - 0.1, (base, experts_mean)
