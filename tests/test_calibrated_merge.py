@@ -4,6 +4,7 @@ under a memory budget, checked against independent NumPy/transformers computatio
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -261,6 +262,40 @@ def test_budget_gives_each_tensor_its_own_k_within_the_budget(budget_artifact):
 
 
 @pytest.mark.parametrize("linear", ["gather", "select"])
+def _parameters_on_disk(folder: Path, skip_index: bool = False) -> int:
+    """Elements of every tensor in a folder's safetensors files, from their headers alone."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "np") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()  # noqa: SIM118
+                         if not (skip_index and k.endswith(".index")))
+    return total
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.375, 0.5])
+def test_budget_never_exceeds_its_fraction_counted_from_the_files(random_family, calibration,
+                                                                  tmp_path, fraction):
+    """Weight-space and calibrated budget artifacts: the parameters stored in the files written
+    (every tensor but the uint8 index tables, which are counted in bytes apart) are at most the
+    fraction of N copies of the base's, as the base's own files count them."""
+    from chmc import build
+    from chmc.formats.artifact import read_manifest
+
+    base, experts = random_family
+    ensemble = len(experts) * _parameters_on_disk(base)
+    for tag, args in (("weights", {}), ("calibrated", {
+            "clustering": "output-error", "method": "regmean", "calibration": calibration})):
+        art = build(base, experts, tmp_path / tag, groups=len(experts), budget=fraction,
+                    progress=False, **args)
+        stored = _parameters_on_disk(art, skip_index=True)
+        assert stored <= fraction * ensemble, (tag, stored / ensemble)
+        assert stored / ensemble > fraction - 0.1, (tag, stored / ensemble)  # the budget was used
+        manifest = read_manifest(art)
+        assert (manifest.accounting.artifact, manifest.accounting.ensemble) == (stored, ensemble)
+
+
 def test_budget_artifact_exports_to_onnx_matching_reconstructed_experts(budget_artifact, tmp_path,
                                                                         linear, ort_session):
     """Per-tensor K flows through the export: ORT logits == transformers rebuilt expert, fp32."""
