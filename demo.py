@@ -132,7 +132,8 @@ def run_demo(out: str | Path | None = None) -> list[Row]:
     hard = tiny.family("distinct")
     hard_k2 = build(hard.base, hard.experts, work / "distinct-k2", groups=2, force=True)
     hard_rows = [quality_row("", hard), quality_row("", hard, hard_k2)]
-    print(f"The hard case, distinct (experts trained from scratch, 64-113% of the base's norm): "
+    print(f"The hard case, distinct (experts trained from scratch, moving 50-181% of the "
+          f"base's norm): "
           f"K=2 (cosine, mean) keeps {100 * shares(hard_rows[1], hard_rows[0])[0]:.1f}% of the "
           f"unmerged mean there; benchmarks/quality_table.py has both regimes.")
     return rows + hard_rows

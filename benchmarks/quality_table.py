@@ -259,27 +259,35 @@ def plot(tables: list[dict[str, Any]], file: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(tables), figsize=(5.2 * len(tables), 4.6), squeeze=False)
-    markers = {"unmerged": "*", "base": "X", "router": "P", "task_arithmetic": "s", "ties": "D",
-               "dare_ties": "^"}
-    for ax, table in zip(axes[0], tables):
+    cols = min(3, len(tables))
+    rows = -(-len(tables) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.4 * rows), squeeze=False)
+    markers = {"unmerged": "*", "base": "X", "task_arithmetic": "s", "ties": "D", "dare_ties": "^"}
+    colors: dict[str, Any] = {}  # one color per series across the panels
+    for ax, table in zip(axes.flat, tables):
         series: dict[str, list[tuple[float, float]]] = {}
         for r in table["rows"]:
             if r["series"] != "router":
                 series.setdefault(r["series"], []).append(
                     (r["params_pct"], 100 * shares(r, table["rows"][0])[0]))
         for label, points in series.items():
+            color = colors.setdefault(label, f"C{len(colors) % 10}")
             if label in markers:
-                ax.scatter(*zip(*points), marker=markers[label], s=60, label=label, zorder=3)
+                ax.scatter(*zip(*points), marker=markers[label], s=60, color=color, label=label,
+                           zorder=3)
             else:
-                line = ax.plot(*zip(*pareto(points)), drawstyle="steps-post", label=label)[0]
-                ax.scatter(*zip(*points), s=12, color=line.get_color(), alpha=0.6)
+                ax.plot(*zip(*pareto(points)), drawstyle="steps-post", color=color, label=label)
+                ax.scatter(*zip(*points), s=12, color=color, alpha=0.6)
         ax.axvline(100 / table["experts"], color="grey", lw=0.5, ls=":")
         ax.set_title(f"{table['family']} ({table['experts']} experts)")
         ax.set_xlabel("stored parameters (% of the ensemble)")
-        ax.set_ylabel("mean exact match (% of the unmerged experts')")
+        ax.set_ylabel("mean exact match (% of unmerged)")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    for ax in axes.flat[len(tables):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    spare = len(tables) % cols  # an empty panel holds the legend
+    fig.legend(handles, labels, fontsize=8, loc="lower right" if spare else "upper right")
     fig.tight_layout()
     fig.savefig(file, dpi=110)
     plt.close(fig)
