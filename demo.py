@@ -7,6 +7,7 @@ shared with benchmarks/quality_table.py.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,12 @@ from chmc.runtime.onnxruntime_backend import preferred_linear
 
 # A row: {"label", "params_pct", "accuracy": {task: exact match}, "nll": {task: nll}, ...}
 Row = dict[str, Any]
+
+
+def console() -> Console:
+    """Rich's console; 160 columns where output is not a terminal (rich's 80 wraps the tables'
+    labels into unreadable stacks in logs)."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def quality_row(label: str, family: Family, source: Path | None = None, split: str = "eval",
@@ -103,7 +110,7 @@ def print_quality_table(title: str, rows: list[Row]) -> None:
         cells = [f"{100 * r['accuracy'][t]:.1f}" for t in tasks]
         table.add_row(r["label"], *cells, f"{100 * r['mean']:.1f}", f"{100 * kept:.1f}%",
                       f"{100 * worst:.1f}%", f"{r['params_pct']:.1f}%")
-    Console().print(table)
+    console().print(table)
 
 
 def run_demo(out: str | Path | None = None) -> list[Row]:
@@ -160,5 +167,5 @@ def onnx_agreement(artifact: Path, family: Family, out: Path, per_task: int = 16
     for col in result:
         table.add_column(col, justify="right")
     table.add_row(*(str(v) for v in result.values()))
-    Console().print(table)
+    console().print(table)
     return result

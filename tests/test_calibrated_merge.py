@@ -261,7 +261,6 @@ def test_budget_gives_each_tensor_its_own_k_within_the_budget(budget_artifact):
     assert (manifest.accounting.artifact + cheapest) / ens > 0.5
 
 
-@pytest.mark.parametrize("linear", ["gather", "select"])
 def _parameters_on_disk(folder: Path, skip_index: bool = False) -> int:
     """Elements of every tensor in a folder's safetensors files, from their headers alone."""
     from safetensors import safe_open
@@ -296,6 +295,7 @@ def test_budget_never_exceeds_its_fraction_counted_from_the_files(random_family,
         assert (manifest.accounting.artifact, manifest.accounting.ensemble) == (stored, ensemble)
 
 
+@pytest.mark.parametrize("linear", ["gather", "select"])
 def test_budget_artifact_exports_to_onnx_matching_reconstructed_experts(budget_artifact, tmp_path,
                                                                         linear, ort_session):
     """Per-tensor K flows through the export: ORT logits == transformers rebuilt expert, fp32."""
