@@ -6,7 +6,7 @@ import torch
 
 from chmc.compiler.methods import Map, serial_map
 from chmc.compiler.plan import BuildPlan, TensorTask
-from chmc.compiler.regmean import GramSolver
+from chmc.compiler.regmean import DAMPING, GramSolver
 
 CHUNK_ELEMENTS = 1 << 22  # rows per block: about this many fp32 values per expert stack
 
@@ -36,7 +36,7 @@ def tensor_solver(plan: BuildPlan, task: TensorTask) -> GramSolver | None:
     """This tensor's calibration Grams (identity where it has none), or None without calibration."""
     if plan.gram_files is None:
         return None
-    damping = plan.params.values.get("damping", 0.01)
+    damping = plan.params.values.get("damping", DAMPING)
     return plan.gram_files.solver(task.name, len(plan.experts), damping)
 
 

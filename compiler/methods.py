@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from chmc.compiler.regmean import DAMPING
 from chmc.errors import ChmcError
 
 
@@ -338,5 +339,5 @@ METHODS: dict[str, MergeMethod] = {m.name: m for m in (
                 lambda d, lab, k, p: weighted_sum(d, lab, k, p, p.values["normalize"]),
                 dare_drop, params=(WEIGHT, DENSITY, LAMBDA, _normalize(False))),
     MergeMethod("regmean", regmean_combine, calibrated=True,
-                params=(Param("damping", float, 0.01, low=0.0, low_open=True),)),
+                params=(Param("damping", float, DAMPING, low=0.0, low_open=True),)),
 )}
