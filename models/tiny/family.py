@@ -36,7 +36,7 @@ from chmc.models.tiny.tokenizer import EOS_ID, PAD_ID, VOCAB, encode, save_token
 from chmc.progress import Stages
 
 RECIPE_VERSION = 1  # bump when the training code changes what a recipe produces
-LATER_FIELDS = ("base_task_shares", "expert_lr")
+LATER_FIELDS = ("base_task_shares", "expert_lr", "max_delta")
 SPLITS = ("train", "validation", "eval")
 
 
@@ -66,6 +66,11 @@ class Recipe:
     # a few percent of the base, as real fine-tunes do. Empty / None: experts learn from scratch.
     base_task_shares: dict[str, float] = field(default_factory=dict)
     expert_lr: float | None = None
+    # A trust region: after each expert step, a 2-D tensor further than max_delta x its base's
+    # norm from the base is pulled back onto that sphere. The learning rate alone did not bound
+    # it on every CPU (the same recipe's distinct-ft add expert moved lm_head 9.7% on one, 13.7%
+    # on another: the bases' floats differ, so the expert's steps do).
+    max_delta: float | None = None
 
     def digest(self) -> str:
         fields = dataclasses.asdict(self)
@@ -106,7 +111,7 @@ for _name, _shares in FT_SHARES.items():
     RECIPES[f"{_name}-ft"] = dataclasses.replace(
         RECIPES[_name], name=f"{_name}-ft", base_steps=FT_BASE_STEPS[_name],
         base_task_shares=_shares, expert_steps=600, expert_lr=FT_EXPERT_LR[_name],
-        check_every=50)
+        check_every=50, max_delta=0.09)
 
 
 @dataclass
@@ -202,7 +207,8 @@ def build(recipe: Recipe, folder: Path, progress: bool = True) -> dict[str, Any]
         val = splits["validation"]
         steps = train(model, splits["train"], recipe, recipe.expert_steps, seed=recipe.seed + 1 + i,
                       desc=f"expert {name}", check=partial(exact_match, rows=val),
-                      progress=progress, lr=recipe.expert_lr)
+                      progress=progress, lr=recipe.expert_lr,
+                      anchor=base_state if recipe.max_delta else None)
         save_model(model, folder / "experts" / name)
         accuracy[name] = {"validation": exact_match(model, val), "steps": steps,
                           "delta": delta_stats(base_state, model.state_dict())}
@@ -259,10 +265,11 @@ def _batch(rows: list[tuple[list[int], list[int]]]) -> tuple[Any, Any]:
 
 def train(model: Any, rows: list[dict[str, str]], recipe: Recipe, steps: int, *, seed: int,
           desc: str, check: Callable[[Any], float] | None = None, progress: bool = True,
-          lr: float | None = None) -> int:
+          lr: float | None = None, anchor: dict[str, torch.Tensor] | None = None) -> int:
     """Full fine-tune with AdamW, linear warm-up then decay, seeded batches; returns steps run.
 
-    With `check` (validation exact match), stop once it reaches recipe.target.
+    With `check` (validation exact match), stop once it reaches recipe.target; with `anchor`
+    (the base's state), every 2-D tensor stays within recipe.max_delta of it (relative norm).
     """
     encoded = [(encode(r["prompt"]), encode(r["answer"]) + [EOS_ID]) for r in rows]
     gen = torch.Generator().manual_seed(seed)
@@ -274,7 +281,7 @@ def train(model: Any, rows: list[dict[str, str]], recipe: Recipe, steps: int, *,
     step = 0
     with Stages(progress).bar(f"training {desc}", steps) as advance:
         for step in range(1, steps + 1):
-            if _train_step(model, encoded, recipe, gen, opt, sched, step, check):
+            if _train_step(model, encoded, recipe, gen, opt, sched, step, check, anchor):
                 break
             advance(f"step {step}")
     model.eval()
@@ -283,7 +290,8 @@ def train(model: Any, rows: list[dict[str, str]], recipe: Recipe, steps: int, *,
 
 def _train_step(model: Any, encoded: list[tuple[list[int], list[int]]], recipe: Recipe,
                 gen: torch.Generator, opt: Any, sched: Any, step: int,
-                check: Callable[[Any], float] | None) -> bool:
+                check: Callable[[Any], float] | None,
+                anchor: dict[str, torch.Tensor] | None = None) -> bool:
     """One optimiser step; True when the validation check says the target is reached."""
     pick = torch.randint(len(encoded), (recipe.batch,), generator=gen).tolist()
     ids, labels = _batch([encoded[j] for j in pick])  # [B, S]
@@ -292,6 +300,15 @@ def _train_step(model: Any, encoded: list[tuple[list[int], list[int]]], recipe: 
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
+    if anchor is not None and recipe.max_delta:
+        with torch.no_grad():
+            for name, w in model.state_dict().items():  # views: updated in place
+                w0 = anchor[name]
+                if w.ndim == 2:
+                    radius = recipe.max_delta * float(w0.norm())
+                    moved = float((w - w0).norm())
+                    if moved > radius:
+                        w.copy_(w0 + (w - w0) * (radius / moved))
     if check is not None and step % recipe.check_every == 0:
         if check(model) >= recipe.target:
             return True
