@@ -444,7 +444,13 @@ def test_torch_backend_repository_serves_the_artifact(
              if "chmc: the torch backend needs torch" in line]
     assert lines, "no one-line reason in the server log"
 
-    stub_path = triton_env["env"]["CHMC_STUB_PATH"] + ":" + site.getsitepackages()[0]
+    import torch
+    import transformers
+
+    # where this Python finds them: a venv's own site-packages may not hold them (system-site)
+    found = [str(Path(m.__file__ or "").parents[1]) for m in (torch, transformers)]
+    stub_path = ":".join([triton_env["env"]["CHMC_STUB_PATH"],
+                          *dict.fromkeys(found + site.getsitepackages())])
     env = {**triton_env, "env": {**triton_env["env"], "CHMC_STUB_PATH": stub_path}}
     srv = _server(repo, env, tmp_path / "torch.log")
     try:
