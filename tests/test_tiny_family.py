@@ -84,6 +84,31 @@ def own_task_matrix(fam) -> dict[str, dict[str, float]]:
 
 
 @pytest.mark.slow
+def test_trust_region_bounds_every_matrix() -> None:
+    """Recipe.max_delta: at a rate that moves the small model's matrices far (the same seed
+    without an anchor goes past 3x the bound), each 2-D tensor ends within max_delta of the
+    base's norm, projected onto that sphere rather than reset."""
+    import torch
+
+    from chmc.models.tiny.family import delta_stats, new_model, train
+    from chmc.models.tiny.tasks import ALL_TASKS, make_splits
+
+    torch.manual_seed(0)
+    recipe = dataclasses.replace(SMALL, max_delta=0.05, lr=5e-2)
+    rows = make_splits(ALL_TASKS["distinct"]["add"], 0, {"train": 64})["train"]
+    model = new_model(recipe)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    moved = []
+    for anchor in (base, None):
+        model.load_state_dict(base)
+        train(model, rows, recipe, 12, seed=1, desc="t", progress=False, anchor=anchor)
+        moved.append(delta_stats(base, model.state_dict()))
+    bounded, free = moved
+    assert free["max"] > 3 * recipe.max_delta, free  # the rate alone would leave the region
+    assert bounded["max"] <= recipe.max_delta * (1 + 1e-5), bounded
+    assert bounded["median"] >= 0.9 * recipe.max_delta  # projected onto the sphere, not zeroed
+
+
 def test_distinct_experts_master_their_task(distinct_family) -> None:
     matrix = own_task_matrix(distinct_family)
     for expert, row in matrix.items():
