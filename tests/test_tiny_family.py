@@ -83,7 +83,6 @@ def own_task_matrix(fam) -> dict[str, dict[str, float]]:
             for e, p in fam.experts.items()}
 
 
-@pytest.mark.slow
 def test_trust_region_bounds_every_matrix() -> None:
     """Recipe.max_delta: at a rate that moves the small model's matrices far (the same seed
     without an anchor goes past 3x the bound), each 2-D tensor ends within max_delta of the
@@ -110,6 +109,7 @@ def test_trust_region_bounds_every_matrix() -> None:
     assert bounded["median"] >= 0.9 * bound  # projected onto the sphere, not zeroed
 
 
+@pytest.mark.slow
 def test_distinct_experts_master_their_task(distinct_family) -> None:
     matrix = own_task_matrix(distinct_family)
     for expert, row in matrix.items():
