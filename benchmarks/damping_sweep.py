@@ -15,7 +15,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from chmc.benchmarks.quality_table import DAMPINGS, Table
+from chmc.benchmarks.quality_table import CALIBRATED, DAMPINGS, Table
 from chmc.demo import quality_row, shares
 from chmc.errors import ChmcError
 
@@ -38,14 +38,14 @@ def main() -> None:
             for budget in SWEEP[name]:
                 for damping in DAMPINGS:
                     try:
-                        art = table.build(f"b{budget}-d{damping}", groups=table.n,
-                                          clustering="output-error", method="regmean",
-                                          budget=budget, parameters={"damping": damping})
+                        row = table.row("", "", f"b{budget}-d{damping}", split="validation",
+                                        groups=table.n, clustering=CALIBRATED[0],
+                                        method=CALIBRATED[1], budget=budget,
+                                        parameters={"damping": damping})
                     except ChmcError as e:  # a Gram sum not positive definite in fp64: said
                         rows.append({"family": name, "budget": budget, "damping": damping,
                                      "error": str(e)})
                         continue
-                    row = quality_row("", table.fam, art, split="validation", progress=False)
                     kept, worst = shares(row, reference)
                     rows.append({"family": name, "budget": budget, "damping": damping,
                                  "validation_kept": round(kept, 4),

@@ -27,7 +27,7 @@ import torch
 from chmc.compiler.partitions import set_partitions
 from chmc.errors import ChmcError
 
-DAMPING = 1e-3  # x mean(diag C): 1e-2 kept 2-13 points less, 1e-5 lost on `distinct`
+DAMPING = 1e-3  # x mean(diag C): 1e-2 kept up to 13 points less, 1e-5 lost on `distinct`
 MAX_SUBSET_EXPERTS = 8  # exhaustive subsets (2^N - 1 factors) up to this N; above, a heuristic
 MEMO_SUBSETS = 32  # subset sums kept per row block (32 x a block's [R, in]: ~128 MiB at most)
 HEURISTIC_CACHE_BYTES = 1 << 30  # above it, the heuristic's factors are kept FIFO up to this size
