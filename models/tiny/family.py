@@ -277,21 +277,39 @@ def train(model: Any, rows: list[dict[str, str]], recipe: Recipe, steps: int, *,
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.05, (steps - s) / (steps - warm + 1))))
+    project = (_projection(model, anchor, recipe.max_delta)
+               if anchor is not None and recipe.max_delta else None)
     model.train()
     step = 0
     with Stages(progress).bar(f"training {desc}", steps) as advance:
         for step in range(1, steps + 1):
-            if _train_step(model, encoded, recipe, gen, opt, sched, step, check, anchor):
+            if _train_step(model, encoded, recipe, gen, opt, sched, step, check, project):
                 break
             advance(f"step {step}")
     model.eval()
     return step
 
 
+def _projection(model: Any, anchor: dict[str, torch.Tensor],
+                max_delta: float) -> Callable[[], None]:
+    """A step's trust region: every 2-D parameter further than max_delta x its anchor's norm from
+    the anchor is pulled back onto that sphere (radii computed once, not per step)."""
+    region = [(w, anchor[name], max_delta * float(anchor[name].norm()))
+              for name, w in model.named_parameters() if w.ndim == 2]
+
+    @torch.no_grad()
+    def project() -> None:
+        for w, w0, radius in region:
+            moved = float((w - w0).norm())
+            if moved > radius:
+                w.copy_(w0 + (w - w0) * (radius / moved))
+    return project
+
+
 def _train_step(model: Any, encoded: list[tuple[list[int], list[int]]], recipe: Recipe,
                 gen: torch.Generator, opt: Any, sched: Any, step: int,
                 check: Callable[[Any], float] | None,
-                anchor: dict[str, torch.Tensor] | None = None) -> bool:
+                project: Callable[[], None] | None = None) -> bool:
     """One optimiser step; True when the validation check says the target is reached."""
     pick = torch.randint(len(encoded), (recipe.batch,), generator=gen).tolist()
     ids, labels = _batch([encoded[j] for j in pick])  # [B, S]
@@ -300,15 +318,8 @@ def _train_step(model: Any, encoded: list[tuple[list[int], list[int]]], recipe: 
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    if anchor is not None and recipe.max_delta:
-        with torch.no_grad():
-            for name, w in model.state_dict().items():  # views: updated in place
-                w0 = anchor[name]
-                if w.ndim == 2:
-                    radius = recipe.max_delta * float(w0.norm())
-                    moved = float((w - w0).norm())
-                    if moved > radius:
-                        w.copy_(w0 + (w - w0) * (radius / moved))
+    if project is not None:
+        project()
     if check is not None and step % recipe.check_every == 0:
         if check(model) >= recipe.target:
             return True
