@@ -83,6 +83,24 @@ def build_threading() -> Iterator[int]:
         torch.set_num_threads(previous)
 
 
+class Scratch:
+    """Large buffers kept from one tensor to the next: above glibc's 32 MB mmap threshold every
+    fresh allocation is pages the kernel zeroes on first touch, which cost more than the merge's
+    own arithmetic on them."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...],
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """An uninitialised tensor over buffer `name`, which grows when it is too small."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if name not in self._buffers or self._buffers[name].numel() < nbytes:
+            self._buffers.pop(name, None)  # freed before its successor is allocated
+            self._buffers[name] = torch.empty(nbytes, dtype=torch.uint8)
+        return self._buffers[name][:nbytes].view(dtype).view(shape)
+
+
 @contextmanager
 def worker_map(workers: int) -> Iterator[Map]:
     """A map over `workers` Python threads, each running torch on one intra-op thread (torch and
@@ -110,7 +128,7 @@ def write_artifact(plan: BuildPlan, folder: Path, stages: Stages, threads: int) 
     hashing = threading.Thread(target=content_hashes, args=(plan,), daemon=True)
     hashing.start()  # reads every weight file once; overlaps the merge's serial parts
     workers = threads if plan.gram_files is None else 1  # regmean caches factors per tensor
-    scratch: list[torch.Tensor] = []  # one fp32 buffer, reused for every tensor's deltas
+    scratch = Scratch()
     with stages.bar("channel-merging", len(plan.tasks)) as advance, worker_map(workers) as pmap:
         for task in plan.tasks:
             entries[task.name] = run_task(plan, task, writer, pmap, scratch)
@@ -129,7 +147,7 @@ def content_hashes(plan: BuildPlan) -> None:
 
 
 def run_task(plan: BuildPlan, task: TensorTask, writer: ShardedSafetensorsWriter,
-             pmap: Map = serial_map, scratch: list[torch.Tensor] | None = None) -> TensorEntry:
+             pmap: Map = serial_map, scratch: Scratch | None = None) -> TensorEntry:
     """Merge or stack one tensor, write it, and return its manifest entry."""
     if task.kind == "stacked":
         out_dtype = getattr(torch, task.out_dtype)
@@ -144,18 +162,16 @@ def run_task(plan: BuildPlan, task: TensorTask, writer: ShardedSafetensorsWriter
 
 
 def merge_tensor(plan: BuildPlan, task: TensorTask, pmap: Map = serial_map,
-                 scratch: list[torch.Tensor] | None = None
+                 scratch: Scratch | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, TensorStats]:
     """One 2-D tensor -> (bank [K, out, in], labels [out, N], stats), streamed in row blocks;
-    experts and blocks are independent work items for pmap. `scratch` keeps the deltas' buffer
-    between tensors (above 32 MB every fresh one is zeroed pages from the kernel)."""
-    base = plan.base.tensor(task.name).float()  # [out, in]
+    experts and blocks are independent work items for pmap. The base, the deltas and the bank
+    live in `scratch`'s buffers: the bank is valid until the next call with the same scratch."""
+    scratch = Scratch() if scratch is None else scratch
+    base = scratch.take("base", task.shape).copy_(plan.base.tensor(task.name))  # [out, in] fp32
     n, k = len(plan.experts), task.groups
-    size = n * base.numel()
-    scratch = [] if scratch is None else scratch
-    if not scratch or scratch[0].numel() < size:
-        scratch[:] = [torch.empty(size)]
-    deltas = load_deltas(plan, task, base, pmap, scratch[0][:size])  # [N, out, in], raw
+    deltas = load_deltas(plan, task, base, pmap,
+                         scratch.take("deltas", (n * base.numel(),)))  # [N, out, in], raw
     calib = tensor_solver(plan, task)
     # grouping's cost is mostly per call (small [R, N, N] ops), and regmean reads each subset's
     # [in, in] factor once per block: both on whole chunks; plain merging on quarter chunks, so
@@ -168,7 +184,7 @@ def merge_tensor(plan: BuildPlan, task: TensorTask, pmap: Map = serial_map,
     sparsify = plan.method.sparsify
     apply = None if sparsify is None else sparsify(
         deltas, plan.params, [_generator(plan, task, i) for i in range(n)], blocks, pmap)
-    bank = torch.empty((k, *task.shape), dtype=getattr(torch, task.out_dtype))
+    bank = scratch.take("bank", (k, *task.shape), getattr(torch, task.out_dtype))
     extra = {"calib": calib} if plan.method.calibrated else {}
 
     def merge_block(b_i: int) -> torch.Tensor:

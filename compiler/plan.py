@@ -199,11 +199,12 @@ def check_provenance(base: Checkpoint, name: str, expert: Checkpoint) -> str | N
     if not tensors:
         return None
     dot = base_sq = expert_sq = delta_sq = 0.0
-    for tensor in tensors:
-        b, e = base.tensor(tensor).double(), expert.tensor(tensor).double()
-        dot += float((b * e).sum())
-        base_sq, expert_sq = base_sq + float((b * b).sum()), expert_sq + float((e * e).sum())
-        delta_sq += float(((e - b) ** 2).sum())
+    for tensor in tensors:  # dot products in place: every temporary is pages to fault in
+        b, e = base.tensor(tensor).double().view(-1), expert.tensor(tensor).double().view(-1)
+        dot, base_sq = dot + float(b @ e), base_sq + float(b @ b)
+        expert_sq += float(e @ e)
+        delta = e.sub_(b)
+        delta_sq += float(delta @ delta)
     cosine = dot / max((base_sq * expert_sq) ** 0.5, 1e-30)
     if cosine >= MIN_COSINE:
         return None

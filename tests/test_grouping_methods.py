@@ -213,10 +213,14 @@ def test_dare_is_seeded(random_family, tmp_path):
     assert not torch.equal(arts[0].stored(name), arts[2].stored(name))
 
 
+@pytest.mark.parametrize("chunk", [1 << 18, 1000])  # one chunk; many, ties across them
 @pytest.mark.parametrize("density", [0.01, 0.3, 0.5, 0.97])
-def test_trim_keeps_exactly_top_k_with_ties(density):
+def test_trim_keeps_exactly_top_k_with_ties(density, chunk, monkeypatch):
     """Streamed top-k (histogram + exact select) equals a stable sort, even with many equal |d|."""
+    from chmc.compiler import methods
     from chmc.compiler.methods import get_method, trim_top_k
+
+    monkeypatch.setattr(methods, "SELECT_CHUNK", chunk)
 
     gen = torch.Generator().manual_seed(11)
     deltas = torch.randint(-40, 41, (4, 300, 70), generator=gen).float() / 64  # many ties
@@ -262,13 +266,23 @@ def test_k1_ties_equals_mergekit(random_family, tmp_path):
             assert diff <= TOL, name
 
 
-@pytest.mark.parametrize("spread", [3, 1 << 20, 1 << 30])  # heavy ties .. all distinct
-def test_kth_largest_equals_a_full_sort(spread: int) -> None:
-    from chmc.compiler.methods import _kth_largest
+@pytest.mark.parametrize("rows", [100, 1000])  # the bucket counted, or guessed from a sample
+@pytest.mark.parametrize("spread", [3, 1 << 20, 1 << 30, -1])  # heavy ties .. all distinct
+def test_kth_largest_equals_a_full_sort(spread: int, rows: int, monkeypatch) -> None:
+    """-1: every 16th row, the sample the bucket is guessed from, is 2^24 patterns above the rest,
+    so the guess misses and the count over all rows decides."""
+    from chmc.compiler import methods
 
-    rng = np.random.default_rng(spread)
-    bits = rng.integers(0, spread, 100_000).astype(np.int32)
+    monkeypatch.setattr(methods, "SELECT_CHUNK", 7_000)  # chunks of a few rows
+    rng = np.random.default_rng(abs(spread))
+    bits = rng.integers(0, spread if spread > 0 else 1 << 20, 100_000).astype(np.int32)
+    bits = bits.reshape(rows, -1)
+    bits[::16] += 1 << 24 if spread < 0 else 0
+    bits = bits.reshape(-1)
+    signs = np.where(rng.random(bits.size) < 0.5, np.int32(-(1 << 31)), np.int32(0))
+    delta = torch.from_numpy((bits | signs).view(np.float32).reshape(rows, -1))  # |d| = bits
     ordered = np.sort(bits)[::-1]
     for k in (1, 2, 777, 50_000, 100_000):
-        t, greater = _kth_largest(bits, k)
-        assert (t, greater) == (ordered[k - 1], int((bits > ordered[k - 1]).sum()))
+        t = ordered[k - 1]
+        assert methods._kth_largest(methods._Magnitudes(delta), k) == (
+            t, int((bits > t).sum()), int((bits == t).sum()))
