@@ -17,7 +17,6 @@ No full copy of the base is ever made per expert: memory holds one tensor and it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from chmc.errors import ChmcError, NotSupportedError
 from chmc.formats.checkpoint import Checkpoint
+from chmc.formats.digest import files_sha256
 from chmc.formats.manifest import first_error
 from chmc.formats.safetensors import TensorInfo, read_header, read_tensor
 
@@ -228,13 +228,7 @@ class Adapter:
     def content_hash(self) -> str:
         """sha256 over adapter_config.json and the adapter's weights (the base is hashed as the
         base)."""
-        h = hashlib.sha256()
-        for f in (self.path / ADAPTER_CONFIG, self.file):
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    h.update(chunk)
-        return h.hexdigest()
+        return files_sha256([self.path / ADAPTER_CONFIG, self.file])
 
 
 def fold(w: torch.Tensor, m: Module) -> torch.Tensor:

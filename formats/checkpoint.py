@@ -9,7 +9,6 @@ tokenizer) and the EOS / pad ids, the way transformers reads them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chmc.errors import ChmcError
+from chmc.formats.digest import files_sha256
 from chmc.formats.safetensors import TensorInfo, read_header, read_tensor
 
 if TYPE_CHECKING:
@@ -188,10 +188,4 @@ class Checkpoint:
     @cached_property
     def content_hash(self) -> str:
         """sha256 over the weight files, in name order: identifies exactly what was merged."""
-        h = hashlib.sha256()
-        for f in self.weight_files():
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    h.update(chunk)
-        return h.hexdigest()
+        return files_sha256(self.weight_files())

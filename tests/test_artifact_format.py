@@ -97,3 +97,27 @@ def test_staged_output_is_all_or_nothing(tmp_path: Path) -> None:
         (tmp / "done.txt").write_text("v2")
     assert (out / "done.txt").read_text() == "v2"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_weight_digest_is_remembered_until_a_file_changes(tmp_path: Path, monkeypatch) -> None:
+    """files_sha256 is sha256 over (name, bytes) per file; it is read back from $CHMC_CACHE while
+    the files' size, mtime and inode stay, and recomputed once one changes."""
+    import hashlib
+    import os
+
+    from chmc.formats.digest import files_sha256
+
+    monkeypatch.setenv("CHMC_CACHE", str(tmp_path / "cache"))
+    files = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    files[0].write_bytes(b"first" * 1000)
+    files[1].write_bytes(b"second")
+    plain = hashlib.sha256(b"a.safetensors" + b"first" * 1000 + b"b.safetensors" + b"second")
+    assert files_sha256(files) == plain.hexdigest()
+    (remembered,) = (tmp_path / "cache" / "hashes").iterdir()
+    remembered.write_text("f" * 64)  # what a later call returns without reading the files
+    assert files_sha256(files) == "f" * 64
+    files[1].write_bytes(b"SECOND")  # same size; its mtime and ctime move
+    stat = files[1].stat()
+    os.utime(files[1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    changed = hashlib.sha256(b"a.safetensors" + b"first" * 1000 + b"b.safetensors" + b"SECOND")
+    assert files_sha256(files) == changed.hexdigest()
