@@ -87,11 +87,12 @@ def _param_count() -> int:
     return 2 * v * h + layers * (4 * h * h + 3 * h * i + 2 * h) + h  # untied, q/k/v/o heads = 16
 
 
-def measure(cmd: list[str], required: bool = True) -> dict[str, Any]:
+def measure(cmd: list[str], required: bool = True,
+            env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run cmd as a child; wall time and that child's own peak RSS (os.wait4)."""
     load = os.getloadavg()[0]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     err = proc.stderr.read().decode() if proc.stderr else ""
