@@ -2,7 +2,8 @@
 `~/.cache/chmc`.
 
 Inside: families/ (trained tiny families), onnx/ (exports `load` makes of artifacts), ort_kernel/
-(the compiled ONNX Runtime op), demo/, bench/, and the test tritonserver. Only os and pathlib
+(the compiled ONNX Runtime op), hashes/ (inputs' sha256, formats/digest.py), demo/, bench/,
+and the test tritonserver. Only os and pathlib
 here, because the ONNX Runtime path (no torch) needs it too.
 """
 
