@@ -187,15 +187,24 @@ def merge_tensor(plan: BuildPlan, task: TensorTask, pmap: Map = serial_map,
     bank = scratch.take("bank", (k, *task.shape), getattr(torch, task.out_dtype))
     extra = {"calib": calib} if plan.method.calibrated else {}
 
-    def merge_block(b_i: int) -> torch.Tensor:
+    fused = plan.method.fused
+    # per block, written in place: small results kept alive between the blocks' freed 2 MB
+    # temporaries split those holes, and every block then takes fresh memory (+2 GB at embed)
+    errors = torch.zeros(len(blocks), n, dtype=torch.float64)
+
+    def merge_block(b_i: int) -> None:
         a, b = blocks[b_i]
         raw = deltas[:, a:b]  # [N, R, in]
-        used = raw if apply is None else apply(raw, b_i)
-        merged = plan.method.combine(used, labels[a:b], k, plan.params, **extra)  # [K, R, in]
+        if fused is not None and apply is not None:
+            merged = fused(raw, labels[a:b], k, plan.params, apply, b_i, errors[b_i])
+        else:
+            used = raw if apply is None else apply(raw, b_i)
+            merged = plan.method.combine(used, labels[a:b], k, plan.params, **extra)  # [K, R, in]
+            errors[b_i] = block_error(merged, raw, labels[a:b], shared[a:b])
         torch.add(merged, base[a:b], out=bank[:, a:b])  # in fp32, cast to the bank's dtype
-        return block_error(merged, raw, labels[a:b], shared[a:b])
 
-    err_sq = sum(pmap(merge_block, range(len(blocks))), torch.zeros(n, dtype=torch.float64))
+    pmap(merge_block, range(len(blocks)))
+    err_sq = errors.sum(0)
     copy_singletons(plan, task, bank, labels, sizes)
     names = plan.names
     return bank, labels, TensorStats(

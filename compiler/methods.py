@@ -7,6 +7,9 @@ A method is a registry entry (mergekit style) with typed parameters and two smal
   i)` that sparsifies block i of all experts' rows as it streams past; None for dense methods.
 - `combine(deltas [N, R, in], labels [R, N], k, params)`: the merged delta of every group
   [K, R, in].
+- optionally `fused(raw [N, R, in], labels, k, params, apply, i)`: apply, combine and the
+  reconstruction error of block i in one compiled pass (ties: compiler/fused.py); the two
+  callables above stay the reference it is tested against.
 
 Semantics (mergekit's, so K=1 reproduces a mergekit merge):
 - mean / linear:   sum_g(w_n d_n) / sum_g(w_n)
@@ -24,7 +27,7 @@ Parameters are global or per expert ({name: value}); `weights` is accepted for `
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +98,8 @@ Blocks = list[tuple[int, int]]  # row ranges [a, b) the tensor is streamed in
 Apply = Callable[["torch.Tensor", int], "torch.Tensor"]  # (block i's rows [N, R, in], i) -> sparse
 SparsifyFn = Callable[..., Apply]  # (deltas, params, generators, blocks, pmap) -> Apply
 CombineFn = Callable[..., "torch.Tensor"]  # (deltas, labels, k, params[, calib=]) -> [K, R, in]
+# (raw block [N, R, in], labels, k, params, apply, block i, err_sq [N] to add to) -> [K, R, in]
+FusedFn = Callable[..., "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,7 @@ class MergeMethod:
     sparsify: SparsifyFn | None = None
     params: tuple[Param, ...] = field(default_factory=tuple)
     calibrated: bool = False  # combine takes calib= (a GramSolver); the build needs calibration
+    fused: FusedFn | None = None  # sparsify's apply + combine + the merge error in one pass
 
     def resolve(self, parameters: Mapping[str, Any] | None, names: list[str]) -> Resolved:
         """Validate `parameters` against this method's typed parameters, filling defaults."""
@@ -201,135 +207,125 @@ def _scale(x: torch.Tensor, factor: float) -> torch.Tensor:
     return x if factor == 1 else x.mul_(factor)
 
 
+class Trim:
+    """TIES' trim of a tensor's experts, found by trim_top_k: expert n keeps |d| >= t_n, except
+    that past its last kept tie (cuts[n], a (row, col); (out, 0): none) only |d| > t_n. Called
+    on block i's rows [N, R, in], it returns them trimmed; ties_fused reads the thresholds."""
+
+    def __init__(self, found: list[tuple[float, float, tuple[int, int]]], blocks: Blocks):
+        self.ge, self.gt, self.cuts = (list(x) for x in zip(*found))  # hardshrink lambdas
+        self.blocks = blocks
+
+    def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        a, b = self.blocks[i]
+        kept = torch.empty_like(x.transpose(0, 1)).transpose(0, 1)  # [N, R, in], x's layout
+        for e in range(x.shape[0]):
+            row, col = self.cuts[e]
+            torch.hardshrink(x[e], self.gt[e] if row < a else self.ge[e], out=kept[e])
+            if a <= row < b:  # this block holds the last kept tie: only > t_n after it
+                r = row - a
+                torch.hardshrink(x[e, r + 1 :], self.gt[e], out=kept[e, r + 1 :])
+                torch.hardshrink(x[e, r, col + 1 :], self.gt[e], out=kept[e, r, col + 1 :])
+        return kept
+
+
 def trim_top_k(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator], blocks: Blocks,
                pmap: Map = serial_map) -> Apply:
     """TIES' trim, per expert over its whole tensor: keep the k = max(1, int(density * numel))
     largest |d|, the lowest flat index first among equal magnitudes.
 
-    A two-pass radix-style selection over |d_n| (_kth_largest: O(numel), no sort) finds the k-th
-    largest, the threshold t_n; blocks then keep |d| >= t_n with one hardshrink per expert. When
-    t_n also occurs below the cut (ties, common in fp16 deltas), the flat positions of the ties
-    give the last one to keep; past it only |d| > t_n is kept.
+    A two-pass count over the bit patterns of |d_n| (_kth_largest: O(numel), no sort) finds the
+    k-th largest, the threshold t_n; when t_n also occurs below the cut (ties, common in bf16
+    deltas), the flat position of the last tie to keep is found too (a Trim).
     """
     n = deltas.shape[0]
     densities = [p.expert(e)["density"] for e in range(n)]
     if min(densities) >= 1:
         return lambda x, i: x
-    # per expert: hardshrink lambdas (it keeps |d| > lambda) for |d| >= t_n and |d| > t_n, and the
-    # (row, col) of the last tie kept ((out, 0): none past the end)
-    found = pmap(lambda e: _threshold(deltas[e], densities[e]), range(n))
-    ge, gt, cuts = zip(*found)
-
-    def apply(x: torch.Tensor, i: int) -> torch.Tensor:
-        a, b = blocks[i]
-        kept = torch.empty_like(x.transpose(0, 1)).transpose(0, 1)  # [N, R, in], x's layout
-        for e in range(n):
-            row, col = cuts[e]
-            torch.hardshrink(x[e], gt[e] if row < a else ge[e], out=kept[e])
-            if a <= row < b:  # this block holds the last kept tie: only > t_n after it
-                r = row - a
-                torch.hardshrink(x[e, r + 1 :], gt[e], out=kept[e, r + 1 :])
-                torch.hardshrink(x[e, r, col + 1 :], gt[e], out=kept[e, r, col + 1 :])
-        return kept
-
-    return apply
+    return Trim(pmap(lambda e: _threshold(deltas[e], densities[e]), range(n)), blocks)
 
 
-SELECT_CHUNK = 1 << 18  # |d| values per step of the threshold search: its buffers stay in cache
 BUCKET = 1 << 16  # bit patterns per bucket of the first count; the second counts within one
 SAMPLE_STEP = 16  # rows: the bucket holding the threshold is guessed from every 16th
 
 
-class _Magnitudes:
-    """|d| of one expert's tensor [out, in] as int32 bit patterns (non-negative floats order like
-    them), made a chunk of rows at a time in two small reused buffers: a whole-tensor copy is
-    fresh pages for the kernel to zero, which cost more than the search itself."""
-
-    def __init__(self, delta: torch.Tensor):
-        self.delta = delta
-        out, inp = delta.shape
-        rows = max(1, SELECT_CHUNK // max(1, inp))
-        self.chunks = [(a, min(a + rows, out)) for a in range(0, out, rows)]
-        self._abs = torch.empty(rows * inp)
-        self._key = torch.empty(rows * inp, dtype=torch.int32)
-
-    def __iter__(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Per chunk: (its first row, |d| bits [n], a work buffer [n]), views of the buffers."""
-        for a, b in self.chunks:
-            n = (b - a) * self.delta.shape[1]
-            torch.abs(self.delta[a:b], out=self._abs[:n].view(b - a, -1))
-            yield a, self._abs[:n].view(torch.int32), self._key[:n]
-
-
-def _from_top(counts: torch.Tensor, k: int) -> tuple[int, int]:
+def _from_top(counts: np.ndarray, k: int) -> tuple[int, int]:
     """(the bin holding the k-th largest value, how many values lie in higher bins)."""
-    at_least = counts.flip(0).cumsum(0).flip(0)  # [i]: values in bins >= i
-    i = int((at_least >= k).nonzero().max())
+    at_least = np.cumsum(counts[::-1])[::-1]  # [i]: values in bins >= i
+    i = int(np.flatnonzero(at_least >= k).max())
     return i, int(at_least[i + 1]) if i + 1 < len(at_least) else 0
 
 
-def _kth_largest(mags: _Magnitudes, k: int) -> tuple[int, int, int]:
-    """(t, how many values exceed t, how many equal it) for t the k-th largest |d| bit pattern,
+def _kth_largest(bits: np.ndarray, k: int) -> tuple[int, int, int]:
+    """(t, how many values exceed t, how many equal it) for t the k-th largest |d| bit pattern
+    (non-negative floats order like their bits) of bits [out, in] (a float32 tensor's, as int32),
     by counting: the upper 16 bits name the bucket of 2^16 patterns that holds t (guessed from
     every SAMPLE_STEP-th row, counted over all where the guess misses), then a count of that
     bucket's patterns names t. No selection: fine-tuned deltas of bf16 weights repeat a few values
     so often that introselect degrades to a sort."""
-    delta = mags.delta
-    if delta.shape[0] >= 16 * SAMPLE_STEP:
-        sample = _Magnitudes(delta[::SAMPLE_STEP])
-        k_sample = max(1, round(k * sample.delta.numel() / delta.numel()))
-        found = _in_bucket(mags, k, _from_top(_high_counts(sample), k_sample)[0])
+    from chmc.compiler import fused
+
+    if bits.shape[0] >= 16 * SAMPLE_STEP:
+        sampled = len(range(0, bits.shape[0], SAMPLE_STEP)) * bits.shape[1]
+        k_sample = max(1, round(k * sampled / bits.size))
+        found = _in_bucket(bits, k, _from_top(fused.high_counts(bits, SAMPLE_STEP), k_sample)[0])
         if found is not None:
             return found
-    bucket, _ = _from_top(_high_counts(mags), k)
-    found = _in_bucket(mags, k, bucket)
+    found = _in_bucket(bits, k, _from_top(fused.high_counts(bits, 1), k)[0])
     assert found is not None
     return found
 
 
-def _high_counts(mags: _Magnitudes) -> torch.Tensor:
-    """How many |d| bit patterns have each value of the upper 16 bits. [2^15]"""
-    high = torch.zeros(1 << 15, dtype=torch.int64)
-    for _, bits, key in mags:
-        high += torch.bincount(torch.bitwise_right_shift(bits, 16, out=key), minlength=1 << 15)
-    return high
-
-
-def _in_bucket(mags: _Magnitudes, k: int, bucket: int) -> tuple[int, int, int] | None:
+def _in_bucket(bits: np.ndarray, k: int, bucket: int) -> tuple[int, int, int] | None:
     """_kth_largest's answer if the k-th largest pattern is in `bucket`, else None."""
-    lo = bucket * BUCKET
-    low = torch.zeros(BUCKET + 2, dtype=torch.int64)  # below the bucket, its patterns, above
-    for _, bits, key in mags:
-        key = torch.clamp(bits, lo - 1, lo + BUCKET, out=key).sub_(lo - 1)
-        low += torch.bincount(key, minlength=BUCKET + 2)
-    above = int(low[-1])
-    if not above < k <= above + int(low[1:-1].sum()):
+    from chmc.compiler import fused
+
+    counts = fused.bucket_counts(bits, bucket * BUCKET, BUCKET)  # below, each pattern, above
+    above = int(counts[-1])
+    if not above < k <= above + int(counts[1:-1].sum()):
         return None
-    j, within = _from_top(low[1:-1], k - above)
-    return lo + j, above + within, int(low[1 + j])
+    j, within = _from_top(counts[1:-1], k - above)
+    return bucket * BUCKET + j, above + within, int(counts[1 + j])
 
 
 def _threshold(delta: torch.Tensor, density: float) -> tuple[float, float, tuple[int, int]]:
     """One expert's trim of delta [out, in]: (lambda for |d| >= t, lambda for |d| > t, the
     (row, col) of the last entry equal to t that is kept; (out, 0) when all ties are kept)."""
+    from chmc.compiler import fused
+
     out, inp = delta.shape
     if density >= 1:
         return -math.inf, -math.inf, (out, 0)
     k = max(1, int(density * delta.numel()))
-    mags = _Magnitudes(delta)
-    t, greater, equal = _kth_largest(mags, k)
-    need = k - greater  # entries equal to t to keep, in flat order
+    bits = delta.view(torch.int32).numpy()
+    t, greater, equal = _kth_largest(bits, k)
     t_float = np.int32(t).view(np.float32)
     lambdas = float(np.nextafter(t_float, np.float32(-1))), float(t_float)
-    if need < equal:  # find the need-th in the chunks
-        for a, bits, _ in mags:
-            ties = bits == t
-            count = int(ties.count_nonzero())
-            if count >= need:
-                at = int(ties.nonzero()[need - 1])
-                return (*lambdas, (a + at // inp, at % inp))
-            need -= count
-    return (*lambdas, (out, 0))  # all of them: exactly k entries are >= t
+    need = k - greater  # entries equal to t to keep, in flat order
+    return (*lambdas, fused.nth_equal(bits, t, need) if need < equal else (out, 0))
+
+
+def ties_fused(raw: torch.Tensor, labels: torch.Tensor, k: int, p: Resolved, trim: Apply,
+               i: int, err_sq: torch.Tensor) -> torch.Tensor:
+    """trim, then sign_consensus, and the reconstruction error, in one pass (compiler/fused.py):
+    raw block i [N, R, in] (a view of [R, N, in] rows) -> merged [K, R, in]; err_sq [N] fp64
+    += ||merged row - raw row||^2 over the rows where the expert is merged with others."""
+    from chmc.compiler import fused
+
+    n, rows, inp = raw.shape
+    if isinstance(trim, Trim):
+        a = trim.blocks[i][0]
+        ge, gt = np.array(trim.ge, np.float32), np.array(trim.gt, np.float32)
+        cut_row = np.array([row - a for row, _ in trim.cuts], np.int64)
+        cut_col = np.array([col for _, col in trim.cuts], np.int64)
+    else:  # density 1 for every expert: all kept
+        ge = gt = np.full(n, -np.inf, np.float32)
+        cut_row, cut_col = np.full(n, rows, np.int64), np.zeros(n, np.int64)
+    merged = torch.empty(k, rows, inp)
+    fused.ties_rows(raw.transpose(0, 1).numpy(), labels.numpy(), ge, gt, cut_row, cut_col,
+                    p.weights().numpy(), bool(p.values.get("normalize", True)),
+                    float(p.values.get("lambda", 1.0)), merged.numpy(), err_sq.numpy())
+    return merged
 
 
 def dare_drop(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator], blocks: Blocks,
@@ -387,7 +383,7 @@ METHODS: dict[str, MergeMethod] = {m.name: m for m in (
     MergeMethod("task_arithmetic", lambda d, lab, k, p: weighted_sum(d, lab, k, p, False),
                 params=(WEIGHT, LAMBDA)),
     MergeMethod("ties", sign_consensus, trim_top_k,
-                params=(WEIGHT, DENSITY, LAMBDA, _normalize(True))),
+                params=(WEIGHT, DENSITY, LAMBDA, _normalize(True)), fused=ties_fused),
     MergeMethod("dare_ties", sign_consensus, dare_drop,
                 params=(WEIGHT, DENSITY, LAMBDA, _normalize(True))),
     MergeMethod("dare_linear",

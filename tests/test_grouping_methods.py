@@ -213,28 +213,65 @@ def test_dare_is_seeded(random_family, tmp_path):
     assert not torch.equal(arts[0].stored(name), arts[2].stored(name))
 
 
-@pytest.mark.parametrize("chunk", [1 << 18, 1000])  # one chunk; many, ties across them
-@pytest.mark.parametrize("density", [0.01, 0.3, 0.5, 0.97])
-def test_trim_keeps_exactly_top_k_with_ties(density, chunk, monkeypatch):
-    """Streamed top-k (histogram + exact select) equals a stable sort, even with many equal |d|."""
-    from chmc.compiler import methods
-    from chmc.compiler.methods import get_method, trim_top_k
-
-    monkeypatch.setattr(methods, "SELECT_CHUNK", chunk)
-
+def tied_deltas(layout: str) -> torch.Tensor:
+    """[4, 300, 70] deltas with many equal |d| (expert 1: none; expert 3: half exact zeros, so
+    at density > 0.5 the cut falls among them), stored [N, out, in] or, as the build stores
+    them, [out, N, in]."""
     gen = torch.Generator().manual_seed(11)
     deltas = torch.randint(-40, 41, (4, 300, 70), generator=gen).float() / 64  # many ties
     deltas[1] = torch.randn(300, 70, generator=gen)  # no ties
-    deltas[3, :, ::2] = 0  # half exact zeros: at density > 0.5 the cut falls among them
+    deltas[3, :, ::2] = 0
+    return deltas if layout == "experts" else deltas.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+BLOCKS = [(a, min(a + 37, 300)) for a in range(0, 300, 37)]  # several blocks
+
+
+@pytest.mark.parametrize("layout", ["experts", "rows"])
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.5, 0.97])
+def test_trim_keeps_exactly_top_k_with_ties(density, layout):
+    """Counted top-k (bucket counts + the flat position of the last tie) equals a stable sort,
+    even with many equal |d|."""
+    from chmc.compiler.methods import get_method, trim_top_k
+
+    deltas = tied_deltas(layout)
     densities = {"a": density, "b": density, "c": 1.0, "d": density}
     params = get_method("ties").resolve({"density": densities}, list(densities))
-    blocks = [(a, min(a + 37, 300)) for a in range(0, 300, 37)]  # several blocks
-    apply = trim_top_k(deltas, params, [gen] * 4, blocks)
-    got = torch.cat([apply(deltas[:, a:b], i) for i, (a, b) in enumerate(blocks)], dim=1).numpy()
+    apply = trim_top_k(deltas, params, [torch.Generator()] * 4, BLOCKS)
+    got = torch.cat([apply(deltas[:, a:b], i) for i, (a, b) in enumerate(BLOCKS)], dim=1).numpy()
     for e, d in enumerate(densities.values()):
         want = ref_trim(deltas[e].double().numpy(), d)
         assert np.array_equal(got[e], want), e
         assert np.count_nonzero(got[e]) <= max(1, int(d * deltas[e].numel()))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3])
+@pytest.mark.parametrize("params", [
+    {"density": 0.3, "weight": {"a": 1.5, "c": 0.0}, "lambda": 1.2},
+    {"density": {"a": 0.5, "b": 1.0, "c": 0.97, "d": 0.5}, "normalize": False},
+    {"density": 1.0},
+])
+def test_fused_ties_equals_trim_then_sign_consensus(groups, params):
+    """The compiled one-pass TIES block (trim, sign election, disjoint merge, merge error) against
+    the torch reference it replaces: trim_top_k's apply, sign_consensus and block_error."""
+    from chmc.compiler.merge import block_error
+    from chmc.compiler.methods import get_method, sign_consensus, ties_fused, trim_top_k
+
+    deltas = tied_deltas("rows")
+    names = ["a", "b", "c", "d"]
+    p = get_method("ties").resolve(params, names)
+    labels = torch.randint(0, groups, (300, 4), generator=torch.Generator().manual_seed(groups))
+    sizes = torch.nn.functional.one_hot(labels, groups).sum(1)
+    shared = (sizes.gather(1, labels) > 1).float()
+    apply = trim_top_k(deltas, p, [torch.Generator()] * 4, BLOCKS)
+    for i, (a, b) in enumerate(BLOCKS):
+        raw = deltas[:, a:b]
+        want = sign_consensus(apply(raw, i), labels[a:b], groups, p)
+        want_err = block_error(want, raw, labels[a:b], shared[a:b])
+        got_err = torch.zeros(4, dtype=torch.float64)
+        got = ties_fused(raw, labels[a:b], groups, p, apply, i, got_err)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got_err, want_err, rtol=1e-5, atol=1e-9)
 
 
 def test_k1_ties_equals_mergekit(random_family, tmp_path):
@@ -268,12 +305,11 @@ def test_k1_ties_equals_mergekit(random_family, tmp_path):
 
 @pytest.mark.parametrize("rows", [100, 1000])  # the bucket counted, or guessed from a sample
 @pytest.mark.parametrize("spread", [3, 1 << 20, 1 << 30, -1])  # heavy ties .. all distinct
-def test_kth_largest_equals_a_full_sort(spread: int, rows: int, monkeypatch) -> None:
+def test_kth_largest_equals_a_full_sort(spread: int, rows: int) -> None:
     """-1: every 16th row, the sample the bucket is guessed from, is 2^24 patterns above the rest,
     so the guess misses and the count over all rows decides."""
     from chmc.compiler import methods
 
-    monkeypatch.setattr(methods, "SELECT_CHUNK", 7_000)  # chunks of a few rows
     rng = np.random.default_rng(abs(spread))
     bits = rng.integers(0, spread if spread > 0 else 1 << 20, 100_000).astype(np.int32)
     bits = bits.reshape(rows, -1)
@@ -284,5 +320,5 @@ def test_kth_largest_equals_a_full_sort(spread: int, rows: int, monkeypatch) -> 
     ordered = np.sort(bits)[::-1]
     for k in (1, 2, 777, 50_000, 100_000):
         t = ordered[k - 1]
-        assert methods._kth_largest(methods._Magnitudes(delta), k) == (
+        assert methods._kth_largest(delta.view(torch.int32).numpy(), k) == (
             t, int((bits > t).sum()), int((bits == t).sum()))

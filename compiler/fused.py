@@ -1,0 +1,122 @@
+"""TIES' hot loops, compiled by numba: the threshold counts and the trim + sign election +
+disjoint merge + reconstruction error of a block of rows, each one pass over the deltas.
+
+As torch ops the same arithmetic is a dozen passes over [N, R, in] temporaries (|d|, sign(d),
+four group sums, masks), and on this build's sizes memory traffic, not arithmetic, is the cost
+(benchmarks/results/build_phases.json). The loops release the GIL, so the build's worker threads
+run them side by side. Compiled on first use and cached on disk by numba.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+TINY = np.float32(np.finfo(np.float32).tiny)  # the smallest divisor, as methods._nonzero lifts
+MAGNITUDE = 0x7FFFFFFF  # the bits of |x| in a float32's bits
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def high_counts(bits: np.ndarray, step: int) -> np.ndarray:
+    """How many |d| patterns of every `step`-th row [out, in] have each upper 16 bits. [2^15]"""
+    counts = np.zeros(1 << 15, np.int64)
+    for r in range(0, bits.shape[0], step):
+        for c in range(bits.shape[1]):
+            counts[(bits[r, c] & MAGNITUDE) >> 16] += 1
+    return counts
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def bucket_counts(bits: np.ndarray, lo: int, size: int) -> np.ndarray:
+    """Counts of the |d| patterns [out, in] below lo, of each of lo .. lo + size - 1, and
+    above. [size + 2]"""
+    counts = np.zeros(size + 2, np.int64)
+    for r in range(bits.shape[0]):
+        for c in range(bits.shape[1]):
+            x = (bits[r, c] & MAGNITUDE) - lo
+            # the bin as arithmetic, not min/max: their branches mispredict on every other value
+            below, above = np.int64(x < 0), np.int64(x >= size)
+            counts[(x + 1) * (1 - below - above) + above * (size + 1)] += 1
+    return counts
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def nth_equal(bits: np.ndarray, pattern: int, nth: int) -> tuple[int, int]:
+    """(row, col) of the nth (from 1) |d| equal to `pattern` in flat order; (out, 0) if fewer."""
+    for r in range(bits.shape[0]):
+        row = bits[r]
+        count = 0
+        for c in range(row.shape[0]):  # a count per row compiles to vector code, a search not
+            count += (row[c] & MAGNITUDE) == pattern
+        if count < nth:
+            nth -= count
+            continue
+        for c in range(row.shape[0]):
+            nth -= (row[c] & MAGNITUDE) == pattern
+            if nth == 0:
+                return r, c
+    return bits.shape[0], 0
+
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath={"reassoc", "nsz"})
+def squared_distance(a: np.ndarray, b: np.ndarray) -> np.float32:
+    """||a - b||^2 of two rows, summed in any order: in order it is one add after another, each
+    waiting for the last, and slower than the whole merge."""
+    acc = np.float32(0)
+    for c in range(a.shape[0]):
+        diff = a[c] - b[c]
+        acc += diff * diff
+    return acc
+
+
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def ties_rows(deltas: np.ndarray, labels: np.ndarray, ge: np.ndarray, gt: np.ndarray,
+              cut_row: np.ndarray, cut_col: np.ndarray, weights: np.ndarray, normalize: bool,
+              lam: float, merged: np.ndarray, err_sq: np.ndarray) -> None:
+    """TIES over rows: deltas [R, N, in] (raw), labels [R, N] -> merged [K, R, in], and err_sq [N]
+    += ||merged[label] - raw||^2 over the rows where the expert's group has other members.
+
+    Expert n keeps |d| > ge[n] up to and including (cut_row[n], cut_col[n]) (rows relative to
+    the block) and |d| > gt[n] after it (methods.trim_top_k). The arithmetic is
+    methods.sign_consensus' in float32: per group, sums of w d, w |d|, w sign(d), w |sign(d)|
+    over the kept entries; the elected sign is that of the first (zero counts as +).
+    """
+    rows, n, inp = deltas.shape
+    k = merged.shape[0]
+    sums = np.empty((k, 4, inp), np.float32)  # per group: sums of w d, w |d|, w sign d, w |sign d|
+    half, scale = np.float32(0.5 * lam), np.float32(lam)
+    zero, one = np.float32(0), np.float32(1)
+    for r in range(rows):
+        sums[:] = 0
+        for e in range(n):
+            # 1-D rows and scalars hoisted: with them the loop below compiles to vector code
+            total, magnitude, sign, weight = sums[labels[r, e]]
+            row, w, ge_e, gt_e = deltas[r, e], np.float32(weights[e]), ge[e], gt[e]
+            # columns before `split` keep |d| > ge, from it on |d| > gt
+            split = inp if r < cut_row[e] else (cut_col[e] + 1 if r == cut_row[e] else 0)
+            for c in range(inp):
+                x = row[c]
+                kept = x if abs(x) > (ge_e if c < split else gt_e) else zero
+                s = (one if kept > 0 else zero) - (one if kept < 0 else zero)
+                total[c] += w * kept
+                magnitude[c] += w * abs(kept)
+                sign[c] += w * s
+                weight[c] += w * abs(s)
+        for g in range(k):
+            total, magnitude, sign, weight = sums[g]
+            out = merged[g, r]
+            for c in range(inp):
+                elected = one if total[c] >= 0 else -one
+                m = total[c] + elected * magnitude[c]  # twice the agreeing members' sum
+                if normalize:
+                    m = m / max(weight[c] + elected * sign[c], TINY)
+                    out[c] = m * scale if lam != 1 else m
+                else:
+                    out[c] = m * half
+        for e in range(n):
+            g = labels[r, e]
+            members = 0
+            for f in range(n):
+                members += labels[r, f] == g
+            if members > 1:
+                err_sq[e] += squared_distance(merged[g, r], deltas[r, e])
