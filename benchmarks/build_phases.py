@@ -1,6 +1,7 @@
 """Where a K=2 TIES build spends its time: each phase of merging one tensor, on one core, in CPU
 nanoseconds per expert value, streamed the way `chmc build` streams it (row blocks, buffers
-reused, the compiled one-pass merge), and the torch ops that pass replaces, phase by phase. Reads the llama-3.2-1b family of benchmarks/scale_cpu.py (made there, or with
+reused, the compiled one-pass merge), and the torch ops that pass replaces, phase by phase.
+Reads the llama-3.2-1b family of benchmarks/scale_cpu.py (made there, or with
 `chmc family synth --shape llama-3.2-1b --experts 4`). Prints JSON and writes --json.
 
     python3 benchmarks/build_phases.py [--tensor model.layers.3.mlp.up_proj.weight]
