@@ -212,7 +212,7 @@ def merge_tensor(plan: BuildPlan, task: TensorTask, pmap: Map = serial_map,
     def merge_block(b_i: int) -> None:
         a, b = blocks[b_i]
         raw = deltas[:, a:b]  # [N, R, in]
-        if fused is not None and apply is not None:
+        if fused is not None:  # apply included
             merged = fused(raw, labels[a:b], k, plan.params, apply, b_i, errors[b_i])
         else:
             used = raw if apply is None else apply(raw, b_i)

@@ -7,9 +7,10 @@ A method is a registry entry (mergekit style) with typed parameters and two smal
   i)` that sparsifies block i of all experts' rows as it streams past; None for dense methods.
 - `combine(deltas [N, R, in], labels [R, N], k, params)`: the merged delta of every group
   [K, R, in].
-- optionally `fused(raw [N, R, in], labels, k, params, apply, i)`: apply, combine and the
-  reconstruction error of block i in one compiled pass (ties: compiler/fused.py); the two
-  callables above stay the reference it is tested against.
+- optionally `fused(raw [N, R, in], labels, k, params, apply, i, err_sq)`: apply, combine and
+  the reconstruction error of block i in one compiled pass (ties: compiler/fused.py, imported on
+  first use: numba's import would add 0.7 s to every CLI start); the two callables above stay
+  the reference it is tested against.
 
 Semantics (mergekit's, so K=1 reproduces a mergekit merge):
 - mean / linear:   sum_g(w_n d_n) / sum_g(w_n)
@@ -238,11 +239,9 @@ def trim_top_k(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator], b
     k-th largest, the threshold t_n; when t_n also occurs below the cut (ties, common in bf16
     deltas), the flat position of the last tie to keep is found too (a Trim).
     """
-    n = deltas.shape[0]
-    densities = [p.expert(e)["density"] for e in range(n)]
-    if min(densities) >= 1:
-        return lambda x, i: x
-    return Trim(pmap(lambda e: _threshold(deltas[e], densities[e]), range(n)), blocks)
+    densities = [p.expert(e)["density"] for e in range(deltas.shape[0])]
+    return Trim(pmap(lambda e: _threshold(deltas[e], densities[e]), range(len(densities))),
+                blocks)
 
 
 BUCKET = 1 << 16  # bit patterns per bucket of the first count; the second counts within one
@@ -305,22 +304,18 @@ def _threshold(delta: torch.Tensor, density: float) -> tuple[float, float, tuple
     return (*lambdas, fused.nth_equal(bits, t, need) if need < equal else (out, 0))
 
 
-def ties_fused(raw: torch.Tensor, labels: torch.Tensor, k: int, p: Resolved, trim: Apply,
+def ties_fused(raw: torch.Tensor, labels: torch.Tensor, k: int, p: Resolved, trim: Trim,
                i: int, err_sq: torch.Tensor) -> torch.Tensor:
     """trim, then sign_consensus, and the reconstruction error, in one pass (compiler/fused.py):
     raw block i [N, R, in] (a view of [R, N, in] rows) -> merged [K, R, in]; err_sq [N] fp64
     += ||merged row - raw row||^2 over the rows where the expert is merged with others."""
     from chmc.compiler import fused
 
-    n, rows, inp = raw.shape
-    if isinstance(trim, Trim):
-        a = trim.blocks[i][0]
-        ge, gt = np.array(trim.ge, np.float32), np.array(trim.gt, np.float32)
-        cut_row = np.array([row - a for row, _ in trim.cuts], np.int64)
-        cut_col = np.array([col for _, col in trim.cuts], np.int64)
-    else:  # density 1 for every expert: all kept
-        ge = gt = np.full(n, -np.inf, np.float32)
-        cut_row, cut_col = np.full(n, rows, np.int64), np.zeros(n, np.int64)
+    _, rows, inp = raw.shape
+    a = trim.blocks[i][0]
+    ge, gt = np.array(trim.ge, np.float32), np.array(trim.gt, np.float32)
+    cut_row = np.array([row - a for row, _ in trim.cuts], np.int64)
+    cut_col = np.array([col for _, col in trim.cuts], np.int64)
     merged = torch.empty(k, rows, inp)
     fused.ties_rows(raw.transpose(0, 1).numpy(), labels.numpy(), ge, gt, cut_row, cut_col,
                     p.weights().numpy(), bool(p.values.get("normalize", True)),
