@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from chmc.cache import cache_root
-from chmc.compiler.deltas import load_deltas, row_blocks
-from chmc.compiler.merge import Scratch, block_error, group_all_rows, keep_freed_memory
+from chmc.compiler.deltas import Deltas, Scratch
+from chmc.compiler.merge import block_error, group_all_rows, keep_freed_memory, shared_rows
 from chmc.compiler.methods import sign_consensus, ties_fused
 from chmc.compiler.plan import plan_build
 
@@ -61,13 +61,12 @@ def main() -> None:
     task = next(t for t in plan.tasks if t.name == args.tensor)
     values = EXPERTS * task.shape[0] * task.shape[1]
     scratch = Scratch()
-    base = scratch.take("base", task.shape).copy_(plan.base.tensor(task.name))
-    buffer = scratch.take("deltas", (values,))
+    source = Deltas.read(plan, task, scratch=scratch)
+    assert len(source.slices) == 1, "a tensor read in one slice"
     method = plan.method
     sparsify = method.sparsify
     assert sparsify is not None
-    big = row_blocks(task.shape[0], EXPERTS * task.shape[1])
-    blocks = row_blocks(task.shape[0], EXPERTS * task.shape[1], 4)
+    big, blocks = source.blocks(), source.blocks(4)
     ns: dict[str, float] = {}
 
     def phase(name: str, fn: Callable[[], Any]) -> Any:
@@ -75,13 +74,13 @@ def main() -> None:
         ns[name] = round(seconds / values * 1e9, 2)
         return result
 
-    deltas = phase("read and convert the deltas", lambda: load_deltas(plan, task, base,
-                                                                      buffer=buffer))
-    labels, _ = phase("grouping", lambda: group_all_rows(plan, deltas, big, GROUPS))
+    phase("read and convert the deltas", lambda: source.load(0))
+    deltas, base = source.rows(0, task.shape[0]), source.base(0, task.shape[0])
+    labels = torch.empty(task.shape[0], EXPERTS, dtype=torch.long)
+    phase("grouping", lambda: group_all_rows(plan, source, big, GROUPS, labels))
     apply = phase("TIES threshold", lambda: sparsify(
-        deltas, plan.params, [torch.Generator()] * EXPERTS, blocks))
-    sizes = torch.nn.functional.one_hot(labels, GROUPS).sum(1)
-    shared = (sizes.gather(1, labels) > 1).float()
+        source, plan.params, [torch.Generator()] * EXPERTS, blocks))
+    shared = shared_rows(labels, GROUPS)
     bank = scratch.take("bank", (GROUPS, *task.shape), torch.bfloat16)
 
     def stream(parts: int) -> None:

@@ -16,8 +16,9 @@ from dataclasses import replace
 
 import torch
 
-from chmc.compiler.deltas import load_deltas, merge_weights, row_blocks, tensor_solver
+from chmc.compiler.deltas import Deltas, merge_weights, tensor_solver
 from chmc.compiler.grouping import output_error_clustering
+from chmc.compiler.methods import blocks_in
 from chmc.compiler.plan import BuildPlan, TensorTask, stored_parameters
 from chmc.compiler.regmean import MAX_SUBSET_EXPERTS, GramSolver, RowBatch, best_partitions
 from chmc.errors import ChmcError
@@ -27,16 +28,18 @@ from chmc.progress import Stages
 
 def error_curve(plan: BuildPlan, task: TensorTask) -> list[float]:
     """Relative error of the best grouping at K = 1..N for one merged tensor."""
-    deltas = load_deltas(plan, task)  # [N, out, in]
+    deltas = Deltas.read(plan, task)  # [N, out, in]
     n = deltas.shape[0]
     solver = tensor_solver(plan, task) or GramSolver(None, n, 0.0)
     curve = torch.zeros(n, dtype=torch.float64)
     total = 0.0
-    for a, b in row_blocks(task.shape[0], n * task.shape[1]):
-        batch = RowBatch(deltas[:, a:b], merge_weights(plan, n), calib=solver)
-        errors, row_total = errors_by_k(solver, batch)
-        curve += errors.double().sum(0)
-        total += float(row_total.double().sum())
+    blocks = deltas.blocks()
+    for rows in deltas.scan():
+        for i in blocks_in(blocks, rows):
+            batch = RowBatch(deltas.rows(*blocks[i]), merge_weights(plan, n), calib=solver)
+            errors, row_total = errors_by_k(solver, batch)
+            curve += errors.double().sum(0)
+            total += float(row_total.double().sum())
     return (curve / total).tolist() if total > 0 else [0.0] * n
 
 

@@ -17,34 +17,45 @@ MAGNITUDE = 0x7FFFFFFF  # the bits of |x| in a float32's bits
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def high_counts(bits: np.ndarray, step: int) -> np.ndarray:
-    """How many |d| patterns of every `step`-th row [out, in] have each upper 16 bits. [2^15]"""
+def high_counts(bits: np.ndarray) -> np.ndarray:
+    """How many |d| patterns [out, in] have each upper 16 bits. [2^15]"""
     counts = np.zeros(1 << 15, np.int64)
-    for r in range(0, bits.shape[0], step):
+    for r in range(bits.shape[0]):
         for c in range(bits.shape[1]):
             counts[(bits[r, c] & MAGNITUDE) >> 16] += 1
     return counts
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def bucket_counts(bits: np.ndarray, lo: int, size: int) -> np.ndarray:
-    """Counts of the |d| patterns [out, in] below lo, of each of lo .. lo + size - 1, and
-    above. [size + 2]"""
+def bucket_counts(stack: np.ndarray, e: int, lo: int, size: int) -> np.ndarray:
+    """Counts of expert e's |d| patterns (stack [R, N, in]) below lo, of each of
+    lo .. lo + size - 1, and above. [size + 2]"""
     counts = np.zeros(size + 2, np.int64)
-    for r in range(bits.shape[0]):
-        for c in range(bits.shape[1]):
-            x = (bits[r, c] & MAGNITUDE) - lo
-            # the bin as arithmetic, not min/max: their branches mispredict on every other value
-            below, above = np.int64(x < 0), np.int64(x >= size)
-            counts[(x + 1) * (1 - below - above) + above * (size + 1)] += 1
+    for r in range(stack.shape[0]):
+        row = stack[r, e]
+        below, above = 0, 0
+        # a histogram over all values waits on its own last store (most land in the same two
+        # bins); below and above are sums, which compile to vector code, and few are inside
+        for c in range(row.shape[0]):
+            x = (row[c] & MAGNITUDE) - lo
+            below += x < 0
+            above += x >= size
+        counts[0] += below
+        counts[size + 1] += above
+        if below + above < row.shape[0]:
+            for c in range(row.shape[0]):
+                x = (row[c] & MAGNITUDE) - lo
+                if 0 <= x < size:
+                    counts[x + 1] += 1
     return counts
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def nth_equal(bits: np.ndarray, pattern: int, nth: int) -> tuple[int, int]:
-    """(row, col) of the nth (from 1) |d| equal to `pattern` in flat order; (out, 0) if fewer."""
-    for r in range(bits.shape[0]):
-        row = bits[r]
+def nth_equal(stack: np.ndarray, e: int, pattern: int, nth: int) -> tuple[int, int, int]:
+    """(row, col, 0) of the nth (from 1) of expert e's |d| (stack [R, N, in]) equal to `pattern`
+    in flat order; if there are fewer, (R, 0, how many more to find after these rows)."""
+    for r in range(stack.shape[0]):
+        row = stack[r, e]
         count = 0
         for c in range(row.shape[0]):  # a count per row compiles to vector code, a search not
             count += (row[c] & MAGNITUDE) == pattern
@@ -54,8 +65,8 @@ def nth_equal(bits: np.ndarray, pattern: int, nth: int) -> tuple[int, int]:
         for c in range(row.shape[0]):
             nth -= (row[c] & MAGNITUDE) == pattern
             if nth == 0:
-                return r, c
-    return bits.shape[0], 0
+                return r, c, 0
+    return stack.shape[0], 0, nth
 
 
 @njit(cache=True, nogil=True, boundscheck=False, fastmath={"reassoc", "nsz"})

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from chmc.compiler.deltas import load_deltas, merge_weights, row_blocks, tensor_solver
+from chmc.compiler.deltas import Deltas, Scratch, merge_weights, tensor_solver
 from chmc.compiler.grouping import group_rows
-from chmc.compiler.methods import Map, serial_map
+from chmc.compiler.methods import Blocks, Map, blocks_in, serial_map
 from chmc.compiler.plan import BuildPlan, TensorTask
 from chmc.compiler.regmean import GramSolver, RowBatch
 from chmc.errors import ChmcError
@@ -81,24 +81,6 @@ def build_threading() -> Iterator[int]:
         yield threads
     finally:
         torch.set_num_threads(previous)
-
-
-class Scratch:
-    """Large buffers kept from one tensor to the next: above glibc's 32 MB mmap threshold every
-    fresh allocation is pages the kernel zeroes on first touch, which cost more than the merge's
-    own arithmetic on them."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def take(self, name: str, shape: tuple[int, ...],
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """An uninitialised tensor over buffer `name`, which grows when it is too small."""
-        nbytes = math.prod(shape) * dtype.itemsize
-        if name not in self._buffers or self._buffers[name].numel() < nbytes:
-            self._buffers.pop(name, None)  # freed before its successor is allocated
-            self._buffers[name] = torch.empty(nbytes, dtype=torch.uint8)
-        return self._buffers[name][:nbytes].view(dtype).view(shape)
 
 
 @contextmanager
@@ -181,23 +163,18 @@ def run_task(plan: BuildPlan, task: TensorTask, pmap: Map = serial_map,
 def merge_tensor(plan: BuildPlan, task: TensorTask, pmap: Map = serial_map,
                  scratch: Scratch | None = None, bank_buffer: str = "bank"
                  ) -> tuple[torch.Tensor, torch.Tensor, TensorStats]:
-    """One 2-D tensor -> (bank [K, out, in], labels [out, N], stats), streamed in row blocks;
-    experts and blocks are independent work items for pmap. The base, the deltas and the bank
-    live in `scratch`'s buffers: the bank is valid until buffer `bank_buffer` is taken again."""
+    """One 2-D tensor -> (bank [K, out, in], labels [out, N], stats), streamed in row blocks over
+    the deltas' slices; experts and blocks are independent work items for pmap. The deltas and
+    the bank live in `scratch`'s buffers: the bank is valid until `bank_buffer` is taken again."""
     scratch = Scratch() if scratch is None else scratch
-    base = scratch.take("base", task.shape).copy_(plan.base.tensor(task.name))  # [out, in] fp32
     n, k = len(plan.experts), task.groups
-    deltas = load_deltas(plan, task, base, pmap,
-                         scratch.take("deltas", (n * base.numel(),)))  # [N, out, in], raw
+    deltas = Deltas.read(plan, task, pmap, scratch)
     calib = tensor_solver(plan, task)
     # grouping's cost is mostly per call (small [R, N, N] ops), and regmean reads each subset's
     # [in, in] factor once per block: both on whole chunks; plain merging on quarter chunks, so
     # that the worker threads share even a 1024 x 1024 tensor of 4 experts
-    big = row_blocks(task.shape[0], n * task.shape[1])
-    blocks = big if plan.method.calibrated else row_blocks(task.shape[0], n * task.shape[1], 4)
-    labels, delta_sq = group_all_rows(plan, deltas, big, k, calib, pmap)
-    sizes = torch.nn.functional.one_hot(labels, k).sum(1)  # [out, K]: members per group
-    shared = (sizes.gather(1, labels) > 1).float()  # [out, N]: 1 where expert n's row is merged
+    big = deltas.blocks()
+    blocks = big if plan.method.calibrated else deltas.blocks(4)
     sparsify = plan.method.sparsify
     apply = None if sparsify is None else sparsify(
         deltas, plan.params, [_generator(plan, task, i) for i in range(n)], blocks, pmap)
@@ -208,26 +185,39 @@ def merge_tensor(plan: BuildPlan, task: TensorTask, pmap: Map = serial_map,
     # per block, written in place: small results kept alive between the blocks' freed 2 MB
     # temporaries split those holes, and every block then takes fresh memory (+2 GB at embed)
     errors = torch.zeros(len(blocks), n, dtype=torch.float64)
+    labels = torch.empty(task.shape[0], n, dtype=torch.long)
+    delta_sq: list[torch.Tensor] = []  # ||d_n||^2 per grouping block [N], summed in order
 
     def merge_block(b_i: int) -> None:
         a, b = blocks[b_i]
-        raw = deltas[:, a:b]  # [N, R, in]
+        raw = deltas.rows(a, b)  # [N, R, in]
         if fused is not None:  # apply included
             merged = fused(raw, labels[a:b], k, plan.params, apply, b_i, errors[b_i])
         else:
             used = raw if apply is None else apply(raw, b_i)
             merged = plan.method.combine(used, labels[a:b], k, plan.params, **extra)  # [K, R, in]
-            errors[b_i] = block_error(merged, raw, labels[a:b], shared[a:b])
-        torch.add(merged, base[a:b], out=bank[:, a:b])  # in fp32, cast to the bank's dtype
+            errors[b_i] = block_error(merged, raw, labels[a:b], shared_rows(labels[a:b], k))
+        torch.add(merged, deltas.base(a, b), out=bank[:, a:b])  # in fp32, cast to bank's dtype
 
-    pmap(merge_block, range(len(blocks)))
+    for rows in deltas.scan():
+        delta_sq += group_all_rows(plan, deltas, [big[i] for i in blocks_in(big, rows)], k,
+                                   labels, calib, pmap)
+        pmap(merge_block, blocks_in(blocks, rows))
     err_sq = errors.sum(0)
+    dsq = sum(delta_sq, torch.zeros(n, dtype=torch.float64))
+    sizes = torch.nn.functional.one_hot(labels, k).sum(1)  # [out, K]: members per group
     copy_singletons(plan, task, bank, labels, sizes)
     names = plan.names
     return bank, labels, TensorStats(
-        rel_error={m: rel_error(float(e), float(d)) for m, e, d in zip(names, err_sq, delta_sq)},
-        err_sq=dict(zip(names, err_sq.tolist())), delta_sq=dict(zip(names, delta_sq.tolist())),
+        rel_error={m: rel_error(float(e), float(d)) for m, e, d in zip(names, err_sq, dsq)},
+        err_sq=dict(zip(names, err_sq.tolist())), delta_sq=dict(zip(names, dsq.tolist())),
         mean_groups_used=float((sizes > 0).sum(1).float().mean()))
+
+
+def shared_rows(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """[R, N]: 1 where expert n's row is merged with others' (its group has other members)."""
+    sizes = torch.nn.functional.one_hot(labels, k).sum(1)  # [R, K]: members per group
+    return (sizes.gather(1, labels) > 1).float()
 
 
 def block_error(merged: torch.Tensor, raw: torch.Tensor, labels: torch.Tensor,
@@ -242,19 +232,19 @@ def block_error(merged: torch.Tensor, raw: torch.Tensor, labels: torch.Tensor,
     return (row_sq * shared).sum(0, dtype=torch.float64)
 
 
-def group_all_rows(plan: BuildPlan, deltas: torch.Tensor, blocks: list[tuple[int, int]],
-                   k: int, calib: GramSolver | None = None, pmap: Map = serial_map
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels [out, N] from the clustering, and ||d_n||^2 [N] from the Gram diagonals."""
+def group_all_rows(plan: BuildPlan, deltas: Deltas, blocks: Blocks, k: int,
+                   labels: torch.Tensor, calib: GramSolver | None = None,
+                   pmap: Map = serial_map) -> list[torch.Tensor]:
+    """The clustering's labels of the rows of `blocks` (in the slice loaded) into labels [out, N];
+    -> ||d_n||^2 [N] per block, from the Gram diagonals."""
     weights = merge_weights(plan, deltas.shape[0])
 
-    def group(block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = RowBatch(deltas[:, block[0] : block[1]], weights, calib=calib)
-        return group_rows(plan.clustering, batch, k), batch.gram.diagonal(dim1=1, dim2=2).sum(0)
+    def group(block: tuple[int, int]) -> torch.Tensor:
+        batch = RowBatch(deltas.rows(*block), weights, calib=calib)
+        labels[block[0] : block[1]] = group_rows(plan.clustering, batch, k)
+        return batch.gram.diagonal(dim1=1, dim2=2).sum(0)
 
-    done = pmap(group, blocks)
-    delta_sq = sum((sq for _, sq in done), torch.zeros(deltas.shape[0], dtype=torch.float64))
-    return torch.cat([labels for labels, _ in done]), delta_sq
+    return pmap(group, blocks)
 
 
 def _generator(plan: BuildPlan, task: TensorTask, expert: int) -> torch.Generator:

@@ -1,10 +1,11 @@
 """Merge methods: how the row deltas inside one group become that group's merged delta.
 
 A method is a registry entry (mergekit style) with typed parameters and two small callables:
-- `sparsify(deltas [N, out, in], params, generators, blocks, pmap)`: per expert and per whole
-  tensor (TIES' top-k trim, DARE's random drop + L1 rescale), it looks at each expert's whole
-  tensor once (experts mapped with pmap, maybe on threads) and returns an `apply(rows [N, R, in],
-  i)` that sparsifies block i of all experts' rows as it streams past; None for dense methods.
+- `sparsify(deltas, params, generators, blocks, pmap)`: per expert and per whole tensor (TIES'
+  top-k trim, DARE's random drop + L1 rescale), it scans the tensor's deltas (a Deltas: [N, out,
+  in] in row slices, all experts at once, per-expert work mapped with pmap, maybe on threads) and
+  returns an `apply(rows [N, R, in], i)` that sparsifies block i of all experts' rows as it
+  streams past; None for dense methods.
 - `combine(deltas [N, R, in], labels [R, N], k, params)`: the merged delta of every group
   [K, R, in].
 - optionally `fused(raw [N, R, in], labels, k, params, apply, i, err_sq)`: apply, combine and
@@ -30,13 +31,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from chmc.compiler.regmean import DAMPING
 from chmc.errors import ChmcError
+
+if TYPE_CHECKING:
+    from chmc.compiler.deltas import Deltas
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,12 @@ def serial_map(fn: Callable[[Any], Any], items: Any) -> list:
 
 
 Blocks = list[tuple[int, int]]  # row ranges [a, b) the tensor is streamed in
+
+
+def blocks_in(blocks: Blocks, rows: tuple[int, int]) -> list[int]:
+    """The indices of the blocks that start in the row range `rows`."""
+    return [i for i, (a, _) in enumerate(blocks) if rows[0] <= a < rows[1]]
+
 Apply = Callable[["torch.Tensor", int], "torch.Tensor"]  # (block i's rows [N, R, in], i) -> sparse
 SparsifyFn = Callable[..., Apply]  # (deltas, params, generators, blocks, pmap) -> Apply
 CombineFn = Callable[..., "torch.Tensor"]  # (deltas, labels, k, params[, calib=]) -> [K, R, in]
@@ -230,22 +241,44 @@ class Trim:
         return kept
 
 
-def trim_top_k(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator], blocks: Blocks,
-               pmap: Map = serial_map) -> Apply:
+def trim_top_k(deltas: Deltas, p: Resolved, gens: list[torch.Generator], blocks: Blocks,
+               pmap: Map = serial_map) -> Trim:
     """TIES' trim, per expert over its whole tensor: keep the k = max(1, int(density * numel))
     largest |d|, the lowest flat index first among equal magnitudes.
 
-    A two-pass count over the bit patterns of |d_n| (_kth_largest: O(numel), no sort) finds the
-    k-th largest, the threshold t_n; when t_n also occurs below the cut (ties, common in bf16
-    deltas), the flat position of the last tie to keep is found too (a Trim).
+    A count over the bit patterns of |d_n| (_kth_largest: O(numel), no sort) finds the k-th
+    largest, the threshold t_n; when t_n also occurs below the cut (ties, common in bf16 deltas),
+    the flat position of the last tie to keep is found too (_last_ties). Both scan the deltas'
+    slices with all experts at once.
     """
-    densities = [p.expert(e)["density"] for e in range(deltas.shape[0])]
-    return Trim(pmap(lambda e: _threshold(deltas[e], densities[e]), range(len(densities))),
-                blocks)
+    n, out, inp = deltas.shape
+    densities = [p.expert(e)["density"] for e in range(n)]
+    ks = {e: max(1, int(d * out * inp)) for e, d in enumerate(densities) if d < 1}
+    found = _kth_largest(deltas, ks, pmap)
+    lambdas, need = {}, {}
+    for e, (t, greater, equal) in found.items():
+        t_float = np.int32(t).view(np.float32)
+        lambdas[e] = float(np.nextafter(t_float, np.float32(-1))), float(t_float)
+        if ks[e] - greater < equal:  # keep only the first ks[e] - greater entries equal to t
+            need[e] = (t, ks[e] - greater)
+    cuts = _last_ties(deltas, need, pmap)
+    return Trim([(*lambdas.get(e, (-math.inf, -math.inf)), cuts.get(e, (out, 0)))
+                 for e in range(n)], blocks)
 
 
 BUCKET = 1 << 16  # bit patterns per bucket of the first count; the second counts within one
 SAMPLE_STEP = 16  # rows: the bucket holding the threshold is guessed from every 16th
+
+
+def _bits(x: torch.Tensor) -> np.ndarray:
+    """The bit patterns of float32 x, as int32 (|x| orders like x's bits without the sign)."""
+    return x.view(torch.int32).numpy()
+
+
+def _stack(rows: torch.Tensor) -> np.ndarray:
+    """The bits of rows [N, R, in] as a C-ordered [R, N, in] array (the build's storage, so no
+    copy there): numba compiles loops over its rows to vector code, over strided rows not."""
+    return np.ascontiguousarray(_bits(rows.transpose(0, 1)))
 
 
 def _from_top(counts: np.ndarray, k: int) -> tuple[int, int]:
@@ -255,53 +288,86 @@ def _from_top(counts: np.ndarray, k: int) -> tuple[int, int]:
     return i, int(at_least[i + 1]) if i + 1 < len(at_least) else 0
 
 
-def _kth_largest(bits: np.ndarray, k: int) -> tuple[int, int, int]:
-    """(t, how many values exceed t, how many equal it) for t the k-th largest |d| bit pattern
-    (non-negative floats order like their bits) of bits [out, in] (a float32 tensor's, as int32),
-    by counting: the upper 16 bits name the bucket of 2^16 patterns that holds t (guessed from
-    every SAMPLE_STEP-th row, counted over all where the guess misses), then a count of that
-    bucket's patterns names t. No selection: fine-tuned deltas of bf16 weights repeat a few values
-    so often that introselect degrades to a sort."""
+def _count(deltas: Deltas, fn: Callable[[np.ndarray, int], np.ndarray], experts: list[int],
+           pmap: Map) -> dict[int, np.ndarray]:
+    """{e: fn(the slice's bits [R, N, in], e) summed over the slices}, one scan for all
+    experts."""
+    totals: dict[int, np.ndarray] = {}
+    for a, b in deltas.scan():
+        stack = _stack(deltas.rows(a, b))
+        for e, counts in zip(experts, pmap(partial(fn, stack), experts)):
+            totals[e] = totals[e] + counts if e in totals else counts
+    return totals
+
+
+def _kth_largest(deltas: Deltas, ks: dict[int, int], pmap: Map = serial_map
+                 ) -> dict[int, tuple[int, int, int]]:
+    """{e: (t, how many |d| exceed t, how many equal it)} for t the ks[e]-th largest |d| bit
+    pattern of expert e, by counting: the upper 16 bits name the bucket of 2^16 patterns that
+    holds t (guessed from every SAMPLE_STEP-th row, counted over all where the guess misses),
+    then a count of that bucket's patterns names t. No selection: fine-tuned deltas of bf16
+    weights repeat a few values so often that introselect degrades to a sort."""
     from chmc.compiler import fused
 
-    if bits.shape[0] >= 16 * SAMPLE_STEP:
-        sampled = len(range(0, bits.shape[0], SAMPLE_STEP)) * bits.shape[1]
-        k_sample = max(1, round(k * sampled / bits.size))
-        found = _in_bucket(bits, k, _from_top(fused.high_counts(bits, SAMPLE_STEP), k_sample)[0])
-        if found is not None:
-            return found
-    found = _in_bucket(bits, k, _from_top(fused.high_counts(bits, 1), k)[0])
-    assert found is not None
+    n, out, inp = deltas.shape
+    found: dict[int, tuple[int, int, int] | None] = dict.fromkeys(ks)
+    if out >= 16 * SAMPLE_STEP:
+        sample = deltas.sample(SAMPLE_STEP)
+        scale = sample.shape[1] / out
+        guess = {e: _from_top(fused.high_counts(_bits(sample[e])), max(1, round(k * scale)))[0]
+                 for e, k in ks.items()}
+        found = _in_buckets(deltas, ks, guess, pmap)
+    missed = [e for e, f in found.items() if f is None]
+    if missed:
+        highs = _count(deltas, lambda stack, e: fused.high_counts(stack[:, e]), missed, pmap)
+        found |= _in_buckets(deltas, {e: ks[e] for e in missed},
+                             {e: _from_top(highs[e], ks[e])[0] for e in missed}, pmap)
+    assert all(f is not None for f in found.values())
+    return {e: f for e, f in found.items() if f is not None}
+
+
+def _in_buckets(deltas: Deltas, ks: dict[int, int], buckets: dict[int, int], pmap: Map
+                ) -> dict[int, tuple[int, int, int] | None]:
+    """_kth_largest's answer per expert where its ks[e]-th largest pattern is in buckets[e],
+    else None."""
+    from chmc.compiler import fused
+
+    counts = _count(deltas, lambda stack, e: fused.bucket_counts(  # below, each, above
+        stack, e, buckets[e] * BUCKET, BUCKET), list(ks), pmap)
+    found: dict[int, tuple[int, int, int] | None] = {}
+    for e, k in ks.items():
+        c = counts[e]
+        above = int(c[-1])
+        if not above < k <= above + int(c[1:-1].sum()):
+            found[e] = None
+            continue
+        j, within = _from_top(c[1:-1], k - above)
+        found[e] = buckets[e] * BUCKET + j, above + within, int(c[1 + j])
     return found
 
 
-def _in_bucket(bits: np.ndarray, k: int, bucket: int) -> tuple[int, int, int] | None:
-    """_kth_largest's answer if the k-th largest pattern is in `bucket`, else None."""
+def _last_ties(deltas: Deltas, need: dict[int, tuple[int, int]], pmap: Map
+               ) -> dict[int, tuple[int, int]]:
+    """{e: (row, col) of the nth |d| equal to pattern t in flat order} for need {e: (t, nth)},
+    scanning slices until every expert's is found."""
     from chmc.compiler import fused
 
-    counts = fused.bucket_counts(bits, bucket * BUCKET, BUCKET)  # below, each pattern, above
-    above = int(counts[-1])
-    if not above < k <= above + int(counts[1:-1].sum()):
-        return None
-    j, within = _from_top(counts[1:-1], k - above)
-    return bucket * BUCKET + j, above + within, int(counts[1 + j])
-
-
-def _threshold(delta: torch.Tensor, density: float) -> tuple[float, float, tuple[int, int]]:
-    """One expert's trim of delta [out, in]: (lambda for |d| >= t, lambda for |d| > t, the
-    (row, col) of the last entry equal to t that is kept; (out, 0) when all ties are kept)."""
-    from chmc.compiler import fused
-
-    out, inp = delta.shape
-    if density >= 1:
-        return -math.inf, -math.inf, (out, 0)
-    k = max(1, int(density * delta.numel()))
-    bits = delta.view(torch.int32).numpy()
-    t, greater, equal = _kth_largest(bits, k)
-    t_float = np.int32(t).view(np.float32)
-    lambdas = float(np.nextafter(t_float, np.float32(-1))), float(t_float)
-    need = k - greater  # entries equal to t to keep, in flat order
-    return (*lambdas, fused.nth_equal(bits, t, need) if need < equal else (out, 0))
+    cuts: dict[int, tuple[int, int]] = {}
+    left = dict(need)
+    if not left:
+        return cuts
+    for a, b in deltas.scan():
+        stack, todo = _stack(deltas.rows(a, b)), list(left)
+        found = pmap(lambda args: fused.nth_equal(*args), [(stack, e, *left[e]) for e in todo])
+        for e, (r, c, nth) in zip(todo, found):
+            if nth == 0:
+                cuts[e] = (a + r, c)
+                del left[e]
+            else:
+                left[e] = (left[e][0], nth)
+        if not left:
+            break
+    return cuts
 
 
 def ties_fused(raw: torch.Tensor, labels: torch.Tensor, k: int, p: Resolved, trim: Trim,
@@ -323,28 +389,41 @@ def ties_fused(raw: torch.Tensor, labels: torch.Tensor, k: int, p: Resolved, tri
     return merged
 
 
-def dare_drop(deltas: torch.Tensor, p: Resolved, gens: list[torch.Generator], blocks: Blocks,
+def dare_drop(deltas: Deltas, p: Resolved, gens: list[torch.Generator], blocks: Blocks,
               pmap: Map = serial_map) -> Apply:
     """DARE: keep each entry with probability density (seeded per expert), rescale each expert to
     its tensor's L1 norm."""
     n, _, inp = deltas.shape
+    densities = [p.expert(e)["density"] for e in range(n)]
 
-    def drop(e: int) -> tuple[list[torch.Tensor] | None, float]:
-        """Expert e's masks per block [R, in] (None: keeps all) and L1 rescale."""
-        density = p.expert(e)["density"]
-        if density >= 1:
-            return None, 1.0
-        m = [torch.rand((b - a, inp), generator=gens[e]) < density for a, b in blocks]
-        d = deltas[e]
-        l1 = sum(float(d[a:b].abs().sum(dtype=torch.float64)) for a, b in blocks)
-        kept = sum(float((d[a:b] * mb).abs().sum(dtype=torch.float64))
-                   for (a, b), mb in zip(blocks, m))
-        return m, l1 / kept if kept > 0 else 1.0
+    def draw(e: int) -> list[torch.Tensor] | None:
+        """Expert e's masks per block [R, in]; None: it keeps all."""
+        if densities[e] >= 1:
+            return None
+        return [torch.rand((b - a, inp), generator=gens[e]) < densities[e] for a, b in blocks]
 
-    masks, factors = zip(*pmap(drop, range(n)))
+    masks = pmap(draw, range(n))
     if all(m is None for m in masks):
         return lambda x, i: x
-    scales = torch.tensor(factors, dtype=torch.float32)[:, None, None]  # [N, 1, 1]
+    dropping = [e for e in range(n) if masks[e] is not None]
+    l1, kept = [0.0] * n, [0.0] * n
+    for rows in deltas.scan():
+        inside = blocks_in(blocks, rows)
+
+        def sums(e: int, inside: list[int] = inside) -> list[tuple[float, float]]:
+            out = []
+            for i in inside:
+                d = deltas.rows(*blocks[i])[e]
+                out.append((float(d.abs().sum(dtype=torch.float64)),
+                            float((d * masks[e][i]).abs().sum(dtype=torch.float64))))
+            return out
+
+        for e, pairs in zip(dropping, pmap(sums, dropping)):
+            for whole, part in pairs:  # in block order, as one sum over the tensor
+                l1[e] += whole
+                kept[e] += part
+    scales = torch.tensor([l1[e] / kept[e] if kept[e] > 0 else 1.0 for e in range(n)],
+                          dtype=torch.float32)[:, None, None]  # [N, 1, 1]
 
     def apply(x: torch.Tensor, i: int) -> torch.Tensor:
         a, b = blocks[i]

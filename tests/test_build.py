@@ -198,19 +198,23 @@ def test_pytorch_bin_expert_merges_like_safetensors(random_family, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
-def test_threads_and_row_blocks_do_not_change_the_artifact(tmp_path, monkeypatch, method):
-    """Worker threads and row blocks only schedule the work: the fp16 artifact is bitwise the
-    same with 1 thread and whole tensors as with 2 threads and 5-row blocks. Deltas of a few fp16
-    steps make many |d| equal, so TIES' last kept tie falls inside a block with blocks after it."""
+def test_threads_row_blocks_and_slices_do_not_change_the_artifact(tmp_path, monkeypatch,
+                                                                  method):
+    """Worker threads, row blocks and slices only schedule the work: the fp16 artifact is bitwise
+    the same with 1 thread and whole tensors as with 2 threads, 5-row blocks and tensors read in
+    slices of 7 rows (so blocks end at slice ends too). Deltas of a few fp16 steps make many |d|
+    equal, so TIES' last kept tie falls inside a block, and slice, with others after it."""
     from chmc.compiler import deltas
     from chmc.models.tiny.random_family import make_random_family
 
     base, experts = make_random_family(tmp_path / "family", 3, dtype="float16", seed=1,
                                        delta_scale=0.001, **TINY)
     arts = []
-    for threads, chunk in (("1", 1 << 30), ("2", 5 * 3 * TINY["hidden"])):
+    rows = 3 * TINY["hidden"]  # a [*, hidden] tensor's values per row of 3 experts
+    for threads, chunk, piece in (("1", 1 << 30, 1 << 40), ("2", 5 * rows, 7 * rows)):
         monkeypatch.setenv("CHMC_THREADS", threads)
         monkeypatch.setattr(deltas, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(deltas, "SLICE_ELEMENTS", piece)
         arts.append(Artifact(build(base, experts, tmp_path / threads, groups=2, method=method,
                                    parameters={"density": 0.3}, progress=False)))
     assert arts[0].manifest.weight_map.keys() == arts[1].manifest.weight_map.keys()

@@ -232,12 +232,13 @@ BLOCKS = [(a, min(a + 37, 300)) for a in range(0, 300, 37)]  # several blocks
 def test_trim_keeps_exactly_top_k_with_ties(density, layout):
     """Counted top-k (bucket counts + the flat position of the last tie) equals a stable sort,
     even with many equal |d|."""
+    from chmc.compiler.deltas import Deltas
     from chmc.compiler.methods import get_method, trim_top_k
 
     deltas = tied_deltas(layout)
     densities = {"a": density, "b": density, "c": 1.0, "d": density}
     params = get_method("ties").resolve({"density": densities}, list(densities))
-    apply = trim_top_k(deltas, params, [torch.Generator()] * 4, BLOCKS)
+    apply = trim_top_k(Deltas.held(deltas), params, [torch.Generator()] * 4, BLOCKS)
     got = torch.cat([apply(deltas[:, a:b], i) for i, (a, b) in enumerate(BLOCKS)], dim=1).numpy()
     for e, d in enumerate(densities.values()):
         want = ref_trim(deltas[e].double().numpy(), d)
@@ -254,16 +255,16 @@ def test_trim_keeps_exactly_top_k_with_ties(density, layout):
 def test_fused_ties_equals_trim_then_sign_consensus(groups, params):
     """The compiled one-pass TIES block (trim, sign election, disjoint merge, merge error) against
     the torch reference it replaces: trim_top_k's apply, sign_consensus and block_error."""
-    from chmc.compiler.merge import block_error
+    from chmc.compiler.deltas import Deltas
+    from chmc.compiler.merge import block_error, shared_rows
     from chmc.compiler.methods import get_method, sign_consensus, ties_fused, trim_top_k
 
     deltas = tied_deltas("rows")
     names = ["a", "b", "c", "d"]
     p = get_method("ties").resolve(params, names)
     labels = torch.randint(0, groups, (300, 4), generator=torch.Generator().manual_seed(groups))
-    sizes = torch.nn.functional.one_hot(labels, groups).sum(1)
-    shared = (sizes.gather(1, labels) > 1).float()
-    apply = trim_top_k(deltas, p, [torch.Generator()] * 4, BLOCKS)
+    shared = shared_rows(labels, groups)
+    apply = trim_top_k(Deltas.held(deltas), p, [torch.Generator()] * 4, BLOCKS)
     for i, (a, b) in enumerate(BLOCKS):
         raw = deltas[:, a:b]
         want = sign_consensus(apply(raw, i), labels[a:b], groups, p)
@@ -303,12 +304,15 @@ def test_k1_ties_equals_mergekit(random_family, tmp_path):
             assert diff <= TOL, name
 
 
+@pytest.mark.parametrize("slice_rows", [None, 300])  # held whole, or scanned in slices
 @pytest.mark.parametrize("rows", [100, 1000])  # the bucket counted, or guessed from a sample
 @pytest.mark.parametrize("spread", [3, 1 << 20, 1 << 30, -1])  # heavy ties .. all distinct
-def test_kth_largest_equals_a_full_sort(spread: int, rows: int) -> None:
+def test_kth_largest_equals_a_full_sort(spread: int, rows: int, slice_rows: int | None) -> None:
     """-1: every 16th row, the sample the bucket is guessed from, is 2^24 patterns above the rest,
-    so the guess misses and the count over all rows decides."""
+    so the guess misses and the count over all rows decides. The counts summed over slices, and
+    the last kept tie found across them, equal those of the whole tensor."""
     from chmc.compiler import methods
+    from chmc.compiler.deltas import Deltas
 
     rng = np.random.default_rng(abs(spread))
     bits = rng.integers(0, spread if spread > 0 else 1 << 20, 100_000).astype(np.int32)
@@ -316,9 +320,14 @@ def test_kth_largest_equals_a_full_sort(spread: int, rows: int) -> None:
     bits[::16] += 1 << 24 if spread < 0 else 0
     bits = bits.reshape(-1)
     signs = np.where(rng.random(bits.size) < 0.5, np.int32(-(1 << 31)), np.int32(0))
-    delta = torch.from_numpy((bits | signs).view(np.float32).reshape(rows, -1))  # |d| = bits
+    delta = torch.from_numpy((bits | signs).view(np.float32).reshape(1, rows, -1))  # |d| = bits
+    deltas = Deltas.held(delta, slice_rows)
     ordered = np.sort(bits)[::-1]
     for k in (1, 2, 777, 50_000, 100_000):
         t = ordered[k - 1]
-        assert methods._kth_largest(delta.view(torch.int32).numpy(), k) == (
-            t, int((bits > t).sum()), int((bits == t).sum()))
+        greater = int((bits > t).sum())
+        assert methods._kth_largest(deltas, {0: k}) == {0: (t, greater, int((bits == t).sum()))}
+        nth = k - greater  # the last tie kept is the nth entry equal to t in flat order
+        flat = int(np.flatnonzero(bits == t)[nth - 1])
+        assert methods._last_ties(deltas, {0: (t, nth)}, methods.serial_map) == {
+            0: divmod(flat, delta.shape[2])}
