@@ -27,26 +27,33 @@ def high_counts(bits: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def bucket_counts(stack: np.ndarray, e: int, lo: int, size: int) -> np.ndarray:
+def bucket_counts(stack: np.ndarray, e: int, lo: int, size: int, heavy: int) -> np.ndarray:
     """Counts of expert e's |d| patterns (stack [R, N, in]) below lo, of each of
-    lo .. lo + size - 1, and above. [size + 2]"""
+    lo .. lo + size - 1, and above. [size + 2]
+
+    A histogram over all values waits on its own last store, as most land in the same few bins;
+    below, above and the count of `heavy` (a pattern of the bucket expected to be frequent, -1
+    for none) are sums, which compile to vector code, and the rest of the bucket is counted
+    one by one. Deltas of bf16 weights have a few distinct values: near the threshold, one
+    pattern is almost all of the bucket (build_phases.json)."""
     counts = np.zeros(size + 2, np.int64)
     for r in range(stack.shape[0]):
         row = stack[r, e]
-        below, above = 0, 0
-        # a histogram over all values waits on its own last store (most land in the same two
-        # bins); below and above are sums, which compile to vector code, and few are inside
+        below, above, same = 0, 0, 0
         for c in range(row.shape[0]):
-            x = (row[c] & MAGNITUDE) - lo
-            below += x < 0
-            above += x >= size
+            m = row[c] & MAGNITUDE
+            below += m < lo
+            above += m >= lo + size
+            same += m == heavy
         counts[0] += below
         counts[size + 1] += above
-        if below + above < row.shape[0]:
+        if heavy >= 0:
+            counts[heavy - lo + 1] += same
+        if below + above + same < row.shape[0]:
             for c in range(row.shape[0]):
-                x = (row[c] & MAGNITUDE) - lo
-                if 0 <= x < size:
-                    counts[x + 1] += 1
+                m = row[c] & MAGNITUDE
+                if lo <= m < lo + size and m != heavy:
+                    counts[m - lo + 1] += 1
     return counts
 
 

@@ -312,28 +312,32 @@ def _kth_largest(deltas: Deltas, ks: dict[int, int], pmap: Map = serial_map
     n, out, inp = deltas.shape
     found: dict[int, tuple[int, int, int] | None] = dict.fromkeys(ks)
     if out >= 16 * SAMPLE_STEP:
-        sample = deltas.sample(SAMPLE_STEP)
-        scale = sample.shape[1] / out
-        guess = {e: _from_top(fused.high_counts(_bits(sample[e])), max(1, round(k * scale)))[0]
-                 for e, k in ks.items()}
-        found = _in_buckets(deltas, ks, guess, pmap)
+        sample = _stack(deltas.sample(SAMPLE_STEP))  # [S, N, in]
+        scale = sample.shape[0] / out
+        guess, heavy = {}, {}
+        for e, k in ks.items():
+            guess[e] = _from_top(fused.high_counts(sample[:, e]), max(1, round(k * scale)))[0]
+            counts = fused.bucket_counts(sample, e, guess[e] * BUCKET, BUCKET, -1)[1:-1]
+            heavy[e] = guess[e] * BUCKET + int(counts.argmax()) if counts.any() else -1
+        found = _in_buckets(deltas, ks, guess, heavy, pmap)
     missed = [e for e, f in found.items() if f is None]
     if missed:
         highs = _count(deltas, lambda stack, e: fused.high_counts(stack[:, e]), missed, pmap)
         found |= _in_buckets(deltas, {e: ks[e] for e in missed},
-                             {e: _from_top(highs[e], ks[e])[0] for e in missed}, pmap)
+                             {e: _from_top(highs[e], ks[e])[0] for e in missed},
+                             dict.fromkeys(missed, -1), pmap)
     assert all(f is not None for f in found.values())
     return {e: f for e, f in found.items() if f is not None}
 
 
-def _in_buckets(deltas: Deltas, ks: dict[int, int], buckets: dict[int, int], pmap: Map
-                ) -> dict[int, tuple[int, int, int] | None]:
+def _in_buckets(deltas: Deltas, ks: dict[int, int], buckets: dict[int, int],
+                heavy: dict[int, int], pmap: Map) -> dict[int, tuple[int, int, int] | None]:
     """_kth_largest's answer per expert where its ks[e]-th largest pattern is in buckets[e],
-    else None."""
+    else None (heavy[e]: the bucket's most frequent pattern in the sample, or -1)."""
     from chmc.compiler import fused
 
     counts = _count(deltas, lambda stack, e: fused.bucket_counts(  # below, each, above
-        stack, e, buckets[e] * BUCKET, BUCKET), list(ks), pmap)
+        stack, e, buckets[e] * BUCKET, BUCKET, heavy[e]), list(ks), pmap)
     found: dict[int, tuple[int, int, int] | None] = {}
     for e, k in ks.items():
         c = counts[e]
