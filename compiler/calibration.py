@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Annotated, Any, Self
 
 import torch
-import transformers
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from safetensors.torch import save_file
 
@@ -72,6 +71,8 @@ def read_sequences(file: Path, expert: Path, limit: int = MAX_PROMPTS) -> list[l
         raise ChmcError(f"calibration file {file} has no prompts")
     if all(r.input_ids is not None for r in rows):
         return [list(r.input_ids or []) for r in rows]
+    import transformers  # 0.6 s to import: only builds with text prompts pay it
+
     tok = transformers.AutoTokenizer.from_pretrained(str(expert))
     texts = [r.text or (r.prompt or "") + r.answer for r in rows]
     return [list(tok(t, add_special_tokens=False).input_ids) for t in texts]
@@ -84,6 +85,8 @@ def folder_of(expert: str | Path | Checkpoint | Adapter) -> Path:
 def load_model(expert: str | Path | Checkpoint | Adapter, device: str = "cpu") -> Any:
     """The expert's transformers model in float32 on `device`: from its folder, or for an adapter
     the base with the adapter's tensors folded in."""
+    import transformers  # 0.6 s to import: only calibrated builds pay it
+
     path = expert.base.path if isinstance(expert, Adapter) else folder_of(expert)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     if isinstance(expert, Adapter):
