@@ -10,10 +10,32 @@ run them side by side. Compiled on first use and cached on disk by numba.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 TINY = np.float32(np.finfo(np.float32).tiny)  # the smallest divisor, as methods._nonzero lifts
 MAGNITUDE = 0x7FFFFFFF  # the bits of |x| in a float32's bits
+
+
+@intrinsic
+def _float32_of_bits(typingctx, bits):  # type: ignore[no-untyped-def]
+    """The float32 whose bit pattern is `bits` (a uint32): numba has no scalar view."""
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def bf16_minus(expert: np.ndarray, base: np.ndarray, out: np.ndarray, e: int) -> None:
+    """out[r, e] = expert[r] - base[r] in float32, for expert [R, in] bf16 bit patterns (int16),
+    base [R, in] float32 and out [R, N, in]: one pass, where converting and then subtracting in
+    place are two (a bf16 is the upper half of its float32)."""
+    for r in range(expert.shape[0]):
+        source, b, o = expert[r], base[r], out[r, e]
+        for c in range(source.shape[0]):
+            bits = np.uint32(np.uint16(source[c])) << np.uint32(16)
+            o[c] = _float32_of_bits(bits) - b[c]  # type: ignore[call-arg]
 
 
 @njit(cache=True, nogil=True, boundscheck=False)

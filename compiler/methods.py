@@ -314,12 +314,16 @@ def _kth_largest(deltas: Deltas, ks: dict[int, int], pmap: Map = serial_map
     if out >= 16 * SAMPLE_STEP:
         sample = _stack(deltas.sample(SAMPLE_STEP))  # [S, N, in]
         scale = sample.shape[0] / out
-        guess, heavy = {}, {}
-        for e, k in ks.items():
-            guess[e] = _from_top(fused.high_counts(sample[:, e]), max(1, round(k * scale)))[0]
-            counts = fused.bucket_counts(sample, e, guess[e] * BUCKET, BUCKET, -1)[1:-1]
-            heavy[e] = guess[e] * BUCKET + int(counts.argmax()) if counts.any() else -1
-        found = _in_buckets(deltas, ks, guess, heavy, pmap)
+
+        def guess(e: int) -> tuple[int, int]:
+            """(the bucket, its most frequent pattern or -1), from the sample."""
+            bucket = _from_top(fused.high_counts(sample[:, e]), max(1, round(ks[e] * scale)))[0]
+            counts = fused.bucket_counts(sample, e, bucket * BUCKET, BUCKET, -1)[1:-1]
+            return bucket, bucket * BUCKET + int(counts.argmax()) if counts.any() else -1
+
+        guesses = dict(zip(ks, pmap(guess, list(ks))))
+        found = _in_buckets(deltas, ks, {e: g[0] for e, g in guesses.items()},
+                            {e: g[1] for e, g in guesses.items()}, pmap)
     missed = [e for e, f in found.items() if f is None]
     if missed:
         highs = _count(deltas, lambda stack, e: fused.high_counts(stack[:, e]), missed, pmap)

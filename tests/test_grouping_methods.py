@@ -331,3 +331,21 @@ def test_kth_largest_equals_a_full_sort(spread: int, rows: int, slice_rows: int 
         flat = int(np.flatnonzero(bits == t)[nth - 1])
         assert methods._last_ties(deltas, {0: (t, nth)}, methods.serial_map) == {
             0: divmod(flat, delta.shape[2])}
+
+
+def test_bf16_deltas_in_one_pass_equal_convert_then_subtract() -> None:
+    """The compiled bf16 read (compiler/fused.py: the bf16 pattern shifted into a float32's upper
+    half, minus the base) is bitwise torch's convert-then-subtract, infinities, NaN, subnormals
+    and signed zeros included."""
+    from chmc.compiler.deltas import difference
+
+    gen = torch.Generator().manual_seed(5)
+    expert = torch.randn(300, 70, generator=gen).bfloat16()
+    special = [float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40, -0.0, 0.0, 3e38]
+    expert.view(-1)[: len(special)] = torch.tensor(special).bfloat16()
+    base = torch.randn(300, 70, generator=gen).bfloat16().float()
+    out = torch.zeros(300, 3, 70)
+    difference(expert, base, out, 1)
+    want = (expert.float() - base).view(torch.int32)
+    assert torch.equal(out[:, 1].view(torch.int32), want)
+    assert not out[:, 0].any() and not out[:, 2].any()  # the other experts' rows untouched
