@@ -1,15 +1,17 @@
 """The build's executor: a final BuildPlan -> a channel-merged artifact (chmc.formats.artifact).
 
 `write_artifact` streams the plan's tasks: each reads its tensor from the checkpoints, merges it
-in blocks of rows and appends the results to the artifact's shards, so peak memory is a few copies
-of the largest tensor, never the model.
+in blocks of rows and appends the results to the artifact's shards, so peak memory is the deltas
+of one row slice (at most 1 GiB, deltas.Deltas) and two banks of the largest tensor, never the
+model.
 
 Per merged tensor [out, in]: deltas d_n = expert_n - base in fp32 [N, out, in]; labels [out, N]
 from the clustering on the raw deltas; the method's per-tensor sparsification; per group the
 merged delta; bank[k, c] = base[c] + merged[k, c]. A group with one member stores that expert's
 row exactly, and bank slots unused by a row copy group 0, so the bank is always [K, out, in].
 Experts (loading, TIES thresholds) and row blocks (grouping, merging) are independent work items,
-spread over Python threads (`worker_map`); results do not depend on threads or block sizes.
+spread over Python threads (`worker_map`); results do not depend on threads, block or slice
+sizes.
 """
 
 from __future__ import annotations
