@@ -117,14 +117,17 @@ def write_artifact(plan: BuildPlan, folder: Path, stages: Stages, threads: int) 
     # tasks alternate between two bank buffers, and a task's write must end before the task
     # after next takes its buffer again
     writing: Future[None] | None = None
-    with stages.bar("channel-merging", len(plan.tasks)) as advance, worker_map(workers) as pmap, \
-            ThreadPoolExecutor(1) as writer_thread:
+    # progress in millions of parameters, so the ETA follows the work, not the tensor count:
+    # the first tensor, the embedding, is a fifth of a 1B model
+    sizes = [max(1, round(math.prod(task.shape) / 1e6)) for task in plan.tasks]
+    with stages.bar("channel-merging (M parameters)", sum(sizes)) as advance, \
+            worker_map(workers) as pmap, ThreadPoolExecutor(1) as writer_thread:
         for i, task in enumerate(plan.tasks):
             entries[task.name], tensors = run_task(plan, task, pmap, scratch, f"bank{i % 2}")
             if writing is not None:
                 writing.result()
             writing = writer_thread.submit(write_all, writer, tensors)
-            advance(task.name)
+            advance(task.name, sizes[i])
         if writing is not None:
             writing.result()
     writer.close()
