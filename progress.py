@@ -26,6 +26,12 @@ class Advance(Protocol):
     def __call__(self, label: str, n: int = 1) -> None: ...  # n items done, the last `label`
 
 
+def millions(sizes: list[int]) -> list[int]:
+    """Progress units for items of very different sizes (a model's tensors): millions, at least 1
+    each, so that the ETA follows the work rather than the item count."""
+    return [max(1, round(size / 1e6)) for size in sizes]
+
+
 def warn(message: str) -> None:
     """A doubt worth a user's attention that does not stop the work: one line on stderr."""
     print(f"chmc: warning: {message}", file=sys.stderr, flush=True)

@@ -12,6 +12,7 @@ the next K, so a curve that drops late is not starved).
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -23,7 +24,7 @@ from chmc.compiler.plan import BuildPlan, TensorTask, stored_parameters
 from chmc.compiler.regmean import MAX_SUBSET_EXPERTS, GramSolver, RowBatch, best_partitions
 from chmc.errors import ChmcError
 from chmc.formats.artifact import Budget
-from chmc.progress import Stages
+from chmc.progress import Stages, millions
 
 
 def error_curve(plan: BuildPlan, task: TensorTask) -> list[float]:
@@ -90,10 +91,11 @@ def apply_budget(plan: BuildPlan, stages: Stages) -> BuildPlan:
     n = len(plan.experts)
     merged = [t for t in plan.tasks if t.kind == "merged"]
     curves: dict[str, list[float]] = {}
-    with stages.bar("budget: error per K", len(merged)) as advance:
-        for task in merged:
+    units = millions([math.prod(task.shape) for task in merged])
+    with stages.bar("budget: error per K (M parameters)", sum(units)) as advance:
+        for task, size in zip(merged, units):
             curves[task.name] = error_curve(plan, task)
-            advance(task.name)
+            advance(task.name, size)
     sizes = {t.name: t.stored_parameters for t in merged}
     fixed = stored_parameters([replace(t, groups=1) for t in plan.tasks], n) - sum(sizes.values())
     ks = choose_groups(curves, sizes, fixed, plan.budget * n * plan.base_parameters, plan.groups)

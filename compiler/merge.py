@@ -46,7 +46,7 @@ from chmc.formats.artifact import (
 )
 from chmc.formats.checkpoint import copy_side_files
 from chmc.formats.safetensors import ShardedSafetensorsWriter, TensorSpec
-from chmc.progress import Stages
+from chmc.progress import Stages, millions
 
 
 def keep_freed_memory() -> None:
@@ -117,9 +117,9 @@ def write_artifact(plan: BuildPlan, folder: Path, stages: Stages, threads: int) 
     # tasks alternate between two bank buffers, and a task's write must end before the task
     # after next takes its buffer again
     writing: Future[None] | None = None
-    # progress in millions of parameters, so the ETA follows the work, not the tensor count:
-    # the first tensor, the embedding, is a fifth of a 1B model
-    sizes = [max(1, round(math.prod(task.shape) / 1e6)) for task in plan.tasks]
+    # the first tensor, the embedding, is a fifth of a 1B model: counted in tensors, the ETA
+    # after it was 50x the build
+    sizes = millions([math.prod(task.shape) for task in plan.tasks])
     with stages.bar("channel-merging (M parameters)", sum(sizes)) as advance, \
             worker_map(workers) as pmap, ThreadPoolExecutor(1) as writer_thread:
         for i, task in enumerate(plan.tasks):
