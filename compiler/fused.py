@@ -1,5 +1,6 @@
-"""TIES' hot loops, compiled by numba: the threshold counts and the trim + sign election +
-disjoint merge + reconstruction error of a block of rows, each one pass over the deltas.
+"""The build's hot loops, compiled by numba: reading bf16 rows into fp32 deltas, TIES' threshold
+counts, and its trim + sign election + disjoint merge + reconstruction error of a block of rows,
+each one pass over the deltas.
 
 As torch ops the same arithmetic is a dozen passes over [N, R, in] temporaries (|d|, sign(d),
 four group sums, masks), and on this build's sizes memory traffic, not arithmetic, is the cost

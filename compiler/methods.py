@@ -270,15 +270,11 @@ BUCKET = 1 << 16  # bit patterns per bucket of the first count; the second count
 SAMPLE_STEP = 16  # rows: the bucket holding the threshold is guessed from every 16th
 
 
-def _bits(x: torch.Tensor) -> np.ndarray:
-    """The bit patterns of float32 x, as int32 (|x| orders like x's bits without the sign)."""
-    return x.view(torch.int32).numpy()
-
-
 def _stack(rows: torch.Tensor) -> np.ndarray:
-    """The bits of rows [N, R, in] as a C-ordered [R, N, in] array (the build's storage, so no
-    copy there): numba compiles loops over its rows to vector code, over strided rows not."""
-    return np.ascontiguousarray(_bits(rows.transpose(0, 1)))
+    """The float32 bit patterns of rows [N, R, in] (|x| orders like x's bits without the sign),
+    as a C-ordered int32 [R, N, in] array (the build's storage, so no copy there): numba compiles
+    loops over its rows to vector code, over strided rows not."""
+    return np.ascontiguousarray(rows.transpose(0, 1).view(torch.int32).numpy())
 
 
 def _from_top(counts: np.ndarray, k: int) -> tuple[int, int]:
@@ -309,7 +305,9 @@ def _kth_largest(deltas: Deltas, ks: dict[int, int], pmap: Map = serial_map
     weights repeat a few values so often that introselect degrades to a sort."""
     from chmc.compiler import fused
 
-    n, out, inp = deltas.shape
+    if not ks:  # every density 1: nothing to count (a sliced tensor would be read for nothing)
+        return {}
+    out = deltas.shape[1]
     found: dict[int, tuple[int, int, int] | None] = dict.fromkeys(ks)
     if out >= 16 * SAMPLE_STEP:
         sample = _stack(deltas.sample(SAMPLE_STEP))  # [S, N, in]
