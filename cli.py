@@ -271,6 +271,9 @@ def run(
         help="onnxruntime (default) | torch | tensorrt (an engine folder).")] = "onnxruntime",
     device: Annotated[str | None, Opt(help="torch backend: cpu (default) | cuda (one merged model, "
                                            "Triton kernels, CUDA-graph decode).")] = None,
+    compile_: Annotated[str | None, Opt("--compile", help=(
+        "torch backend's merged model: compile its decode step with this torch.compile "
+        "backend (inductor), fusing norms, RoPE and casts between the gather-matmuls."))] = None,
     max_new_tokens: Annotated[int, Opt("--max-new-tokens", "-n")] = 64,
     temperature: Annotated[float, Opt(help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, Opt("--top-p")] = 1.0,
@@ -280,9 +283,11 @@ def run(
     """Stream one expert's continuation of PROMPT."""
     from chmc.api import load  # an artifact is exported first: the compiler, torch
 
-    if device is not None and backend != "torch":
-        raise ChmcError(f"--device is an option of --backend torch, not {backend}")
-    runner = load(source, backend=backend, **({"device": device} if device else {}))
+    torch_options = {k: v for k, v in (("device", device), ("compile", compile_)) if v}
+    for option in torch_options:
+        if backend != "torch":
+            raise ChmcError(f"--{option} is an option of --backend torch, not {backend}")
+    runner = load(source, backend=backend, **torch_options)
     for piece in runner.stream(prompt, expert, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_p=top_p, stop=stop, seed=seed):
         sys.stdout.write(piece)

@@ -246,8 +246,11 @@ class OnnxOps:
     def logit_positions(self, h: str) -> str:
         return h  # every position: chmc check compares them all
 
+    def attend(self, q: str, k: str, v: str, allowed: str, scale: float) -> None:
+        return None  # composed from standard ONNX ops, so every runtime reads the graph
+
     # -- arithmetic and layout -----------------------------------------------------------------
-    def const(self, value: float | np.ndarray) -> str:
+    def const(self, value: float | tuple[float, ...]) -> str:
         return self.graph.const(value, "float32")
 
     def add(self, a: str, b: str) -> str:

@@ -40,9 +40,12 @@ class Ops(Protocol, Generic[V]):
     def masks(self, windows: set[int | None]) -> dict[int | None, V]: ...  # [B, 1, 1, S, T] bool
     def cache(self, layer: int, k: V, v: V) -> tuple[V, V]: ...  # [B, G, S, hd] -> [B, G, T, hd]
     def logit_positions(self, h: V) -> V: ...  # the positions [B, S', D] that get logits
+    # q [B, G, R, S, hd], k and v [B, G, T, hd] -> softmax(q k^T * scale) v where allowed, by a
+    # fused kernel; None: the backend has none, the decoder composes it from the primitives
+    def attend(self, q: V, k: V, v: V, allowed: V, scale: float) -> V | None: ...
 
     # arithmetic
-    def const(self, value: float | np.ndarray) -> V: ...  # float32
+    def const(self, value: float | tuple[float, ...]) -> V: ...  # float32: a scalar, a vector
     def add(self, a: V, b: V) -> V: ...
     def sub(self, a: V, b: V) -> V: ...
     def mul(self, a: V, b: V) -> V: ...
@@ -131,12 +134,12 @@ def rotary(ops: Ops[V], table: RopeTable, position_ids: V) -> tuple[V, V]:
     takes its long frequencies for a row once its positions reach the switch (per row, so that a
     request's output does not depend on what shares its batch)."""
     pos = ops.unsqueeze(ops.int_to_float(position_ids), -1)  # [B, S, 1]
-    inv_freq = ops.const(table.frequencies())
+    inv_freq = ops.const(table.inv_freq)
     if table.long_inv_freq is not None:
         assert table.switch_at is not None
         length = ops.add(ops.max(pos, axis=1), ops.const(1.0))  # [B, 1, 1]
         inv_freq = ops.where(ops.greater(length, ops.const(float(table.switch_at))),
-                             ops.const(table.frequencies(long=True)), inv_freq)  # [B, 1, dims/2]
+                             ops.const(table.long_inv_freq), inv_freq)  # [B, 1, dims/2]
     freqs = ops.mul(pos, inv_freq)  # [B, S, dims/2]
     emb = ops.unsqueeze(ops.concat([freqs, freqs], axis=-1), 2)  # [B, S, 1, dims]
     cos, sin = ops.cos(emb), ops.sin(emb)
@@ -183,16 +186,23 @@ def attention(ops: Ops[V], spec: ArchSpec, cfg: DecoderConfig, i: int, x: V, cos
     q = ops.transpose(q, [0, 2, 3, 1, 4])  # [B, G, R, S, hd]
     k = ops.transpose(rope(ops, cfg, k, cos, sin, dims), [0, 2, 1, 3])  # [B, G, S, hd]
     k_all, v_all = ops.cache(i, k, ops.transpose(v, [0, 2, 1, 3]))  # [B, G, T, hd]
-    kt = ops.unsqueeze(ops.transpose(k_all, [0, 1, 3, 2]), 2)  # [B, G, 1, hd, T]
+    ctx = None if cfg.attn_softcap else ops.attend(q, k_all, v_all, allowed, cfg.attn_scale)
+    if ctx is None:
+        ctx = composed_attention(ops, cfg, q, k_all, v_all, allowed)  # [B, G, R, S, hd]
+    ctx = ops.reshape(ops.transpose(ctx, [0, 3, 1, 2, 4]), [0, 0, -1])  # [B, S, H * hd]
+    return linear(ops, ctx, spec.attention["o"].format(i=i))
+
+
+def composed_attention(ops: Ops[V], cfg: DecoderConfig, q: V, k: V, v: V, allowed: V) -> V:
+    """softmax(q k^T * scale) v [B, G, R, S, hd] in primitives: float32 scores and softmax."""
+    kt = ops.unsqueeze(ops.transpose(k, [0, 1, 3, 2]), 2)  # [B, G, 1, hd, T]
     scores = ops.upcast(ops.matmul(q, kt))  # [B, G, R, S, T] float32
     scores = ops.mul(scores, ops.const(cfg.attn_scale))
     if cfg.attn_softcap:
         scores = softcap(ops, scores, cfg.attn_softcap)
     scores = ops.where(allowed, scores, ops.const(float(np.finfo(np.float32).min)))
     probs = ops.downcast(ops.softmax(scores, axis=-1))
-    ctx = ops.matmul(probs, ops.unsqueeze(v_all, 2))  # [B, G, R, S, hd]
-    ctx = ops.reshape(ops.transpose(ctx, [0, 3, 1, 2, 4]), [0, 0, -1])  # [B, S, H * hd]
-    return linear(ops, ctx, spec.attention["o"].format(i=i))
+    return ops.matmul(probs, ops.unsqueeze(v, 2))
 
 
 def mlp(ops: Ops[V], spec: ArchSpec, cfg: DecoderConfig, i: int, x: V) -> V:

@@ -33,9 +33,6 @@ class RopeTable:
     long_inv_freq: tuple[float, ...] | None = None  # longrope: used from `switch_at` positions
     switch_at: int | None = None
 
-    def frequencies(self, long: bool = False) -> np.ndarray:
-        return np.asarray(self.long_inv_freq if long else self.inv_freq, dtype=np.float32)
-
 
 def _floats(t: Any) -> tuple[float, ...]:
     return tuple(float(v) for v in np.asarray(t.detach().cpu(), dtype=np.float32))

@@ -28,11 +28,14 @@ from chmc.runtime.torch_merged import MergedDecoder, MergedState, require_artifa
 @dataclass(frozen=True)
 class TorchOptions:
     """`device`: cpu or cuda[:n]; `dtype`: the weights' (default the artifact's); `merged`: one
-    model reading the banks (default on CUDA) or one transformers model per expert (CPU)."""
+    model reading the banks (default on CUDA, or with `compile`) or one transformers model per
+    expert; `compile`: the merged model's decode step through torch.compile with this backend
+    ("inductor"; a step of a new batch shape then takes seconds to minutes, once)."""
 
     device: str = "cpu"
     dtype: str | None = None
     merged: bool | None = None
+    compile: str | None = None
 
 
 def reconstruct(folder: Artifact | Checkpoint | str | Path, expert: int | None,
@@ -78,9 +81,13 @@ class TorchBackend:
         self._models: dict[int | None, Any] = {}
         merged = options.merged
         if merged is None:
-            merged = self.is_artifact and options.device.startswith("cuda")
+            merged = self.is_artifact and (options.device.startswith("cuda")
+                                           or options.compile is not None)
+        if options.compile and not merged:
+            raise ChmcError(f"compile={options.compile!r} compiles the merged model's decode "
+                            "step; merged=False serves one transformers model per expert")
         self.decoder = (MergedDecoder.from_artifact(require_artifact(folder), options.device,
-                                                    options.dtype)
+                                                    options.dtype, compile=options.compile)
                         if merged else None)
 
     @property

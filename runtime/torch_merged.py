@@ -24,6 +24,7 @@ from chmc.models import decoder
 from chmc.models.registry import describe
 from chmc.models.spec import ArchSpec
 from chmc.plugins.channel_gather_matmul.reference import channel_gather_matmul_torch
+from chmc.plugins.channel_gather_matmul.torch_op import torch_op
 
 CACHE_BLOCK = 64  # KV-cache capacity grows in these steps; each capacity captures one graph
 Route = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (ids, input_ids, mask)
@@ -43,14 +44,17 @@ class MergedDecoder:
 
     def __init__(self, config: dict[str, Any], banks: dict[str, tuple[torch.Tensor, torch.Tensor]],
                  vectors: dict[str, torch.Tensor], experts: int, device: str = "cpu",
-                 dtype: str = "float32", fuse: bool = True):
+                 dtype: str = "float32", fuse: bool = True, compile: str | None = None):
         """`banks`: name -> (bank [K, out, in], index [N, out]); `vectors`: name -> [N, D]; both
         moved to `device` in `dtype` (indices as int32). `fuse`: concatenate the projections
-        that read one input (fuse_projections)."""
+        that read one input (fuse_projections). `compile`: a torch.compile backend ("inductor")
+        for the decode step, which then fuses the elementwise work between the gather-matmuls
+        (norms, RoPE, casts, the mask) into a few kernels; None: the step runs op by op."""
         self.spec, self.cfg = describe(config)
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
-        self.op = gather_matmul_op(self.device)
+        # a compiled step needs the op as one opaque node (torch_op); without it, skip that layer
+        self.op = torch_op() if compile else gather_matmul_op(self.device)
         self.banks = {name: (self._put(bank), index.to(torch.int32).contiguous().to(device))
                       for name, (bank, index) in banks.items()}
         self.vectors = {name: self._put(v) for name, v in vectors.items()}
@@ -59,12 +63,18 @@ class MergedDecoder:
         self.experts = experts
         # array constants (RoPE frequencies) made on the device once: a copy from the host
         # cannot be captured in a CUDA graph
-        self.constants: dict[bytes, torch.Tensor] = {}
+        self.constants: dict[tuple[float, ...], torch.Tensor] = {}
         self.replays = 0  # decode steps served from a CUDA graph, all generations together
+        # traced whole; a batch or cache capacity that changes makes that dim symbolic (one
+        # recompile), while the weights' shapes stay constants
+        self.compiled = (torch.compile(self.forward, backend=compile, fullgraph=True)
+                         if compile else None)
+        self.warm = False  # an eager step has made the constants and tuned the kernels
 
     @classmethod
     def from_artifact(cls, artifact: Artifact, device: str = "cpu",
-                      dtype: str | None = None, fuse: bool = True) -> MergedDecoder:
+                      dtype: str | None = None, fuse: bool = True,
+                      compile: str | None = None) -> MergedDecoder:
         w = ModelWeights(artifact)
         names = artifact.tensor_names
         dtype = dtype or artifact.manifest.dtype or "float32"
@@ -78,7 +88,7 @@ class MergedDecoder:
             banks[n] = (put(bank), index.to(device))
         vectors = {n: put(w.stacked(n)) for n in names if len(w.shape(n)) == 1}
         return cls(read_config(artifact.path), banks, vectors, len(w.experts), device, dtype,
-                   fuse)
+                   fuse, compile)
 
     def _put(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(device=self.device, dtype=self.dtype).contiguous()
@@ -89,14 +99,24 @@ class MergedDecoder:
         return [torch.zeros(2, batch, c.kv_heads, capacity, c.head_dim, dtype=self.dtype,
                             device=self.device) for _ in range(c.layers)]
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: its tensors cannot be traced by torch.compile
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 mask: torch.Tensor, expert_id: torch.Tensor, cache: list[torch.Tensor],
-                ) -> torch.Tensor:
+                causal: bool = False) -> torch.Tensor:
         """Last-position logits [B, V] (float32) for ids/positions [B, S] written at cache slots
-        [S]; mask [B, cap] marks the slots (prompt padding excluded) every query may attend to."""
-        ops = TorchOps(self, expert_id, slots, mask, cache)
+        [S]; mask [B, cap] marks the slots (prompt padding excluded) every query may attend to.
+        `causal`: the caller knows the slots are 0..S-1 with no padding and no window shorter
+        than S, so attention is plain causal over them (a flash kernel, no mask)."""
+        ops = TorchOps(self, expert_id, slots, mask, cache, causal)
         return decoder.logits(ops, self.spec, self.cfg, ids, positions)[:, 0].float()
+
+    def decode(self, **inputs: Any) -> torch.Tensor:
+        """forward() of a decode step, compiled where asked once an eager step has run: a traced
+        step finds the constants that step made (their host copy cannot be in a CUDA graph)."""
+        if self.compiled is None or not self.warm:
+            self.warm = True
+            return self.forward(**inputs)
+        return self.compiled(**inputs)
 
 
 # Projections that read the same input: (the spec's block, the fused name, its parts in order).
@@ -143,8 +163,9 @@ class TorchOps:
     """chmc.models.decoder.Ops over torch tensors, for one step of a MergedDecoder."""
 
     def __init__(self, d: MergedDecoder, expert_id: torch.Tensor, slots: torch.Tensor,
-                 mask: torch.Tensor, cache: list[torch.Tensor]):
+                 mask: torch.Tensor, cache: list[torch.Tensor], causal: bool = False):
         self.d, self.expert_id, self.slots, self.mask, self.kv = d, expert_id, slots, mask, cache
+        self.causal = causal
 
     # -- weights: banks and index tables as stored, the expert per batch row -------------------
     def has(self, name: str) -> bool:
@@ -168,12 +189,13 @@ class TorchOps:
         kv = torch.arange(self.mask.shape[1], device=self.mask.device)  # [cap]
         q = self.slots[:, None]  # [S, 1]
         pad = self.mask.bool()[:, None, None, None, :]
+        own = kv == q  # a padding query attends to its own slot: no row is fully masked
         out = {}
         for window in windows:
             allowed = kv <= q
             if window is not None:
                 allowed = allowed & (kv > q - window)
-            out[window] = pad & allowed
+            out[window] = (pad & allowed) | own
         return out
 
     def cache(self, layer: int, k: torch.Tensor,
@@ -186,14 +208,29 @@ class TorchOps:
     def logit_positions(self, h: torch.Tensor) -> torch.Tensor:
         return h[:, -1:]  # the next token's only
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """torch's scaled_dot_product_attention (flash or memory-efficient kernels on CUDA):
+        causal over the first S slots where the caller said so, else the R query heads of a
+        key/value head as one block of R * S queries under the mask, so keys are not repeated."""
+        b, g, r, s, hd = q.shape
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        if self.causal:
+            out = sdpa(q.reshape(b, g * r, s, hd), k[:, :, :s], v[:, :, :s], is_causal=True,
+                       scale=scale, enable_gqa=True)
+        else:
+            mask = allowed.expand(b, 1, r, s, allowed.shape[-1]).reshape(b, 1, r * s, -1)
+            out = sdpa(q.reshape(b, g, r * s, hd), k, v, attn_mask=mask, scale=scale)
+        return out.reshape(b, g, r, s, hd)
+
     # -- arithmetic and layout -----------------------------------------------------------------
-    def const(self, value: float | np.ndarray) -> Any:
-        if not isinstance(value, np.ndarray):
+    def const(self, value: float | tuple[float, ...]) -> Any:
+        if not isinstance(value, tuple):
             return value  # a Python scalar: torch keeps the tensor's dtype
-        key = value.tobytes() + str(value.shape).encode()
-        if key not in self.d.constants:
-            self.d.constants[key] = torch.from_numpy(value).to(self.d.device)
-        return self.d.constants[key]
+        if value not in self.d.constants:  # made by an eager step, found by a traced one
+            self.d.constants[value] = torch.tensor(value, dtype=torch.float32,
+                                                   device=self.d.device)
+        return self.d.constants[value]
 
     def add(self, a: Any, b: Any) -> torch.Tensor:
         return a + b
@@ -331,7 +368,11 @@ class MergedState:
                 "slots": np.arange(total - seq, total), "expert_id": self.expert_ids}
         if d.device.type != "cuda" or seq != 1:
             args = {k: _tensor(v, d.device) for k, v in host.items()}
-            return d.forward(**args, cache=self.cache).cpu().numpy()
+            if seq == 1:
+                return d.decode(**args, cache=self.cache).cpu().numpy()
+            causal = total == seq and bool(attention_mask.all()) and all(
+                w is None or w >= seq for w in d.cfg.windows)
+            return d.forward(**args, cache=self.cache, causal=causal).cpu().numpy()
         if self.graph is None:
             self._capture(host)
         for k, v in host.items():
@@ -345,11 +386,12 @@ class MergedState:
         The warm-up writes this step's keys and values; the replay rewrites the same ones."""
         d = self.d
         self.static = {k: _tensor(v, d.device) for k, v in host.items()}
-        d.forward(**self.static, cache=self.cache)
+        for _ in range(2):  # eager, then (where asked) compiled: never compile while capturing
+            d.decode(**self.static, cache=self.cache)
         torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = d.forward(**self.static, cache=self.cache)
+            self.logits = d.decode(**self.static, cache=self.cache)
 
 
 def _tensor(a: np.ndarray, device: torch.device | None = None) -> torch.Tensor:

@@ -14,6 +14,7 @@ pytest.importorskip("onnxruntime")
 
 # left-padded, mixed experts; the long prompt plus new tokens outgrows the first cache block (64)
 PROMPTS = [[5, 6, 7, 8, 9], [3, 4], [t % 50 + 10 for t in range(60)]]  # vocab 64
+EQUAL = [[t % 50 + 10 + r for t in range(12)] for r in range(3)]  # no padding
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
@@ -32,14 +33,17 @@ def artifact(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     return build(base, experts, root / "k2", groups=2, progress=False)
 
 
-def test_merged_logits_equal_the_onnx_graph(artifact: Path) -> None:
-    """Prefill and 12 decode steps: last-position logits within 1e-4 of max |logit| (fp32)."""
+@pytest.mark.parametrize("prompts", [PROMPTS, EQUAL], ids=["padded", "equal"])
+def test_merged_logits_equal_the_onnx_graph(artifact: Path, prompts: list[list[int]]) -> None:
+    """Prefill and 12 decode steps: last-position logits within 1e-4 of max |logit| (fp32). The
+    torch path's attention is SDPA: under the mask (padded prompts, or mistral's window shorter
+    than the prompt), or plain causal where the prefill has neither; the graph composes it."""
     from chmc import load
     from chmc.runtime.generation import left_pad, positions
 
     merged = load(artifact, backend="torch", merged=True).backend
     graph = load(artifact).backend
-    ids, mask = left_pad(PROMPTS, 0)
+    ids, mask = left_pad(prompts, 0)
     pos = positions(mask)
     experts = np.array([0, 1, 2])
     a, b = merged.start(experts), graph.start(experts)
@@ -49,7 +53,53 @@ def test_merged_logits_equal_the_onnx_graph(artifact: Path) -> None:
         assert err < 1e-4, f"step {step}: relative error {err:.2g}"
         ids = lb.argmax(-1)[:, None]
         pos = pos[:, -1:] + 1
+        mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
+
+
+def test_compiled_decode_equals_the_eager_one(artifact: Path) -> None:
+    """compile="inductor": decode steps through torch.compile (the gather-matmul one opaque op,
+    the rest fused by Inductor's C++ on CPU) give the eager step's logits within 1e-5 of max
+    |logit|, for a mixed batch past three cache capacities (64, 128, 256: one recompile, then the
+    capacity is a symbolic dim); the compiled step really ran."""
+    from torch._dynamo.utils import counters
+
+    from chmc import load
+    from chmc.runtime.generation import left_pad, positions
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = load(artifact, backend="torch", merged=True).backend
+    compiled = load(artifact, backend="torch", merged=True, compile="inductor").backend
+    ids, mask = left_pad(PROMPTS, 0)
+    pos = positions(mask)
+    experts = np.array([2, 0, 1])
+    a, b = eager.start(experts), compiled.start(experts)
+    for step in range(72):  # the 60-token prompt outgrows 64 slots, then 128
+        la, lb = a.step(ids, mask, pos), b.step(ids, mask, pos)
+        err = np.abs(la - lb).max() / np.abs(la).max()
+        assert err < 1e-5, f"step {step}: relative error {err:.2g}"
+        ids = la.argmax(-1)[:, None]
+        pos = pos[:, -1:] + 1
         mask = np.concatenate([mask, np.ones((len(PROMPTS), 1), dtype=np.int64)], axis=1)
+    assert b.capacity == 256
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
+def test_cli_run_compiled(artifact: Path, chmc_cli: Any, tmp_path: Path) -> None:
+    """`chmc run --backend torch --compile inductor` serves the merged model (on CPU too) and
+    streams ONNX Runtime's greedy text; compile with merged=False is a one-line error."""
+    from chmc import load
+    from chmc.errors import ChmcError
+
+    with pytest.raises(ChmcError, match="compiles the merged model's decode step"):
+        load(artifact, backend="torch", merged=False, compile="inductor")
+    if "llama" not in artifact.parent.name:  # one architecture: each run compiles for seconds
+        return
+    args = ("run", artifact, "abc", "--expert", "expert_1", "-n", "4")
+    want = chmc_cli(*args, cwd=tmp_path)
+    got = chmc_cli(*args, "--backend", "torch", "--compile", "inductor", cwd=tmp_path)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert got.stdout == want.stdout and want.returncode == 0
 
 
 def test_merged_generates_what_each_expert_generates(artifact: Path) -> None:
@@ -114,6 +164,9 @@ def test_cli_run_device_errors_are_one_line(artifact: Path, chmc_cli: Any, tmp_p
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == [
         "chmc: error: --device is an option of --backend torch, not onnxruntime"]
+    res = chmc_cli("run", artifact, "abc", "--compile", "inductor", cwd=tmp_path)
+    assert res.stderr.strip().splitlines() == [
+        "chmc: error: --compile is an option of --backend torch, not onnxruntime"]
     if torch.cuda.is_available():
         return
     res = chmc_cli("run", artifact, "abc", "--expert", "expert_0", "--backend", "torch",
@@ -127,10 +180,12 @@ def test_cli_run_device_errors_are_one_line(artifact: Path, chmc_cli: Any, tmp_p
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA GPU (Triton kernels, CUDA graphs)")
-def test_cuda_generates_the_cpu_runtimes_tokens(distinct_family: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("compile_", [None, "inductor"])
+def test_cuda_generates_the_cpu_runtimes_tokens(distinct_family: Any, tmp_path: Path,
+                                                compile_: str | None) -> None:
     """The tiny `distinct` family merged at K=2: the torch backend on CUDA (Triton kernels, decode
-    steps replayed from a CUDA graph) generates the same greedy tokens as the CPU runtime (ONNX
-    Runtime), for a batch mixing all four experts."""
+    steps replayed from a CUDA graph, compiled by Inductor or op by op) generates the same greedy
+    tokens as the CPU runtime (ONNX Runtime), for a batch mixing all four experts."""
     from chmc import build, load
     from chmc.jsonl import read_jsonl
 
@@ -142,7 +197,7 @@ def test_cuda_generates_the_cpu_runtimes_tokens(distinct_family: Any, tmp_path: 
         prompts += [r["prompt"] for _, r in rows]
         experts += [task] * len(rows)
     cpu = load(artifact).generate(prompts, experts, max_new_tokens=12)
-    cuda = load(artifact, backend="torch", device="cuda")
+    cuda = load(artifact, backend="torch", device="cuda", compile=compile_)
     assert cuda.generate(prompts, experts, max_new_tokens=12) == cpu
     assert cuda.backend.decoder.replays >= 10, "decode steps did not replay the CUDA graph"
     # Per decode step (chmc.runtime.scheduler): requests joining and leaving the running batch
