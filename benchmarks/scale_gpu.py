@@ -5,10 +5,12 @@ finishes (a time-limited device run keeps what it got), then a summary object.
 Per shape (default tinyllama-1.1b and llama-3.1-8b; models.synth's hub configs): a K=2 merged
 model of 4 experts is made in GPU memory (random banks, random index tables: speed and memory do
 not depend on the values; building it from checkpoints would cost the device time in disk writes)
-and served by chmc.runtime.torch_merged (Triton kernels, CUDA-graph decode), prompt 128:
+and served by chmc.runtime.torch_merged (Triton kernels, the decode step compiled by Inductor
+(--compile; `none`: op by op) and replayed from a CUDA graph, SDPA attention), prompt 128:
   decode at batch 1, 8, 32, 64 with the experts mixed per row (row r serves expert r % 4):
     `step_ms`, the runtime's whole step as a generation loop calls it (inputs in, logits out to
-    the host), and `graph_ms`, the captured graph's replay alone (CUDA events);
+    the host), `graph_ms`, the captured graph's replay alone (CUDA events), and `first_s`, the
+    first decode step of the batch (compiling and capturing);
   prefill of 2048 tokens at batch 1.
 Against:
   (a) transformers on the dense model, bf16, a StaticCache and torch.compile(mode=
@@ -25,7 +27,7 @@ Also: `chmc build --calibration --device cuda`'s per-expert cost, collect_grams 
 tinyllama-1.1b expert for 256 x 128 = 32k tokens.
 
     python3 benchmarks/scale_gpu.py [--shapes tinyllama-1.1b,llama-3.1-8b] [--budget-s 420]
-    python3 benchmarks/scale_gpu.py --device cpu --layers 1 --no-compile   # a CPU smoke run
+    python3 benchmarks/scale_gpu.py --device cpu --layers 1 --no-compile --compile none  # smoke
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * src.numel() / (ms / 1e3)
 
 
-def merged_model(config: dict[str, Any], device: torch.device) -> MergedDecoder:
+def merged_model(config: dict[str, Any], device: torch.device,
+                 compile_: str | None) -> MergedDecoder:
     g = torch.Generator(device=device).manual_seed(0)
     banks, vectors = {}, {}
     for name, shape in tensor_shapes(config).items():
@@ -92,7 +95,8 @@ def merged_model(config: dict[str, Any], device: torch.device) -> MergedDecoder:
             banks[name] = (bank, index)
         else:
             vectors[name] = 1 + 0.05 * torch.randn((EXPERTS, *shape), generator=g, device=device)
-    return MergedDecoder(config, banks, vectors, EXPERTS, str(device), "bfloat16")
+    return MergedDecoder(config, banks, vectors, EXPERTS, str(device), "bfloat16",
+                         compile=compile_)
 
 
 def weight_bytes(d: MergedDecoder) -> int:
@@ -146,8 +150,13 @@ def chmc_decode(d: MergedDecoder, config: dict[str, Any], batch: int, steps: int
         state.step(token, np.ones((batch, t + 1), np.int64), np.full((batch, 1), t))
         pos[0] += 1
 
+    sync(d.device)
+    began = time.perf_counter()
+    step()
+    sync(d.device)
+    first_s = round(time.perf_counter() - began, 2)
     step_ms = timed(step, d.device, 3, steps)
-    out = {"step_ms": step_ms, "bytes": step_bytes_merged(d, experts)}
+    out = {"step_ms": step_ms, "first_s": first_s, "bytes": step_bytes_merged(d, experts)}
     if state.graph is not None:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -248,8 +257,8 @@ def met(value: float, goal: float, higher: bool = False) -> str:
 
 def measure_chmc(config: dict[str, Any], args: argparse.Namespace,
                  device: torch.device) -> dict[str, Any]:
-    d = merged_model(config, device)
-    res: dict[str, Any] = {"weights_gb": round(weight_bytes(d) / 1e9, 3),
+    d = merged_model(config, device, None if args.compile == "none" else args.compile)
+    res: dict[str, Any] = {"compile": args.compile, "weights_gb": round(weight_bytes(d) / 1e9, 3),
                            "weights_vs_ensemble": ratio(weight_bytes(d),
                                                         EXPERTS * dense_weight_bytes(config))}
     res |= {f"b{b}": chmc_decode(d, config, b, args.steps) for b in args.batches}
@@ -360,7 +369,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed decode steps per case")
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--calibration", type=int, default=256, help="sequences (0: skip)")
-    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="(a) and (b) eager")
+    p.add_argument("--compile", default="inductor",
+                   help="chmc's decode step: a torch.compile backend, or none")
     p.add_argument("--budget-s", type=float, default=1e9,
                    help="skip sections that start after this many seconds")
     p.add_argument("--sides", default="chmc,dense", help="chmc, dense or both")

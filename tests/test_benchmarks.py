@@ -36,3 +36,32 @@ def test_summary_reads_the_result_between_autotuning_lines(tmp_path: Path) -> No
     assert done.returncode == 0 and "decode {'ratio': 9.9}" in done.stdout, done.stdout
     done = summary(tmp_path, AUTOTUNING, AUTOTUNING)
     assert done.returncode == 1 and "gpu_kernels: no results in" in done.stdout
+
+
+def test_scale_gpu_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
+    """benchmarks/scale_gpu.py's whole path at one layer on CPU, so a GPU session does not spend
+    its minutes on a broken script: chmc's Inductor-compiled decode at batch 1 and 4 (one
+    recompile), prefill, transformers' dense side, the ratios and goals, and --combine of the
+    JSON lines giving back the run's own comparison."""
+    out = tmp_path / "run.jsonl"
+    with out.open("w") as f:
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "scale_gpu.py"), "--device", "cpu",
+             "--layers", "1", "--no-compile", "--shapes", "tinyllama-1.1b", "--batches", "1,4",
+             "--steps", "2", "--prefill", "64", "--calibration", "0"],
+            stdout=f, stderr=subprocess.PIPE, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sections = {s["section"]: s for s in map(json.loads, out.read_text().splitlines())}
+    run = sections["tinyllama-1.1b done"]
+    assert run["chmc"]["compile"] == "inductor" and run["layers"] == 1
+    for batch in ("b1", "b4"):
+        chmc, dense = run["chmc"][batch], run["dense"][batch]
+        assert chmc["step_ms"] > 0 and dense["step_ms"] > 0
+        assert chmc["vs_dense"] == round(chmc["step_ms"] / dense["step_ms"], 3)
+    assert 0.45 < run["chmc"]["weights_vs_ensemble"] < 0.55  # K/N = 0.5, plus the index tables
+    assert set(run["goals"]) == {"decode_b1_vs_dense", "weights_vs_ensemble", "prefill_vs_dense"}
+    combined = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "scale_gpu.py"), "--combine", str(out)],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert combined.returncode == 0, combined.stderr[-2000:]
+    assert json.loads(combined.stdout)["tinyllama-1.1b"]["goals"] == run["goals"]
