@@ -15,7 +15,8 @@
 # $OUT/scale_gpu.jsonl, one line per finished section. The issue-17 runs, one device call each
 # (both sides compile several batch shapes; 15 device minutes hold these two):
 #   OUT=$OUT SCALE_S=360 SCALE_ARGS="--shapes tinyllama-1.1b --calibration 0" BENCH_S=0 \
-#     TEST_S=120 TEST_FILES=tests/test_torch_merged.py TESTS_K= bash benchmarks/gpu_session.sh
+#     TEST_S=120 TEST_FILES="tests/test_torch_merged.py tests/test_decode_attention.py" TESTS_K= \
+#     bash benchmarks/gpu_session.sh
 #   OUT=$OUT SCALE_S=300 SCALE_ARGS="--shapes llama-3.1-8b --calibration 0 --sides chmc" \
 #     BENCH_S=0 TEST_S=0 bash benchmarks/gpu_session.sh
 # then `python3 benchmarks/scale_gpu.py --combine benchmarks/results/scale_gpu_h200/run2.jsonl

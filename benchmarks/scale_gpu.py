@@ -6,7 +6,9 @@ Per shape (default tinyllama-1.1b and llama-3.1-8b; models.synth's hub configs):
 model of 4 experts is made in GPU memory (random banks, random index tables: speed and memory do
 not depend on the values; building it from checkpoints would cost the device time in disk writes)
 and served by chmc.runtime.torch_merged (Triton kernels, the decode step compiled by Inductor
-(--compile; `none`: op by op) and replayed from a CUDA graph, SDPA attention), prompt 128:
+(--compile; `none`: op by op) and replayed from a CUDA graph; decode attention by
+runtime.decode_attention over the filled slots (--decode-attention sdpa: SDPA over the cache's
+capacity), prefill attention by SDPA), prompt 128:
   decode at batch 1, 8, 32, 64 with the experts mixed per row (row r serves expert r % 4):
     `step_ms`, the runtime's whole step as a generation loop calls it (inputs in, logits out to
     the host), `graph_ms`, the captured graph's replay alone (CUDA events), and `first_s`, the
@@ -258,7 +260,11 @@ def met(value: float, goal: float, higher: bool = False) -> str:
 def measure_chmc(config: dict[str, Any], args: argparse.Namespace,
                  device: torch.device) -> dict[str, Any]:
     d = merged_model(config, device, None if args.compile == "none" else args.compile)
-    res: dict[str, Any] = {"compile": args.compile, "weights_gb": round(weight_bytes(d) / 1e9, 3),
+    if args.decode_attention == "sdpa":
+        d.decode_attention = None
+    res: dict[str, Any] = {"compile": args.compile,
+                           "decode_attention": "kernel" if d.decode_attention else "sdpa",
+                           "weights_gb": round(weight_bytes(d) / 1e9, 3),
                            "weights_vs_ensemble": ratio(weight_bytes(d),
                                                         EXPERTS * dense_weight_bytes(config))}
     for b in args.batches:
@@ -379,6 +385,9 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="(a) and (b) eager")
     p.add_argument("--compile", default="inductor",
                    help="chmc's decode step: a torch.compile backend, or none")
+    p.add_argument("--decode-attention", choices=("kernel", "sdpa"), default="kernel",
+                   help="chmc's decode attention on CUDA: runtime.decode_attention (the filled "
+                        "slots) or SDPA (the whole capacity)")
     p.add_argument("--budget-s", type=float, default=1e9,
                    help="skip sections that start after this many seconds")
     p.add_argument("--sides", default="chmc,dense", help="chmc, dense or both")

@@ -246,7 +246,8 @@ class OnnxOps:
     def logit_positions(self, h: str) -> str:
         return h  # every position: chmc check compares them all
 
-    def attend(self, q: str, k: str, v: str, allowed: str, scale: float) -> None:
+    def attend(self, q: str, k: str, v: str, allowed: str, window: int | None,
+               scale: float) -> None:
         return None  # composed from standard ONNX ops, so every runtime reads the graph
 
     # -- arithmetic and layout -----------------------------------------------------------------

@@ -40,9 +40,10 @@ class Ops(Protocol, Generic[V]):
     def masks(self, windows: set[int | None]) -> dict[int | None, V]: ...  # [B, 1, 1, S, T] bool
     def cache(self, layer: int, k: V, v: V) -> tuple[V, V]: ...  # [B, G, S, hd] -> [B, G, T, hd]
     def logit_positions(self, h: V) -> V: ...  # the positions [B, S', D] that get logits
-    # q [B, G, R, S, hd], k and v [B, G, T, hd] -> softmax(q k^T * scale) v where allowed, by a
-    # fused kernel; None: the backend has none, the decoder composes it from the primitives
-    def attend(self, q: V, k: V, v: V, allowed: V, scale: float) -> V | None: ...
+    # q [B, G, R, S, hd], k and v [B, G, T, hd] -> softmax(q k^T * scale) v where allowed (the
+    # mask of `window`), by a fused kernel; None: the backend has none, the decoder composes it
+    def attend(self, q: V, k: V, v: V, allowed: V, window: int | None,
+               scale: float) -> V | None: ...
 
     # arithmetic
     def const(self, value: float | tuple[float, ...]) -> V: ...  # float32: a scalar, a vector
@@ -186,7 +187,8 @@ def attention(ops: Ops[V], spec: ArchSpec, cfg: DecoderConfig, i: int, x: V, cos
     q = ops.transpose(q, [0, 2, 3, 1, 4])  # [B, G, R, S, hd]
     k = ops.transpose(rope(ops, cfg, k, cos, sin, dims), [0, 2, 1, 3])  # [B, G, S, hd]
     k_all, v_all = ops.cache(i, k, ops.transpose(v, [0, 2, 1, 3]))  # [B, G, T, hd]
-    ctx = None if cfg.attn_softcap else ops.attend(q, k_all, v_all, allowed, cfg.attn_scale)
+    ctx = None if cfg.attn_softcap else ops.attend(q, k_all, v_all, allowed, cfg.windows[i],
+                                                   cfg.attn_scale)
     if ctx is None:
         ctx = composed_attention(ops, cfg, q, k_all, v_all, allowed)  # [B, G, R, S, hd]
     ctx = ops.reshape(ops.transpose(ctx, [0, 3, 1, 2, 4]), [0, 0, -1])  # [B, S, H * hd]

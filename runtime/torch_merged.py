@@ -70,6 +70,13 @@ class MergedDecoder:
         self.compiled = (torch.compile(self.forward, backend=compile, fullgraph=True)
                          if compile else None)
         self.warm = False  # an eager step has made the constants and tuned the kernels
+        # decode attention reading only the filled slots (runtime.decode_attention; triton is on
+        # CUDA machines only); None: SDPA over the capacity
+        self.decode_attention: Any = None
+        if self.device.type == "cuda":
+            from chmc.runtime.decode_attention import decode_attention_op
+
+            self.decode_attention = decode_attention_op()
 
     @classmethod
     def from_artifact(cls, artifact: Artifact, device: str = "cpu",
@@ -209,11 +216,16 @@ class TorchOps:
         return h[:, -1:]  # the next token's only
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
-               scale: float) -> torch.Tensor:
-        """torch's scaled_dot_product_attention (flash or memory-efficient kernels on CUDA):
-        causal over the first S slots where the caller said so, else the R query heads of a
-        key/value head as one block of R * S queries under the mask, so keys are not repeated."""
+               window: int | None, scale: float) -> torch.Tensor:
+        """A decode step on CUDA: runtime.decode_attention, which reads only the filled slots.
+        Otherwise torch's scaled_dot_product_attention (flash or memory-efficient kernels on
+        CUDA): causal over the first S slots where the caller said so, else the R query heads of
+        a key/value head as one block of R * S queries under the mask (keys are not repeated)."""
         b, g, r, s, hd = q.shape
+        if s == 1 and self.d.decode_attention is not None:
+            out = self.d.decode_attention(q.reshape(b, g, r, hd), k, v, self.mask, self.slots,
+                                          scale, window or 0)
+            return out.reshape(b, g, r, s, hd)
         sdpa = torch.nn.functional.scaled_dot_product_attention
         if self.causal:
             out = sdpa(q.reshape(b, g * r, s, hd), k[:, :, :s], v[:, :, :s], is_causal=True,

@@ -54,6 +54,7 @@ def test_scale_gpu_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
     sections = {s["section"]: s for s in map(json.loads, out.read_text().splitlines())}
     run = sections["tinyllama-1.1b done"]
     assert run["chmc"]["compile"] == "inductor" and run["layers"] == 1
+    assert run["chmc"]["decode_attention"] == "sdpa"  # the kernel is CUDA's
     for batch in ("b1", "b4"):
         chmc, dense = run["chmc"][batch], run["dense"][batch]
         assert chmc["step_ms"] > 0 and dense["step_ms"] > 0
