@@ -22,7 +22,7 @@ import triton.language as tl
 
 CHUNK = 256  # cache slots per program
 BLOCK_T = 64  # slots per inner step
-NEG = -1.0e30  # a masked score: finite, so a split with nothing to attend to makes no NaN
+NEG = tl.constexpr(-1.0e30)  # a masked score: finite, so an empty split makes no NaN
 
 
 @triton.jit

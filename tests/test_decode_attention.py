@@ -119,6 +119,37 @@ def test_merged_decoder_with_the_kernel_equals_sdpa(tmp_path: Path) -> None:
     assert states[0].capacity == 256 and compiled.compiled is not None
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_kernels_compile_for_sm90(dtype: str) -> None:
+    """Both kernels compile to sm_90 PTX (the interpreter runs Python, so it misses what only the
+    compiler rejects), bf16 with tensor-core mma."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed (python3 -m pip install --no-deps triton)")
+    if INTERPRETING:
+        pytest.skip("under TRITON_INTERPRET=1 kernels are not compilable JIT functions")
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from chmc.runtime.decode_attention import BLOCK_T, CHUNK, _combine_kernel, _split_kernel
+
+    pointers = {"q": dtype, "k": dtype, "v": dtype, "out": dtype, "mask": "i64", "slot": "i64",
+                "part_acc": "fp32", "part_ml": "fp32"}
+    for kernel, consts in ((_split_kernel, {"CHUNK": CHUNK, "BLOCK_T": BLOCK_T,
+                                            "F32_DOT": dtype == "fp32"}), (_combine_kernel, {})):
+        consts = {"R_PAD": 16, "HD_PAD": 128, **consts}
+        names = list(inspect.signature(kernel.fn).parameters)
+        signature = {n: "constexpr" if n in consts else f"*{pointers[n]}" if n in pointers
+                     else "fp32" if n == "scale" else "i32" for n in names}
+        src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                             options={"num_warps": 4}).asm["ptx"]
+        assert ".entry" in ptx
+        if kernel is _split_kernel and dtype == "bf16":
+            assert "mma.sync" in ptx
+
+
 def test_decode_attention_under_interpreter() -> None:
     """On a CPU machine: run the `gpu` tests above on CPU tensors under TRITON_INTERPRET=1."""
     if not HAS_TRITON:
