@@ -368,6 +368,8 @@ class MergedState:
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              position_ids: np.ndarray) -> np.ndarray:
+        """Last-position logits [B, V] float32; a replayed step's are a view of a host buffer
+        that the state's next step overwrites (callers sample from them at once)."""
         d = self.d
         if self.capacity == 0:
             self.expert_ids = self.route(self.expert_ids, input_ids, attention_mask)
@@ -391,7 +393,8 @@ class MergedState:
             self.static[k].copy_(_tensor(v))
         self.graph.replay()
         d.replays += 1
-        return self.logits.cpu().numpy()
+        self.host_logits.copy_(self.logits)  # valid until this state's next step
+        return self.host_logits.numpy()
 
     def _capture(self, host: dict[str, np.ndarray]) -> None:
         """Warm up once eagerly (Triton autotuning, allocations), then capture the decode step.
@@ -404,6 +407,9 @@ class MergedState:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = d.decode(**self.static, cache=self.cache)
+        # page-locked: a pageable copy of the [B, V] logits stages through a bounce buffer
+        self.host_logits = torch.empty(self.logits.shape, dtype=self.logits.dtype,
+                                       pin_memory=True)
 
 
 def _tensor(a: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
