@@ -8,33 +8,21 @@ in a child pytest with TRITON_INTERPRET=1.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+import interpreter
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETING, HAS_TRITON = interpreter.INTERPRETING, interpreter.HAS_TRITON
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative to max |out|
 
 
 def kernel_device() -> str:
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed (python3 -m pip install --no-deps triton)")
-    if DEVICE == "cuda" and not INTERPRETING:
-        return "cuda"
-    if INTERPRETING:
-        return "cpu"
-    pytest.skip("no CUDA device; on CPU these run under TRITON_INTERPRET=1 "
-                "(see test_decode_attention_under_interpreter)")
+    return interpreter.kernel_device("test_decode_attention_under_interpreter")
 
 
 def reference(q: Any, k: Any, v: Any, mask: Any, slot: int, scale: float,
@@ -152,14 +140,5 @@ def test_kernels_compile_for_sm90(dtype: str) -> None:
 
 def test_decode_attention_under_interpreter() -> None:
     """On a CPU machine: run the `gpu` tests above on CPU tensors under TRITON_INTERPRET=1."""
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed (python3 -m pip install --no-deps triton)")
-    if DEVICE == "cuda" or INTERPRETING:
-        pytest.skip("the gpu tests run directly here")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", __file__],
-        check=False, env=env, capture_output=True, text=True, timeout=1200)
-    tail = result.stdout[-3000:] + result.stderr[-2000:]
-    assert result.returncode == 0, tail
-    assert f"{len(CASES) * 2 + 1} passed" in result.stdout, tail
+    out = interpreter.rerun_under_interpreter(__file__, timeout=1200)
+    assert f"{len(CASES) * 2 + 1} passed" in out, out[-3000:]

@@ -7,14 +7,11 @@ a CPU machine `test_kernels_under_interpreter` re-runs the `gpu` tests in a chil
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import interpreter
 import numpy as np
 import pytest
 
@@ -27,9 +24,7 @@ if TYPE_CHECKING:
 else:
     torch = pytest.importorskip("torch")
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETING, HAS_TRITON = interpreter.INTERPRETING, interpreter.HAS_TRITON
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to max |y|
 
 
@@ -97,14 +92,7 @@ def test_reference_equals_onnx_gather_form(shape: tuple[int, ...], ort_session: 
 
 
 def kernel_device() -> str:
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed (python3 -m pip install --no-deps triton)")
-    if DEVICE == "cuda" and not INTERPRETING:
-        return "cuda"
-    if INTERPRETING:
-        return "cpu"
-    pytest.skip("no CUDA device; on CPU these run under TRITON_INTERPRET=1 "
-                "(see test_kernels_under_interpreter)")
+    return interpreter.kernel_device("test_kernels_under_interpreter")
 
 
 # (batch, seq, groups K, experts N, out, in): odd out/in, K=1, K=N, N up to 8
@@ -518,15 +506,6 @@ def test_persistent_kernel_compiles_to_tma_and_wgmma() -> None:
 
 def test_kernels_under_interpreter() -> None:
     """On a CPU machine: run the `gpu` tests above on CPU tensors under TRITON_INTERPRET=1."""
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed (python3 -m pip install --no-deps triton)")
-    if DEVICE == "cuda" or INTERPRETING:
-        pytest.skip("the gpu tests run directly here")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", __file__],
-        check=False, env=env, capture_output=True, text=True, timeout=1800)
-    tail = result.stdout[-3000:] + result.stderr[-2000:]
-    assert result.returncode == 0, tail
-    passed = re.search(r"(\d+) passed", result.stdout)
-    assert passed and int(passed.group(1)) >= len(SMALL) * 4 * len(DTYPES) + 5, tail
+    out = interpreter.rerun_under_interpreter(__file__, timeout=1800)
+    passed = re.search(r"(\d+) passed", out)
+    assert passed and int(passed.group(1)) >= len(SMALL) * 4 * len(DTYPES) + 5, out[-3000:]
