@@ -85,6 +85,36 @@ def test_compiled_decode_equals_the_eager_one(artifact: Path) -> None:
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
 
 
+def test_compiled_scheduler_gives_the_eager_tokens(artifact: Path) -> None:
+    """Continuous batching over the compiled step: 8 requests through 3 slots join and leave
+    the running batch (batch 1, 2 and 3, capacities 64 and 128: at least three graphs, the batch
+    and capacity made symbolic), with the tokens of the op-by-op step."""
+    from torch._dynamo.utils import counters
+
+    from chmc import load
+    from chmc.runtime.scheduler import Limits, Scheduler
+
+    if "llama" not in artifact.parent.name:  # one architecture: each shape compiles for seconds
+        pytest.skip("run for llama only")
+    prompts = ["abc", "hello world", "x" * 30, "the quick", "zz", "q" * 70, "ab", "lorem ipsum"]
+
+    def serve(compile_: str | None) -> list[list[int]]:
+        runner = load(artifact, backend="torch", merged=True, compile=compile_)
+        sched = Scheduler(runner.backend, eos_ids=runner.eos_ids, pad_id=runner.pad_id,
+                          limits=Limits(slots=3))
+        seqs = []
+        for i, prompt in enumerate(prompts):
+            seqs.append(sched.submit(runner.sequence(prompt, i % 3, 40)))
+            sched.step()
+        sched.run_until_idle()
+        return [s.new for s in seqs]
+
+    torch._dynamo.reset()
+    counters.clear()
+    assert serve("inductor") == serve(None)
+    assert counters["stats"]["unique_graphs"] >= 3, dict(counters["stats"])
+
+
 def test_cli_run_compiled(artifact: Path, chmc_cli: Any, tmp_path: Path) -> None:
     """`chmc run --backend torch --compile inductor` serves the merged model (on CPU too) and
     streams ONNX Runtime's greedy text; compile with merged=False is a one-line error."""
