@@ -12,15 +12,17 @@
 # (pydantic and its three dependencies) travel in .whl (carry it; see the device README).
 # SCALE_S > 0 first runs benchmarks/scale_gpu.py (end to end at 1.1B and 8B, against transformers
 # compiled, the ensemble and the HBM limit) for at most that long, with SCALE_ARGS:
-# $OUT/scale_gpu.jsonl, one line per finished section. The issue-17 runs, one device call each
-# (both sides compile several batch shapes; 15 device minutes hold these two):
-#   OUT=$OUT SCALE_S=360 SCALE_ARGS="--shapes tinyllama-1.1b --calibration 0" BENCH_S=0 \
+# $OUT/scale_gpu.jsonl, one line per finished section. The issue-17 runs, one device call each,
+# the second on the still-warm machine (about 13 of 15 device minutes; the GPU tests check the
+# compiled step and the decode-attention kernel, which the benchmark does not):
+#   OUT=$OUT SCALE_S=420 SCALE_ARGS="--shapes tinyllama-1.1b --calibration 0" BENCH_S=0 \
 #     TEST_S=120 TEST_FILES="tests/test_torch_merged.py tests/test_decode_attention.py" TESTS_K= \
 #     bash benchmarks/gpu_session.sh
-#   OUT=$OUT SCALE_S=300 SCALE_ARGS="--shapes llama-3.1-8b --calibration 0 --sides chmc" \
-#     BENCH_S=0 TEST_S=0 bash benchmarks/gpu_session.sh
-# then `python3 benchmarks/scale_gpu.py --combine benchmarks/results/scale_gpu_h200/run2.jsonl
-# run1.jsonl run2.jsonl` (8B's dense side from the earlier session's run; the last one wins).
+#   OUT=$OUT SCALE_S=200 SCALE_ARGS="--shapes llama-3.1-8b --calibration 0 --sides chmc \
+#     --batches 1" BENCH_S=0 TEST_S=0 bash benchmarks/gpu_session.sh
+# then `python3 benchmarks/scale_gpu.py --combine benchmarks/results/scale_gpu_h200/run1.jsonl
+# benchmarks/results/scale_gpu_h200/run2.jsonl new1.jsonl new2.jsonl`: the new sections win;
+# 8B's dense side (and 1.1B's, if the first call's timeout cut it) comes from the earlier run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
