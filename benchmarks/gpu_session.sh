@@ -15,8 +15,8 @@
 # $OUT/scale_gpu.jsonl, one line per finished section. The issue-17 runs, one device call each,
 # the second on the still-warm machine (about 13 of 15 device minutes; the GPU tests check the
 # compiled step and the decode-attention kernel, which the benchmark does not):
-#   OUT=$OUT SCALE_S=420 SCALE_ARGS="--shapes tinyllama-1.1b --calibration 0" BENCH_S=0 \
-#     TEST_S=120 TEST_FILES="tests/test_torch_merged.py tests/test_decode_attention.py" TESTS_K= \
+#   OUT=$OUT SCALE_S=400 SCALE_ARGS="--shapes tinyllama-1.1b --calibration 0" BENCH_S=0 \
+#     TEST_S=150 TEST_FILES="tests/test_torch_merged.py tests/test_decode_attention.py" TESTS_K= \
 #     bash benchmarks/gpu_session.sh
 #   OUT=$OUT SCALE_S=200 SCALE_ARGS="--shapes llama-3.1-8b --calibration 0 --sides chmc \
 #     --batches 1" BENCH_S=0 TEST_S=0 bash benchmarks/gpu_session.sh
