@@ -23,20 +23,10 @@ from chmc.formats.weights import ModelWeights
 from chmc.models import decoder
 from chmc.models.registry import describe
 from chmc.models.spec import ArchSpec
-from chmc.plugins.channel_gather_matmul.reference import channel_gather_matmul_torch
-from chmc.plugins.channel_gather_matmul.torch_op import torch_op
+from chmc.plugins.channel_gather_matmul.torch_op import implementation, torch_op
 
 CACHE_BLOCK = 64  # KV-cache capacity grows in these steps; each capacity captures one graph
 Route = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (ids, input_ids, mask)
-
-
-def gather_matmul_op(device: torch.device) -> Any:
-    """The ChannelGatherMatMul implementation for a device: Triton on CUDA, reference on CPU."""
-    if device.type == "cuda":  # triton is on CUDA machines only
-        from chmc.plugins.channel_gather_matmul.kernels import channel_gather_matmul
-
-        return channel_gather_matmul
-    return channel_gather_matmul_torch
 
 
 class MergedDecoder:
@@ -54,7 +44,7 @@ class MergedDecoder:
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
         # a compiled step needs the op as one opaque node (torch_op); without it, skip that layer
-        self.op = torch_op() if compile else gather_matmul_op(self.device)
+        self.op = torch_op() if compile else implementation(self.device)
         self.banks = {name: (self._put(bank), index.to(torch.int32).contiguous().to(device))
                       for name, (bank, index) in banks.items()}
         self.vectors = {name: self._put(v) for name, v in vectors.items()}

@@ -1,7 +1,8 @@
-"""ChannelGatherMatMul as a torch custom op, `torch.ops.chmc.channel_gather_matmul`: one opaque
-node to torch.compile, which fuses what lies between such nodes (norms, RoPE, casts) but must not
-trace into the Triton kernels' launcher (autotuning, Python-side dispatch). On CUDA it runs the
-Triton kernels, elsewhere the PyTorch reference.
+"""ChannelGatherMatMul on torch tensors: `implementation(device)`, the Triton kernels on CUDA and
+the PyTorch reference elsewhere, and the same as a torch custom op,
+`torch.ops.chmc.channel_gather_matmul` (`torch_op()`): one opaque node to torch.compile, which
+fuses what lies between such nodes (norms, RoPE, casts) but must not trace into the Triton
+kernels' launcher (autotuning, Python-side dispatch).
 """
 
 from __future__ import annotations
@@ -16,13 +17,18 @@ from chmc.plugins.channel_gather_matmul.reference import channel_gather_matmul_t
 SCHEMA = "(Tensor x, Tensor bank, Tensor index, Tensor expert_id) -> Tensor"
 
 
-def _run(x: torch.Tensor, bank: torch.Tensor, index: torch.Tensor,
-         expert_id: torch.Tensor) -> torch.Tensor:
-    if x.device.type == "cuda":  # triton is on CUDA machines only
+def implementation(device: torch.device) -> Any:
+    """The ChannelGatherMatMul function for tensors on `device`."""
+    if device.type == "cuda":  # triton is on CUDA machines only
         from chmc.plugins.channel_gather_matmul.kernels import channel_gather_matmul
 
-        return channel_gather_matmul(x, bank, index, expert_id)
-    return channel_gather_matmul_torch(x, bank, index, expert_id)
+        return channel_gather_matmul
+    return channel_gather_matmul_torch
+
+
+def _run(x: torch.Tensor, bank: torch.Tensor, index: torch.Tensor,
+         expert_id: torch.Tensor) -> torch.Tensor:
+    return implementation(x.device)(x, bank, index, expert_id)
 
 
 def _shape(x: torch.Tensor, bank: torch.Tensor, index: torch.Tensor,
