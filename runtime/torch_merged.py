@@ -387,8 +387,9 @@ class MergedState:
         return self.host_logits.numpy()
 
     def _capture(self, host: dict[str, np.ndarray]) -> None:
-        """Warm up once eagerly (Triton autotuning, allocations), then capture the decode step.
-        The warm-up writes this step's keys and values; the replay rewrites the same ones."""
+        """Warm up (Triton autotuning, allocations, and where asked the compile), then capture
+        the decode step. The warm-up writes this step's keys and values; the replay rewrites the
+        same ones."""
         d = self.d
         self.static = {k: _tensor(v, d.device) for k, v in host.items()}
         for _ in range(2):  # eager, then (where asked) compiled: never compile while capturing
