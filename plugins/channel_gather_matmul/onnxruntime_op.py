@@ -14,7 +14,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from chmc.cache import cache_root
 from chmc.errors import ChmcError, MissingDependencyError
@@ -24,11 +24,18 @@ CFLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall
           "-Wl,-z,nodelete"]  # never unloaded: its per-thread buffers free themselves at exit
 
 
-def library_path(portable: bool = False) -> Path:
-    """The compiled library, built once per source version. `portable`: plain C only, the path
-    CPUs without AVX-512 take (tests check it on machines that have AVX-512)."""
+# What a build may dispatch to at load time: the widest kernels the CPU has (AVX-512, else AVX2
+# + FMA, else plain C), AVX2 at best, or plain C only (the tests run the narrower paths on
+# machines that have the wider ones).
+Kernels = Literal["best", "avx2", "c"]
+KERNEL_FLAGS: dict[str, list[str]] = {"best": [], "avx2": ["-DCHMC_NO_AVX512"],
+                                      "c": ["-DCHMC_PORTABLE"]}
+
+
+def library_path(kernels: Kernels = "best") -> Path:
+    """The compiled library, built once per source version and kernel set."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    flags = CFLAGS + ["-DCHMC_PORTABLE"] * portable
+    flags = CFLAGS + KERNEL_FLAGS[kernels]
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     lib = cache_root() / "ort_kernel" / f"chmc_ort_kernel-{digest}.so"
     if lib.exists():
@@ -52,6 +59,6 @@ def library_path(portable: bool = False) -> Path:
     return lib
 
 
-def register(opts: Any, portable: bool = False) -> None:
+def register(opts: Any, kernels: Kernels = "best") -> None:
     """Give an onnxruntime.SessionOptions the chmc::ChannelGatherMatMul CPU kernel."""
-    opts.register_custom_ops_library(str(library_path(portable)))
+    opts.register_custom_ops_library(str(library_path(kernels)))

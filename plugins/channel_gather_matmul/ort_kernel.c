@@ -12,8 +12,9 @@
    Two paths, picked per call:
    - few rows (decode): per channel, each distinct bank row the batch needs is read once and
      dotted with every row that uses it (at most K bank rows per channel, whatever the batch);
-   - many rows (prefill): per expert, a GEMM in AVX-512 register tiles of 6 channels x 64 rows,
-     the channels' weight rows broadcast straight from the banks, x packed once per call.
+   - many rows (prefill): per expert, a GEMM in register tiles of 6 channels x 64 rows (AVX-512;
+     6 x 16 with AVX2), the channels' weight rows broadcast straight from the banks, x packed
+     once per call.
    Work is split over ONNX Runtime's own intra-op threads (KernelContext_ParallelFor), so the
    op never competes with the session's thread pool.
 
@@ -26,11 +27,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* AVX-512 kernels on x86-64 (chosen at load time when the CPU has them); plain C everywhere else,
-   and with -DCHMC_PORTABLE (how the tests check the fallback on an AVX-512 machine). */
+/* On x86-64, AVX-512 kernels, else AVX2 + FMA ones, chosen at load time by what the CPU has;
+   plain C everywhere else. -DCHMC_PORTABLE (plain C only) and -DCHMC_NO_AVX512 (AVX2 at best)
+   are how the tests check each path on a machine that has the wider one. */
 #if defined(__x86_64__) && !defined(CHMC_PORTABLE)
-#define CHMC_AVX512 1
+#define CHMC_X86 1
 #include <immintrin.h>
+#ifndef CHMC_NO_AVX512
+#define CHMC_AVX512 1
+#endif
 #endif
 
 /* ---- the slice of ONNX Runtime's C ABI used here ------------------------------------------ */
@@ -198,16 +203,11 @@ __attribute__((target("avx512f,fma"))) static void dot_rows_avx512(
 static void (*dot_rows)(const float *, const float *const *, float *const *, int, int64_t,
                         int64_t) = dot_rows_generic;
 
-/* Few rows: channels [c0, c0 + GEMV_CHANNELS); each distinct bank row read once. Rows are
-   grouped by expert once per task, so a channel costs one index lookup per distinct expert (a
-   batch of one expert, the common case, goes straight to one multi-row dot). */
-static void gemv_task(void *arg, size_t task) {
-    const Work *w = arg;
-    const float *xr[GEMV_MAX_ROWS], *xs[GEMV_MAX_ROWS];
-    float *yr[GEMV_MAX_ROWS], *ys[GEMV_MAX_ROWS];
-    int64_t experts[GEMV_MAX_ROWS];
-    int start[GEMV_MAX_ROWS + 1], ne = 0, n = 0;
-    for (int r0 = 0; r0 < (int)w->n_rows; r0++) { /* rows sorted by expert */
+/* The batch's rows grouped by expert: expert d (experts[d]) has rows [start[d], start[d + 1])
+   of xr / yr. Returns the number of distinct experts. */
+static int group_rows(const Work *w, const float **xr, float **yr, int64_t *experts, int *start) {
+    int ne = 0, n = 0;
+    for (int r0 = 0; r0 < (int)w->n_rows; r0++) {
         int seen = 0;
         for (int d = 0; d < ne; d++) seen |= experts[d] == w->row_exp[r0];
         if (seen) continue;
@@ -220,20 +220,36 @@ static void gemv_task(void *arg, size_t task) {
             }
     }
     start[ne] = n;
+    return ne;
+}
+
+/* Channel c's bank rows the batch's experts use, each distinct one fetched once: neighbouring
+   channels' rows sit in different banks, so the hardware prefetcher restarts at each. */
+static void prefetch_channel(const Work *w, const int64_t *experts, int ne, int64_t c) {
+    uint64_t fetched = 0; /* groups already asked for */
+    for (int d = 0; d < ne; d++) {
+        int32_t g = w->index[experts[d] * w->out + c];
+        if (g < 64 && (fetched >> g & 1)) continue;
+        if (g < 64) fetched |= 1ull << g;
+        const char *row = (const char *)(w->bank + (g * w->out + c) * w->in);
+        for (int64_t k = 0; k < w->in * 4; k += 64) __builtin_prefetch(row + k, 0, 1);
+    }
+}
+
+/* Few rows: channels [c0, c0 + GEMV_CHANNELS); each distinct bank row read once. Rows are
+   grouped by expert once per task, so a channel costs one index lookup per distinct expert (a
+   batch of one expert, the common case, goes straight to one multi-row dot). */
+static void gemv_task(void *arg, size_t task) {
+    const Work *w = arg;
+    const float *xr[GEMV_MAX_ROWS], *xs[GEMV_MAX_ROWS];
+    float *yr[GEMV_MAX_ROWS], *ys[GEMV_MAX_ROWS];
+    int64_t experts[GEMV_MAX_ROWS];
+    int start[GEMV_MAX_ROWS + 1];
+    int ne = group_rows(w, xr, yr, experts, start);
     int64_t c0 = (int64_t)task * GEMV_CHANNELS;
     int64_t c1 = c0 + GEMV_CHANNELS < w->out ? c0 + GEMV_CHANNELS : w->out;
     for (int64_t c = c0; c < c1; c++) {
-        if (c + PREFETCH_AHEAD < c1) { /* neighbouring channels' rows sit in different banks, so
-                                          the hardware prefetcher restarts at each: fetch ahead */
-            uint64_t fetched = 0;      /* groups already asked for (each bank row once) */
-            for (int d = 0; d < ne; d++) {
-                int32_t gn = w->index[experts[d] * w->out + c + PREFETCH_AHEAD];
-                if (gn < 64 && (fetched >> gn & 1)) continue;
-                if (gn < 64) fetched |= 1ull << gn;
-                const char *next = (const char *)(w->bank + (gn * w->out + c + PREFETCH_AHEAD) * w->in);
-                for (int64_t k = 0; k < w->in * 4; k += 64) __builtin_prefetch(next + k, 0, 1);
-            }
-        }
+        if (c + PREFETCH_AHEAD < c1) prefetch_channel(w, experts, ne, c + PREFETCH_AHEAD);
         int32_t g[GEMV_MAX_ROWS];
         for (int d = 0; d < ne; d++) g[d] = w->index[experts[d] * w->out + c];
         uint32_t done = 0;
@@ -250,6 +266,88 @@ static void gemv_task(void *arg, size_t task) {
         }
     }
 }
+
+#ifdef CHMC_X86
+enum { TILE_GEMV_CH = 4 };
+
+/* The sums of four vectors, in the four lanes of the result. */
+__attribute__((target("avx2"))) static inline __m128 sum4_avx2(__m256 v0, __m256 v1, __m256 v2,
+                                                                __m256 v3) {
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* y_j[c + i] = w_i . x_j for 4 channels' rows and M (1 or 2) x rows: each x vector loaded once
+   for 4 channels (a row at a time, x's loads from L2 were what a batch of 8 waited on). Rows
+   past nc are copies of the first; their sums are dropped. */
+__attribute__((always_inline, target("avx2,fma"))) static inline void tile_avx2(
+    const float *const *wr, int nc, const float *const *xs, float *const *ys, int64_t in,
+    int64_t c, const int M) {
+    __m256 acc[TILE_GEMV_CH][2];
+#pragma GCC unroll 4
+    for (int i = 0; i < TILE_GEMV_CH; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= in; k += 8) {
+        __m256 xv[2];
+#pragma GCC unroll 2
+        for (int j = 0; j < M; j++) xv[j] = _mm256_loadu_ps(xs[j] + k);
+#pragma GCC unroll 4
+        for (int i = 0; i < TILE_GEMV_CH; i++) {
+            __m256 wv = _mm256_loadu_ps(wr[i] + k);
+#pragma GCC unroll 2
+            for (int j = 0; j < M; j++) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
+        }
+    }
+#pragma GCC unroll 2
+    for (int j = 0; j < M; j++) {
+        float sum[4];
+        _mm_storeu_ps(sum, sum4_avx2(acc[0][j], acc[1][j], acc[2][j], acc[3][j]));
+        for (int i = 0; i < nc; i++) {
+            for (int64_t t = k; t < in; t++) sum[i] += wr[i][t] * xs[j][t];
+            ys[j][c + i] = sum[i];
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void tile4x1_avx2(
+    const float *const *wr, int nc, const float *const *xs, float *const *ys, int64_t in,
+    int64_t c) {
+    tile_avx2(wr, nc, xs, ys, in, c, 1);
+}
+
+__attribute__((target("avx2,fma"))) static void tile4x2_avx2(
+    const float *const *wr, int nc, const float *const *xs, float *const *ys, int64_t in,
+    int64_t c) {
+    tile_avx2(wr, nc, xs, ys, in, c, 2);
+}
+
+/* gemv_task in tiles of 4 channels x 2 rows of one expert: a bank row two experts share is read
+   from memory once and from cache for the second. */
+static void gemv_tiled_task(void *arg, size_t task) {
+    const Work *w = arg;
+    const float *xr[GEMV_MAX_ROWS];
+    float *yr[GEMV_MAX_ROWS];
+    int64_t experts[GEMV_MAX_ROWS];
+    int start[GEMV_MAX_ROWS + 1];
+    int ne = group_rows(w, xr, yr, experts, start);
+    int64_t c0 = (int64_t)task * GEMV_CHANNELS;
+    int64_t c1 = c0 + GEMV_CHANNELS < w->out ? c0 + GEMV_CHANNELS : w->out;
+    for (int64_t c = c0; c < c1; c += TILE_GEMV_CH) {
+        int nc = c1 - c < TILE_GEMV_CH ? (int)(c1 - c) : TILE_GEMV_CH;
+        for (int64_t n = c + TILE_GEMV_CH; n < c + 2 * TILE_GEMV_CH && n < c1; n++)
+            prefetch_channel(w, experts, ne, n);
+        for (int d = 0; d < ne; d++) {
+            const float *wr[TILE_GEMV_CH];
+            for (int i = 0; i < TILE_GEMV_CH; i++) wr[i] = bank_row(w, experts[d], c + (i < nc ? i : 0));
+            int r = start[d];
+            for (; r + 2 <= start[d + 1]; r += 2) tile4x2_avx2(wr, nc, xr + r, yr + r, w->in, c);
+            if (r < start[d + 1]) tile4x1_avx2(wr, nc, xr + r, yr + r, w->in, c);
+        }
+    }
+}
+#endif
+
+static void (*gemv)(void *, size_t) = gemv_task;
 
 /* Many rows of one expert (prefill): tiles of 6 channels x 64 rows (24 accumulators; fewer loads
    per FMA and fewer row pointers than 12 x 32, measured 8-13% faster). The channels' weight rows
@@ -301,6 +399,46 @@ __attribute__((target("avx512f,fma"))) static void gemm_avx512(
         for (int i = 0; i < nc; i++)
             for (int v = 0; v < TILE_VECS; v++)
                 _mm512_store_ps(yt + i * ld + r0 + 16 * v, acc[i][v]);
+    }
+}
+#endif
+
+#ifdef CHMC_X86
+/* gemm_avx512's tile in 8-float vectors: 6 channels x 16 rows (12 accumulators of 16 registers)
+   at a time, over the panel's four sub-panels [in, 16] (pack_avx2's layout: each read straight
+   down; walking [in, 64] a quarter-line per k was 1.35x MLAS), those wholly past the last row
+   skipped. */
+__attribute__((target("avx2,fma"))) static void gemm_avx2(
+    const Work *w, const float *xt, float *yt, int64_t ld, int64_t c0, int nc) {
+    enum { SUB = 16 };
+    const float *a[TILE_CH], *next[TILE_CH];
+    for (int i = 0; i < TILE_CH; i++) a[i] = bank_row(w, w->expert, c0 + (i < nc ? i : 0));
+    for (int i = 0; i < TILE_CH; i++) /* the next tile's rows, fetched while this one computes */
+        next[i] = bank_row(w, w->expert, c0 + TILE_CH + i < w->out ? c0 + TILE_CH + i : c0);
+    for (int64_t r0 = 0; r0 < ld; r0 += TILE_ROWS) {
+        for (int s = 0; s < TILE_ROWS && r0 + s < w->n_rows; s += SUB) {
+            const float *p = xt + (r0 + s) * w->in; /* this sub-panel [in, SUB] */
+            __m256 acc[TILE_CH][2];
+#pragma GCC unroll 8
+            for (int i = 0; i < TILE_CH; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+            for (int64_t k = 0; k < w->in; k++) {
+                if (r0 == 0 && s == 0 && (k & 15) == 0)
+                    for (int i = 0; i < TILE_CH; i++) __builtin_prefetch(next[i] + k, 0, 2);
+                __m256 b0 = _mm256_load_ps(p + k * SUB), b1 = _mm256_load_ps(p + k * SUB + 8);
+#pragma GCC unroll 8
+                for (int i = 0; i < TILE_CH; i++) {
+                    __m256 av = _mm256_broadcast_ss(a[i] + k);
+                    acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
+                    acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
+                }
+            }
+#pragma GCC unroll 8 /* unrolled, so that acc stays in registers */
+            for (int i = 0; i < TILE_CH; i++)
+                if (i < nc) {
+                    _mm256_store_ps(yt + i * ld + r0 + s, acc[i][0]);
+                    _mm256_store_ps(yt + i * ld + r0 + s + 8, acc[i][1]);
+                }
+        }
     }
 }
 #endif
@@ -450,6 +588,63 @@ static void pack_generic(const float *const *rows, int nr, int64_t in, float *p)
     }
 }
 
+#ifdef CHMC_X86
+/* a[i][j] -> a[j][i] for an 8 x 8 block held in 8 registers. */
+__attribute__((target("avx"))) static inline void transpose8(__m256 a[8]) {
+    __m256 t[8], u[8];
+    for (int k = 0; k < 8; k += 2) { /* pairs of rows, per 128-bit lane */
+        t[k] = _mm256_unpacklo_ps(a[k], a[k + 1]);
+        t[k + 1] = _mm256_unpackhi_ps(a[k], a[k + 1]);
+    }
+    for (int k = 0; k < 8; k += 4) { /* u[k + m]: columns m | m + 4 of rows k..k+3 */
+        u[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+        u[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
+        u[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+        u[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+    }
+    for (int m = 0; m < 4; m++) {
+        a[m] = _mm256_permute2f128_ps(u[m], u[4 + m], 0x20);
+        a[m + 4] = _mm256_permute2f128_ps(u[m], u[4 + m], 0x31);
+    }
+}
+
+/* x's rows into a panel of four sub-panels [in, 16] (what gemm_avx2 streams), by 8 x 8 blocks
+   transposed in registers; rows past nr are zeros, sub-panels wholly past them left out. */
+__attribute__((target("avx"))) static void pack_avx2(const float *const *rows, int nr, int64_t in,
+                                                     float *p) {
+    for (int j0 = 0; j0 < TILE_ROWS && !(j0 >= nr && j0 % 16 == 0); j0 += 8) {
+        float *q = p + (j0 / 16) * 16 * in + j0 % 16;
+        int64_t k0 = 0;
+        for (; k0 + 8 <= in; k0 += 8) {
+            __m256 a[8];
+            for (int j = 0; j < 8; j++)
+                a[j] = j0 + j < nr ? _mm256_loadu_ps(rows[j0 + j] + k0) : _mm256_setzero_ps();
+            transpose8(a);
+            for (int k = 0; k < 8; k++) _mm256_store_ps(q + (k0 + k) * 16, a[k]);
+        }
+        for (; k0 < in; k0++)
+            for (int j = 0; j < 8; j++) q[k0 * 16 + j] = j0 + j < nr ? rows[j0 + j][k0] : 0.f;
+    }
+}
+
+/* write_rows_generic in 8 x 8 blocks transposed in registers: one masked store per row. */
+__attribute__((target("avx2"))) static void write_rows_avx2(
+    const float *yt, int64_t ld, float *const *yr, int64_t n_rows, int64_t c0, int ncs) {
+    for (int i0 = 0; i0 < ncs; i0 += 8) {
+        int nci = ncs - i0 < 8 ? ncs - i0 : 8;
+        __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(nci),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (int64_t r0 = 0; r0 < n_rows; r0 += 8) {
+            __m256 a[8];
+            for (int i = 0; i < 8; i++) a[i] = _mm256_load_ps(yt + (i0 + (i < nci ? i : 0)) * ld + r0);
+            transpose8(a);
+            int nr = n_rows - r0 < 8 ? (int)(n_rows - r0) : 8;
+            for (int j = 0; j < nr; j++) _mm256_maskstore_ps(yr[r0 + j] + c0 + i0, mask, a[j]);
+        }
+    }
+}
+#endif
+
 static void (*pack)(const float *const *, int, int64_t, float *) = pack_generic;
 
 static void pack_task(void *arg, size_t task) {
@@ -530,7 +725,7 @@ static OrtStatus *compute(void *kernel, void *ctx) {
         for (int64_t r = 0; r < n_rows; r++) rows[r] = r, rows[n_rows + r] = eid[r / S];
         w.n_rows = n_rows;
         size_t tasks = (size_t)((out + GEMV_CHANNELS - 1) / GEMV_CHANNELS);
-        s = parallel_for(ctx, gemv_task, tasks, batches(tasks), &w);
+        s = parallel_for(ctx, gemv, tasks, batches(tasks), &w);
         goto done;
     }
     for (int64_t e = 0; e < N && !s; e++) { /* prefill: one GEMM per expert present */
@@ -626,12 +821,17 @@ static const OrtCustomOp channel_gather_matmul_op = {
     .KernelComputeV2 = compute,
 };
 
-/* The AVX-512 kernels where the CPU has them (the plain C ones stay otherwise). */
+/* The widest kernels the CPU has (the plain C ones stay otherwise). */
 static void choose_kernels(void) {
+#ifdef CHMC_X86
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        gemv = gemv_tiled_task, gemm = gemm_avx2, pack = pack_avx2, /* pack's layout is gemm's */
+        write_rows = write_rows_avx2;
+#endif
 #ifdef CHMC_AVX512
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"))
         dot_rows = dot_rows_avx512, gemm = gemm_avx512, write_rows = write_rows_avx512,
-        pack = pack_avx512;
+        pack = pack_avx512, gemv = gemv_task;
 #endif
 }
 
