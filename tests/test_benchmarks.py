@@ -66,3 +66,21 @@ def test_scale_gpu_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120, check=False)
     assert combined.returncode == 0, combined.stderr[-2000:]
     assert json.loads(combined.stdout)["tinyllama-1.1b"]["goals"] == run["goals"]
+
+
+def test_ort_kernel_benchmark_runs_every_kernel_set(tmp_path: Path) -> None:
+    """benchmarks/ort_kernel.py at two layers and one round: every kernel set gives the same
+    outputs in every case (the script asserts it in its warm-up round) and the JSON has a time
+    and a ratio for each."""
+    out = tmp_path / "k.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ort_kernel.py"), "--layers", "2",
+         "--rounds", "1", "--prefill", "70", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    cases = {"decode b1", "decode b8, one expert", "decode b8, 4 experts mixed", "prefill 70"}
+    assert set(result["ms"]) == set(result["vs_dense"]) == cases
+    for case in cases:
+        assert set(result["vs_dense"][case]) == {"chmc best", "chmc avx2", "chmc c"}
+        assert all(t > 0 for t in result["ms"][case].values())
