@@ -4,7 +4,9 @@ llama-3.2-1b MLP's shapes: one graph of --layers linears alternating up (2048 ->
 down (8192 -> 2048), fp32, N=4 experts on K=2 banks with both groups used in every channel (the
 weights exceed the L3 cache, as a real model's do). Cases: decode at batch 1, batch 8 of one
 expert, batch 8 with the experts mixed, and a prefill of --prefill tokens; the graphs are timed
-in turn each round, medians over rounds. Prints JSON and writes --json.
+in turn each round, medians over rounds; each decode case also against its memory floor (the
+passes over the weights it must make, at the fastest batch-1 step's rate). Prints JSON and
+writes --json.
 
     python3 benchmarks/ort_kernel.py [--layers 4 --rounds 9 --threads 2]
 """
@@ -111,11 +113,22 @@ def main() -> None:
                     np.testing.assert_allclose(y, want, rtol=0, atol=1e-4 * np.abs(want).max())
         ms[case] = {name: round(statistics.median(t) * 1e3, 2) for name, t in times.items()}
         print(f"{case}: {ms[case]}", flush=True)
+    # The decode steps' memory floor: the fastest batch-1 step is one pass over the weights that
+    # does little else; a mixed batch must make two (both banks' row in every channel).
+    one_pass = min(ms["decode b1"].values())
+    weights = args.layers * HIDDEN * INTERMEDIATE * 4
+    floor = {case: {"dense MatMul": one_pass, "chmc": one_pass * (2 if "mixed" in case else 1)}
+             for case in cases if case.startswith("decode")}
     result: dict[str, Any] = {
-        "cpu": cpu(),
-        "threads": args.threads, "layers": args.layers, "ms": ms,
+        "cpu": cpu(), "threads": args.threads, "layers": args.layers,
+        "read_gb_per_s": round(weights / one_pass / 1e6, 1), "ms": ms,
         "vs_dense": {case: {name: round(t / row["dense MatMul"], 3) for name, t in row.items()
                             if name != "dense MatMul"} for case, row in ms.items()},
+        "memory_floor_ms": {case: {k: round(v, 2) for k, v in f.items()}
+                            for case, f in floor.items()},
+        "vs_memory_floor": {case: {name: round(t / floor[case]["dense MatMul" if name ==
+                                                                "dense MatMul" else "chmc"], 2)
+                                   for name, t in ms[case].items()} for case in floor},
         "measured": time.strftime("%Y-%m-%d %H:%M")}
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
