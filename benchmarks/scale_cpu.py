@@ -52,6 +52,7 @@ def sibling(name: str) -> ModuleType:
 
 
 compile_benchmark, onnx_decode = sibling("compile_benchmark"), sibling("onnx_decode")
+ort_kernel = sibling("ort_kernel")
 
 
 def spawn(cmd: list[str]) -> dict[str, Any]:
@@ -118,8 +119,10 @@ def met(value: float, goal: float, higher: bool = False) -> str:
     return f"{'met' if ok else 'NOT met'} ({value} {'>=' if higher else '<='} {goal})"
 
 
-def export(base: Path, work: Path) -> dict[str, Any]:
+def export(base: Path, experts: dict[str, Path], work: Path) -> dict[str, Any]:
     artifact = work / "k2"
+    if not (artifact / "chmc.json").is_file():  # no builds part ran on this machine yet
+        subprocess.run(compile_benchmark.chmc_build(base, experts, artifact, GROUPS), check=True)
     out: dict[str, Any] = {"artifact_gb": folder_gb(artifact)}
     for name, source in (("plugin", artifact), ("dense", base)):
         form = ["--linear", "plugin"] if name == "plugin" else []
@@ -214,14 +217,15 @@ def main() -> None:
     result: dict[str, Any] = json.loads(args.json.read_text()) if args.json.is_file() else {}
     result["setup"] = {"shape": SHAPE, "experts": EXPERTS, "groups": GROUPS, "dtype": "bfloat16",
                        "family_gb": folder_gb(base.parent), "cpus": os.cpu_count(),
-                       "family_ready_s": round(time.perf_counter() - t0, 1)}
+                       "family_ready_s": round(time.perf_counter() - t0, 1),
+                       "cpu": ort_kernel.cpu()}
     parts = args.parts.split(",")
     for part in parts:
         started = time.strftime("%Y-%m-%d %H:%M")
         if part == "builds":
             value = builds(base, experts, work, args.rounds)
         elif part == "export":
-            value = export(base, work)
+            value = export(base, experts, work)
         elif part == "onnxruntime":
             value = onnxruntime(work, args)
         elif part == "calibrated":
