@@ -12,6 +12,8 @@
    Two paths, picked per call:
    - few rows (decode): per channel, each distinct bank row the batch needs is read once and
      dotted with every row that uses it (at most K bank rows per channel, whatever the batch);
+     with AVX2, in tiles of 4 channels x 2 rows of one expert, a bank row two experts share
+     read from memory once and from cache again;
    - many rows (prefill): per expert, a GEMM in register tiles of 6 channels x 64 rows (AVX-512;
      6 x 16 with AVX2), the channels' weight rows broadcast straight from the banks, x packed
      once per call.
