@@ -90,7 +90,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     plugin_model = graph(args.layers, True, rng)
     sessions = {"dense MatMul": session(graph(args.layers, False, rng), args.threads, None)}
-    sessions |= {f"chmc {k}": session(plugin_model, args.threads, k)  # type: ignore[arg-type]
+    sessions |= {f"chmc {k}": session(plugin_model, args.threads, k)
                  for k in KERNEL_FLAGS}
     cases = {"decode b1": (1, 1, [0]), "decode b8, one expert": (8, 1, [1] * 8),
              "decode b8, 4 experts mixed": (8, 1, [0, 1, 2, 3] * 2),

@@ -28,8 +28,8 @@ CFLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall
 # + FMA, else plain C), AVX2 at best, or plain C only (the tests run the narrower paths on
 # machines that have the wider ones).
 Kernels = Literal["best", "avx2", "c"]
-KERNEL_FLAGS: dict[str, list[str]] = {"best": [], "avx2": ["-DCHMC_NO_AVX512"],
-                                      "c": ["-DCHMC_PORTABLE"]}
+KERNEL_FLAGS: dict[Kernels, list[str]] = {"best": [], "avx2": ["-DCHMC_NO_AVX512"],
+                                          "c": ["-DCHMC_PORTABLE"]}
 
 
 def library_path(kernels: Kernels = "best") -> Path:

@@ -408,7 +408,7 @@ __attribute__((target("avx512f,fma"))) static void gemm_avx512(
 #ifdef CHMC_X86
 /* gemm_avx512's tile in 8-float vectors: 6 channels x 16 rows (12 accumulators of 16 registers)
    at a time, over the panel's four sub-panels [in, 16] (pack_avx2's layout: each read straight
-   down; walking [in, 64] a quarter-line per k was 1.35x MLAS), those wholly past the last row
+   down, where [in, 64] would be walked a quarter-line per k), those wholly past the last row
    skipped. */
 __attribute__((target("avx2,fma"))) static void gemm_avx2(
     const Work *w, const float *xt, float *yt, int64_t ld, int64_t c0, int nc) {
